@@ -1,0 +1,163 @@
+"""The one place that reads environment variables.
+
+Every variable is read lazily, at attribute access (``autoround.envs.AR_LOG_LEVEL``), so a value set after
+import is honoured.  ``set_config(AR_LOG_LEVEL="DEBUG")`` validates and sets variables for this process and
+its children; ``is_set(name)`` says whether the user set one explicitly.  An invalid value raises a
+``ValueError`` that names the variable and its valid values.  No other module of the project reads
+``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+_LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _bool(raw: str) -> bool:
+    low = raw.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError("expected one of " + ", ".join(repr(v) for v in _TRUE + _FALSE[:-1]))
+
+
+def _log_level(raw: str) -> str:
+    up = raw.strip().upper()
+    if up not in _LOG_LEVELS:
+        raise ValueError("expected one of " + ", ".join(_LOG_LEVELS))
+    return up
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        val = float(raw)
+    except ValueError:
+        raise ValueError("expected a positive number") from None
+    if not val > 0:
+        raise ValueError("expected a positive number")
+    return val
+
+
+def _positive_int(raw: str) -> int:
+    try:
+        val = int(raw)
+    except ValueError:
+        raise ValueError("expected a positive integer") from None
+    if val <= 0:
+        raise ValueError("expected a positive integer")
+    return val
+
+
+def _path(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("expected a non-empty path")
+    return os.path.expanduser(raw)
+
+
+@dataclass(frozen=True)
+class _Var:
+    parse: Callable[[str], Any]
+    default: Any
+    doc: str
+
+
+_VARS: dict[str, _Var] = {
+    "AR_LOG_LEVEL": _Var(_log_level, "INFO", "log level of the 'autoround' logger"),
+    "AR_WORK_SPACE": _Var(_path, "ar_work_space", "folder for temporary offloaded tensors"),
+    "AR_USE_MODELSCOPE": _Var(_bool, False, "load hub models and datasets from ModelScope instead of Hugging Face"),
+    "AR_DISABLE_OFFLOAD": _Var(_bool, False, "keep every block in memory instead of offloading finished ones"),
+    "AR_DISABLE_DATASET_SUBPROCESS": _Var(_bool, False, "tokenize calibration data in the main process"),
+    "AR_ACT_SCALE": _Var(_positive_float, 1.0, "multiplier applied to activation ranges"),
+    "AR_ENABLE_ACT_MINMAX_TUNING": _Var(_bool, False, "tune activation min/max as well"),
+    "AR_SEARCH_SCALE_RATIO": _Var(
+        _positive_float, 0.7, "lowest clip ratio tried by the optimized-RTN scale search (grid runs to 1.0)"
+    ),
+    "AR_ENABLE_COMPILE_PACKING": _Var(_bool, False, "torch.compile the packing kernels"),
+    "AR_DYNAMO_CACHE_SIZE_LIMIT": _Var(_positive_int, 64, "torch._dynamo cache size limit when compiling"),
+    "AR_CACHE_DIR": _Var(_path, os.path.join("~", ".cache", "autoround"), "cache for converted models and corpora"),
+}
+
+
+def _describe(name: str) -> str:
+    var = _VARS[name]
+    if var.parse is _bool:
+        return "a boolean (1/0, true/false, yes/no, on/off)"
+    if var.parse is _log_level:
+        return "one of " + ", ".join(_LOG_LEVELS)
+    if var.parse is _positive_float:
+        return "a positive number"
+    if var.parse is _positive_int:
+        return "a positive integer"
+    return "a non-empty path"
+
+
+def _check_name(name: str) -> None:
+    if name not in _VARS:
+        raise ValueError(f"unknown autoround environment variable {name!r}; known: {', '.join(sorted(_VARS))}")
+
+
+def _read(name: str) -> Any:
+    var = _VARS[name]
+    raw = os.environ.get(name)
+    if raw is None:
+        return os.path.expanduser(var.default) if var.parse is _path else var.default
+    try:
+        return var.parse(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is invalid: it must be {_describe(name)}") from None
+
+
+def __getattr__(name: str) -> Any:
+    if name in _VARS:
+        return _read(name)
+    raise AttributeError(f"module 'autoround.envs' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_VARS))
+
+
+def is_set(name: str) -> bool:
+    """True when the user set ``name`` in the environment (even to its default value)."""
+    _check_name(name)
+    return name in os.environ
+
+
+def set_config(**values: Any) -> None:
+    """Validate and set variables, e.g. ``set_config(AR_LOG_LEVEL="DEBUG", AR_DISABLE_OFFLOAD=True)``.
+
+    ``None`` unsets a variable (back to its default).  All values are checked before any is set.
+    """
+    staged: dict[str, str | None] = {}
+    for name, value in values.items():
+        _check_name(name)
+        if value is None:
+            staged[name] = None
+            continue
+        raw = ("1" if value else "0") if isinstance(value, bool) else str(value)
+        try:
+            _VARS[name].parse(raw)
+        except ValueError:
+            raise ValueError(f"{name}={value!r} is invalid: it must be {_describe(name)}") from None
+        staged[name] = raw
+    for name, raw in staged.items():
+        if raw is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = raw
+    if "AR_LOG_LEVEL" in staged:
+        from .log import apply_level
+
+        apply_level()
+
+
+def describe_all() -> dict[str, str]:
+    """name -> one-line description with its default, for ``auto-round -h``."""
+    return {name: f"{var.doc} (default {var.default!r})" for name, var in _VARS.items()}
+

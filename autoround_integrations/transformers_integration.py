@@ -1,0 +1,235 @@
+"""transformers integration: ``AutoRoundConfig`` and the ``HfQuantizer`` that loads AutoRound checkpoints
+through this project's quantized linear layers.
+
+``register()`` (run by ``import autoround``) makes transformers use these classes for every
+``quant_method: "auto-round"`` checkpoint, whether or not Intel's ``auto_round`` package is installed, and
+lets ``from_pretrained(..., quantization_config=AutoRoundConfig())`` load GPTQ checkpoints too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import AutoRoundConfig as _HfAutoRoundConfig
+from transformers.utils.quantization_config import QuantizationMethod
+
+from autoround.backends import LayerSpec, select_kernel
+from autoround.quantizer.errors import AutoRoundError, ModelLoadError, SchemeError
+
+from .checkpoint_config import CheckpointQuantConfig
+from .log import logger
+
+BACKENDS = ("auto", "torch")
+
+
+class AutoRoundConfig(_HfAutoRoundConfig):
+    """Loading configuration for AutoRound checkpoints (``quant_method: "auto-round"``).
+
+    Pass it to ``from_pretrained(..., quantization_config=AutoRoundConfig(backend="auto"))``; the
+    checkpoint's own settings (bits, group_size, sym, packing_format, extra_config, ...) are kept and only
+    the loading attributes (``backend``) come from the object passed.
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        group_size: int = 128,
+        sym: bool = True,
+        backend: str = "auto",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(bits=bits, group_size=group_size, sym=sym, backend=backend, **kwargs)
+
+    def post_init(self) -> None:
+        from autoround import backends as _backends
+
+        valid = ("auto",) + tuple(k.name for k in _backends.kernels())
+        if self.backend not in valid:
+            raise SchemeError(f"backend={self.backend!r} is not known; valid backends: {', '.join(valid)}")
+        if getattr(self, "packing_format", None) == "auto_round:gptq":  # transformers' default spelling
+            self.packing_format = "auto_round:auto_gptq"
+        # validates bits/group_size/sym and the packing, with messages that list the valid choices
+        self.checkpoint_config()
+
+    def checkpoint_config(self) -> CheckpointQuantConfig:
+        return CheckpointQuantConfig.from_dict(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        config_dict = dict(config_dict)
+        method = str(config_dict.get("quant_method", "auto-round"))
+        if method == "gptq":
+            if config_dict.get("desc_act"):
+                raise SchemeError(
+                    "GPTQ checkpoints with desc_act=True (act-order) are not supported by the AutoRound loader"
+                )
+            if config_dict.get("checkpoint_format", "gptq") not in ("gptq", None):
+                raise SchemeError(
+                    f"GPTQ checkpoint_format {config_dict['checkpoint_format']!r} is not supported; only 'gptq' (v1)"
+                )
+            config_dict["packing_format"] = "auto_round:auto_gptq"
+        elif method != "auto-round":
+            raise SchemeError(
+                f"quant_method {method!r} cannot be loaded with AutoRoundConfig; supported: 'auto-round', 'gptq'"
+            )
+        config_dict["quant_method"] = QuantizationMethod.AUTOROUND
+        config = cls(**config_dict)
+        if return_unused_kwargs:
+            return config, kwargs
+        for key, value in kwargs.items():
+            setattr(config, key, value)
+        return config
+
+
+def _checkpoint_tensor_names(model: nn.Module) -> set[str] | None:
+    """Names of the tensors in the checkpoint being loaded, when it is a local folder; else None."""
+    path = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    if not path or not os.path.isdir(path):
+        return None
+    folder = Path(path)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return set(json.loads(index.read_text())["weight_map"])
+    single = folder / "model.safetensors"
+    if single.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="pt") as f:
+            return set(f.keys())
+    return None
+
+
+def _device_type(device_map: Any) -> str:
+    if device_map is None:
+        return "cpu"
+    if isinstance(device_map, dict):
+        values = {str(v) for v in device_map.values()}
+        dev = sorted(values)[0] if values else "cpu"
+    else:
+        dev = str(device_map)
+    if dev in ("auto", "balanced", "sequential"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if dev.isdigit():
+        return "cuda"
+    return torch.device(dev).type
+
+
+class AutoRoundQuantizer(HfQuantizer):
+    """Loads pre-quantized AutoRound (and, via ``AutoRoundConfig``, GPTQ) checkpoints."""
+
+    requires_calibration = True
+
+    def __init__(self, quantization_config: AutoRoundConfig, **kwargs: Any) -> None:
+        if not isinstance(quantization_config, AutoRoundConfig):
+            quantization_config = AutoRoundConfig.from_dict(quantization_config.to_dict())
+        super().__init__(quantization_config, **kwargs)
+        self.device_type = "cpu"
+        self.used_kernels: Counter[str] = Counter()
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        self.device_type = _device_type(kwargs.get("device_map"))
+
+    def update_device_map(self, device_map: Any) -> Any:
+        return {"": "cpu"} if device_map is None else device_map
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        if not self.pre_quantized:
+            raise AutoRoundError(
+                "AutoRoundConfig loads checkpoints that are already quantized; to quantize a float model use "
+                "autoround.AutoRound(model, scheme=...).quantize_and_save(output_dir)"
+            )
+        ckpt = self.quantization_config.checkpoint_config()
+        present = _checkpoint_tensor_names(model)
+        dtype = getattr(model.config, "dtype", None) or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        backend = getattr(self.quantization_config, "backend", "auto")
+        replaced = 0
+        for name, module in list(model.named_modules()):
+            if type(module) is not nn.Linear:
+                continue
+            scheme = ckpt.scheme_for(name)
+            if scheme.is_float:
+                continue
+            if present is not None and f"{name}.qweight" not in present:
+                if f"{name}.weight" in present:
+                    continue  # the writer kept this layer in float (e.g. its shape cannot be packed)
+                raise ModelLoadError(f"checkpoint has neither {name}.qweight nor {name}.weight: it is incomplete")
+            spec = LayerSpec(
+                device=self.device_type,
+                bits=scheme.bits,
+                group_size=scheme.group_size,
+                sym=scheme.sym,
+                packing_format=ckpt.packing_format,
+                in_features=module.in_features,
+                out_features=module.out_features,
+                act_dtype=dtype,
+            )
+            kernel = select_kernel(spec, backend)
+            with torch.device("meta"):
+                qlinear = kernel.factory(
+                    module.in_features,
+                    module.out_features,
+                    scheme.bits,
+                    scheme.group_size,
+                    scheme.sym,
+                    bias=module.bias is not None,
+                    zero_offset=ckpt.zero_offset,
+                    bias_dtype=dtype,
+                )
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, qlinear)
+            self.used_kernels[kernel.name] += 1
+            replaced += 1
+        if replaced == 0:
+            raise ModelLoadError(
+                "no quantized layer found in this checkpoint: its quantization_config names blocks "
+                f"{list(ckpt.block_names)} but no matching linear layer has packed weights"
+            )
+        logger.info("AutoRound loader: %d quantized layers, kernels %s", replaced, dict(self.used_kernels))
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        missing = []
+        for name, module in model.named_modules():
+            if hasattr(module, "kernel_name"):
+                for bname, buf in module.named_buffers(recurse=False):
+                    if buf is not None and buf.is_meta:
+                        missing.append(f"{name}.{bname}")
+                if not missing:
+                    module.post_init()
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ModelLoadError(f"the checkpoint is missing quantized tensors: {shown}")
+
+    def is_serializable(self, safe_serialization: bool = True) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Make transformers load every ``quant_method: "auto-round"`` checkpoint through this project."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers.quantizers import auto as hf_auto
+
+    hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING["auto-round"] = AutoRoundConfig
+    hf_auto.AUTO_QUANTIZER_MAPPING["auto-round"] = AutoRoundQuantizer
+    # merge_quantization_configs converts a checkpoint's dict with the AutoRoundConfig class it imported,
+    # so GPTQ checkpoints passed with our AutoRoundConfig are converted by our from_dict
+    hf_auto.AutoRoundConfig = AutoRoundConfig
+    _REGISTERED = True

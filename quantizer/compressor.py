@@ -1,0 +1,174 @@
+"""The quantization job: which layers get which scheme, calibration statistics, RTN, export.
+
+SignRound tuning (iters > 0) plugs in here; the math lives in ``qmath``/``rtn`` and imports no model code.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import AutoRoundError, SchemeError
+from .formats import ExportFormat, ExportJob, QuantizedLayer
+from .qmath import quantize_weight
+from .rtn import optimized_rtn_quantize, search_grid
+from .schemes import QuantScheme, resolve_scheme
+from ..log import logger
+
+
+def _match(key: str, name: str) -> bool:
+    if key == name:
+        return True
+    try:
+        if re.fullmatch(key, name) or re.search(key, name):
+            return True
+    except re.error:
+        pass
+    return key in name
+
+
+def scheme_for_layer(
+    name: str, default: QuantScheme, layer_config: Mapping[str, Any] | None
+) -> QuantScheme:
+    """Exact name first, then regex / fuzzy (substring) keys in the order given."""
+    if not layer_config:
+        return default
+    entry = layer_config.get(name)
+    if entry is None:
+        for key, val in layer_config.items():
+            if _match(key, name):
+                entry = val
+                break
+    if entry is None:
+        return default
+    if isinstance(entry, (str, QuantScheme)):
+        return resolve_scheme(entry)
+    if isinstance(entry, Mapping):
+        entry = dict(entry)
+        base = entry.pop("scheme", None)
+        base_scheme = resolve_scheme(base) if base is not None else default
+        try:
+            return base_scheme.replace(**entry)
+        except SchemeError as exc:
+            raise SchemeError(f"layer_config[{name!r}]: {exc}") from None
+    raise SchemeError(f"layer_config[{name!r}] must be a dict like {{'bits': 8}} or a scheme name, got {entry!r}")
+
+
+@dataclass
+class LayerPlan:
+    quantize: dict[str, QuantScheme] = field(default_factory=dict)
+    keep_float: list[str] = field(default_factory=list)
+
+
+def plan_layers(
+    linears: Mapping[str, nn.Linear],
+    default: QuantScheme,
+    layer_config: Mapping[str, Any] | None,
+    formats: list[ExportFormat],
+    ignore_layers: list[str] | None = None,
+) -> LayerPlan:
+    """Decide each layer's scheme; fail (before any work) when a format cannot hold a scheme."""
+    plan = LayerPlan()
+    for name, module in linears.items():
+        scheme = scheme_for_layer(name, default, layer_config)
+        if ignore_layers and any(_match(k, name) for k in ignore_layers):
+            scheme = resolve_scheme("BF16")
+        if scheme.is_float:
+            plan.keep_float.append(name)
+            continue
+        for fmt in formats:
+            err = fmt.scheme_error(scheme)
+            if err:
+                raise SchemeError(f"format {fmt.name!r} cannot store layer {name} ({scheme.describe()}): {err}")
+        shape_errs = [e for f in formats if (e := f.shape_error(scheme, module.in_features, module.out_features))]
+        if shape_errs:
+            logger.warning("keeping %s in float: %s", name, shape_errs[0])
+            plan.keep_float.append(name)
+            continue
+        plan.quantize[name] = scheme
+    if not plan.quantize:
+        raise AutoRoundError("no layer is left to quantize: every layer was kept in float by layer_config or its shape")
+    return plan
+
+
+@torch.no_grad()
+def collect_importance(
+    model: nn.Module, linears: Mapping[str, nn.Linear], calib: torch.Tensor, batch_size: int
+) -> dict[str, torch.Tensor]:
+    """Per-input-channel mean of squared activations of every layer in ``linears`` (an importance matrix)."""
+    sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in linears.items()}
+    counts = dict.fromkeys(linears, 0)
+    hooks = []
+
+    def make_hook(name: str):
+        def hook(_mod, inputs):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float32)
+            sums[name] += x.pow(2).sum(0).to("cpu", torch.float64)
+            counts[name] += x.shape[0]
+
+        return hook
+
+    for name, module in linears.items():
+        hooks.append(module.register_forward_pre_hook(make_hook(name)))
+    device = next(model.parameters()).device
+    try:
+        for i in tqdm(range(0, len(calib), batch_size), desc="calibration statistics", leave=False):
+            model(input_ids=calib[i : i + batch_size].to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: (sums[n] / max(counts[n], 1)).to(torch.float32) for n in linears}
+
+
+def quantize_layers(
+    linears: Mapping[str, nn.Linear],
+    plan: LayerPlan,
+    importance: Mapping[str, torch.Tensor] | None,
+    search_lowest: float,
+) -> dict[str, QuantizedLayer]:
+    """RTN (``importance`` None) or optimized RTN each planned layer; weights become their dequantized
+    values in place, so the model in memory is the fake-quantized model."""
+    out: dict[str, QuantizedLayer] = {}
+    grid = search_grid(search_lowest)
+    start = time.time()
+    for name in tqdm(list(plan.quantize), desc="quantizing layers", leave=False):
+        module, scheme = linears[name], plan.quantize[name]
+        w = module.weight.data
+        if importance is None:
+            qw = quantize_weight(w, scheme.bits, scheme.group_size, scheme.sym)
+        else:
+            qw = optimized_rtn_quantize(w, scheme.bits, scheme.group_size, scheme.sym, importance[name], grid)
+        module.weight.data.copy_(qw.dequantize().to(w.dtype))
+        bias = module.bias.data.clone() if module.bias is not None else None
+        out[name] = QuantizedLayer(name, scheme, qw, bias, module.in_features, module.out_features)
+    logger.info("quantized %d layers in %.1fs", len(out), time.time() - start)
+    return out
+
+
+def export(
+    fmt: ExportFormat,
+    model: nn.Module,
+    layers: Mapping[str, QuantizedLayer],
+    plan: LayerPlan,
+    default: QuantScheme,
+    block_names: list[str],
+    output_dir: str,
+    tokenizer: Any,
+    settings: dict[str, Any],
+) -> str:
+    job = ExportJob(
+        model=model,
+        layers=layers,
+        scheme=default,
+        block_names=block_names,
+        float_layers=plan.keep_float,
+        tokenizer=tokenizer,
+        settings=settings,
+    )
+    return fmt.save(job, output_dir)

@@ -1,0 +1,222 @@
+"""Calibration and evaluation text: dataset specs, offline corpora, tokenized sample batches.
+
+Dataset spec syntax (as the reference tool): ``name[:split=a+b][:num=N][:concat=True]``, several
+comma-separated.  ``name`` is a local ``.txt``/``.json``/``.jsonl`` file or a Hugging Face dataset id; a
+list of strings, a list of token-id tensors/lists/dicts or a torch ``DataLoader`` also work.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from .errors import DatasetError
+from ..log import logger
+
+DEFAULT_DATASET = "NeelNanda/pile-10k"
+PACKAGED_CORPUS = "pydoc"  # Python's own documentation prose, always installed
+_SPEC_KEYS = ("split", "num", "concat", "apply_chat_template", "system_prompt", "text_key")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    split: str | None = None
+    num: int | None = None
+    concat: bool = False
+    text_key: str = "text"
+
+
+def parse_dataset_spec(spec: str) -> list[DatasetSpec]:
+    out = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        name, *opts = part.split(":")
+        kw: dict[str, Any] = {}
+        for opt in opts:
+            key, eq, val = opt.partition("=")
+            key = key.strip()
+            if key not in _SPEC_KEYS:
+                raise DatasetError(f"unknown dataset option {key!r} in {part!r}; valid options: {', '.join(_SPEC_KEYS)}")
+            if key == "num":
+                if not val.strip().isdigit() or int(val) <= 0:
+                    raise DatasetError(f"num must be a positive integer in {part!r}")
+                kw["num"] = int(val)
+            elif key == "concat":
+                if val.strip().lower() not in ("", "true", "false"):
+                    raise DatasetError(f"concat must be True or False in {part!r}")
+                kw["concat"] = val.strip().lower() in ("", "true")
+            elif key in ("split", "text_key"):
+                if not val:
+                    raise DatasetError(f"{key} needs a value in {part!r}, e.g. {key}=train")
+                kw[key] = val
+            elif key in ("apply_chat_template", "system_prompt"):
+                logger.warning("dataset option %r is not supported yet and is ignored", key)
+        if not name:
+            raise DatasetError(f"empty dataset name in {spec!r}")
+        out.append(DatasetSpec(name=name, **kw))
+    if not out:
+        raise DatasetError(f"empty dataset spec {spec!r}; e.g. 'NeelNanda/pile-10k' or './calib.txt'")
+    return out
+
+
+def packaged_texts() -> list[str]:
+    """Offline calibration corpus shipped with Python: the documentation topics of ``pydoc_data``."""
+    from pydoc_data.topics import topics
+
+    return [t for _, t in sorted(topics.items()) if len(t) > 200]
+
+
+def wikipedia_text() -> str:
+    """The real English Wikipedia articles that ``gensim`` ships as test data (markup stripped)."""
+    try:
+        import gensim  # noqa: F401
+        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+        from gensim.test.utils import datapath
+    except ImportError:
+        raise DatasetError("the Wikipedia evaluation text comes from gensim's test data: pip install gensim") from None
+    import bz2
+
+    path = datapath("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+    parts = []
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        for title, text, _ in extract_pages(f):
+            body = filter_wiki(text).strip()
+            if len(body) > 500:
+                parts.append(f"{title}\n\n{body}")
+    return "\n\n".join(parts)
+
+
+def _read_local(path: Path, text_key: str) -> list[str]:
+    if path.suffix == ".txt":
+        return [p for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    if path.suffix in (".json", ".jsonl"):
+        raw = path.read_text(encoding="utf-8")
+        rows = (
+            [json.loads(line) for line in raw.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(raw)
+        )
+        if isinstance(rows, dict):
+            rows = rows.get("data", rows.get("train", [rows]))
+        texts = []
+        for row in rows:
+            if isinstance(row, str):
+                texts.append(row)
+            elif isinstance(row, dict) and text_key in row:
+                texts.append(str(row[text_key]))
+            else:
+                raise DatasetError(f"{path}: each record must be a string or have a {text_key!r} field")
+        return texts
+    if path.suffix == ".parquet":
+        import datasets
+
+        return [str(t) for t in datasets.load_dataset("parquet", data_files=str(path), split="train")[text_key]]
+    raise DatasetError(f"unsupported local dataset file {path}; use .txt, .json, .jsonl or .parquet")
+
+
+def _read_hub(spec: DatasetSpec) -> list[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(spec.name, split=spec.split or "train")
+    except Exception as exc:
+        raise DatasetError(
+            f"could not load dataset {spec.name!r} from the Hugging Face hub ({type(exc).__name__}); "
+            "if this machine is offline, pass a local file instead, e.g. dataset='./calib.txt' "
+            "(.txt/.json/.jsonl/.parquet) or a list of strings"
+        ) from None
+    if spec.text_key not in ds.column_names:
+        raise DatasetError(f"dataset {spec.name!r} has no {spec.text_key!r} column; columns: {ds.column_names}")
+    return [str(t) for t in ds[spec.text_key]]
+
+
+def texts_for(spec: DatasetSpec) -> tuple[list[str], bool]:
+    """(texts, whether they are the packaged corpus, which is always concatenated)."""
+    path = Path(spec.name).expanduser()
+    if spec.name == PACKAGED_CORPUS:
+        return packaged_texts(), True
+    if path.exists():
+        return _read_local(path, spec.text_key), False
+    if spec.name.startswith((".", "/", "~")) or path.suffix in (".txt", ".json", ".jsonl", ".parquet"):
+        raise DatasetError(f"dataset file {path} does not exist")
+    try:
+        return _read_hub(spec), False
+    except DatasetError:
+        if spec.name != DEFAULT_DATASET:
+            raise
+        logger.warning(
+            "the default calibration dataset %s is not reachable (offline?); using the packaged offline corpus "
+            "(Python's documentation prose) instead. Pass dataset=... to choose your own data.",
+            DEFAULT_DATASET,
+        )
+        return packaged_texts(), True
+
+
+def _tokenize(texts: Iterable[str], tokenizer: Any) -> list[list[int]]:
+    if tokenizer is None:
+        raise DatasetError("text calibration data needs a tokenizer: pass tokenizer=... or token-id samples")
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def _samples_from_ids(
+    seqs: list[list[int]], seqlen: int, concat: bool, eos: int | None
+) -> list[list[int]]:
+    if concat:
+        stream: list[int] = []
+        for s in seqs:
+            stream.extend(s + ([eos] if eos is not None else []))
+        return [stream[i : i + seqlen] for i in range(0, len(stream) - seqlen + 1, seqlen)]
+    return [s[:seqlen] for s in seqs if len(s) >= seqlen]
+
+
+def calibration_batch(
+    dataset: Any,
+    tokenizer: Any,
+    nsamples: int,
+    seqlen: int,
+    seed: int = 42,
+) -> torch.Tensor:
+    """``[n, seqlen]`` int64 token ids, ``n <= nsamples``; deterministic for a seed."""
+    if seqlen <= 0 or nsamples <= 0:
+        raise DatasetError(f"nsamples and seqlen must be positive, got nsamples={nsamples}, seqlen={seqlen}")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    samples: list[list[int]] = []
+    if isinstance(dataset, str):
+        for spec in parse_dataset_spec(dataset):
+            texts, packaged = texts_for(spec)
+            concat = spec.concat or packaged
+            got = _samples_from_ids(_tokenize(texts, tokenizer), seqlen, concat, eos)
+            if spec.num is not None:
+                got = got[: spec.num]
+            samples.extend(got)
+    elif isinstance(dataset, torch.utils.data.DataLoader):
+        for batch in dataset:
+            ids = batch["input_ids"] if isinstance(batch, dict) else batch
+            samples.extend(torch.as_tensor(ids).reshape(-1, torch.as_tensor(ids).shape[-1]).tolist())
+        samples = [s[:seqlen] for s in samples if len(s) >= seqlen]
+    elif isinstance(dataset, (list, tuple)):
+        if all(isinstance(x, str) for x in dataset):
+            samples = _samples_from_ids(_tokenize(dataset, tokenizer), seqlen, False, eos)
+        else:
+            for x in dataset:
+                ids = x["input_ids"] if isinstance(x, dict) else x
+                ids = torch.as_tensor(ids).reshape(-1).tolist()
+                if len(ids) >= seqlen:
+                    samples.append(ids[:seqlen])
+    else:
+        raise DatasetError(
+            f"dataset must be a spec string, a list of strings or token ids, or a DataLoader; got {type(dataset).__name__}"
+        )
+    if not samples:
+        raise DatasetError(
+            f"no calibration sample has {seqlen} tokens; use a smaller seqlen, more or longer texts, "
+            "or ':concat=True' to join short texts"
+        )
+    rng = random.Random(seed)
+    rng.shuffle(samples)
+    if len(samples) < nsamples:
+        logger.warning("only %d calibration samples of %d tokens are available (asked for %d)", len(samples), seqlen, nsamples)
+    return torch.tensor(samples[:nsamples], dtype=torch.long)

@@ -1,0 +1,130 @@
+"""Writing a checkpoint folder: safetensors shards, config, tokenizer, all-or-nothing.
+
+The folder is written to a hidden temporary sibling and renamed into place only when complete, so a
+crash or an error never leaves a half-written checkpoint where a good one is expected.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import OutputError
+from ...log import logger
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> Path:
+    """Fail early, with a clear message, when ``output_dir`` cannot be written."""
+    out = Path(output_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output path {out} exists and is not a folder; choose another --output_dir")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write the output folder {out}: {parent} is not writable; choose another --output_dir")
+    if out.exists() and not os.access(out, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot replace the output folder {out}: it is not writable; choose another --output_dir")
+    return out
+
+
+@contextmanager
+def atomic_output_dir(output_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces ``output_dir``, on error it is removed."""
+    out = check_output_dir(output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint folder is an ordinary folder
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "x")
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def float_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with tied duplicates dropped (the first name of a shared tensor is kept)."""
+    seen: dict[tuple[int, tuple[int, ...]], str] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            continue
+        seen[key] = name
+        out[name] = tensor
+    return out
+
+
+def write_safetensors(folder: Path, tensors: Mapping[str, torch.Tensor], max_shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.detach().to("cpu").contiguous()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    total = 0
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        for name, t in shard.items():
+            weight_map[name] = fname
+            total += t.numel() * t.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def write_checkpoint(
+    output_dir: str | os.PathLike,
+    *,
+    model: Any,
+    tensors: Mapping[str, torch.Tensor],
+    quantization_config: dict[str, Any],
+    tokenizer: Any = None,
+    extra_json: Mapping[str, dict[str, Any]] | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write tensors + config (with ``quantization_config``) + generation config + tokenizer atomically."""
+    with atomic_output_dir(output_dir) as tmp:
+        write_safetensors(tmp, tensors, max_shard_bytes)
+        config = copy.deepcopy(model.config)
+        config.quantization_config = quantization_config
+        config.save_pretrained(str(tmp))
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            try:
+                gen.save_pretrained(str(tmp))
+            except Exception as exc:  # an invalid generation config must not lose the checkpoint
+                logger.warning("generation config not saved: %s", exc)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        for fname, payload in (extra_json or {}).items():
+            (tmp / fname).write_text(json.dumps(payload, indent=2) + "\n")
+    logger.info("checkpoint written to %s", Path(output_dir).absolute())
+    return Path(output_dir).absolute()

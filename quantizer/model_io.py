@@ -1,0 +1,147 @@
+"""Loading the model to quantize (local folder, hub id, loaded model, GGUF file) and finding its blocks."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+from ..log import logger
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _check_safetensors(folder: Path) -> None:
+    """Open every safetensors file's header so a corrupt file fails with its name, before a long load."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                keys = list(handle.keys())
+                if keys:  # reading one tensor checks that the data really covers the header's offsets
+                    handle.get_slice(keys[-1])
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise ModelLoadError(
+                f"model weights file {f} is corrupt or truncated ({exc}); re-download or re-save the model"
+            ) from None
+        if f.stat().st_size < 8:
+            raise ModelLoadError(f"model weights file {f} is empty or truncated; re-download or re-save the model")
+
+
+def _from_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("loading GGUF file %s (dequantized to %s)", path, dtype)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    except ImportError as exc:
+        raise ModelLoadError(f"reading GGUF files needs the 'gguf' package: pip install gguf ({exc})") from None
+    except Exception as exc:
+        raise ModelLoadError(f"could not read GGUF file {path}: {exc}") from None
+    # the result is a plain float model: forget that it came from a GGUF file
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    return model, tok
+
+
+def load_model(
+    model: "str | nn.Module",
+    tokenizer: Any = None,
+    dtype: "torch.dtype | str" = "auto",
+    device_map: Any = None,
+) -> tuple[nn.Module, Any]:
+    """Return ``(model, tokenizer)`` for a local folder, a hub id, a GGUF file path or a loaded model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+    if isinstance(model, nn.Module):
+        if not isinstance(model, PreTrainedModel):
+            logger.warning("model is a %s, not a transformers PreTrainedModel; saving may fail", type(model).__name__)
+        return model, tokenizer
+    if not isinstance(model, (str, Path)):
+        raise ModelLoadError(
+            f"model must be a folder, a hub id, a .gguf file or a loaded model, got {type(model).__name__}"
+        )
+    path = Path(str(model)).expanduser()
+    load_kw: dict[str, Any] = {"dtype": dtype}
+    if device_map is not None:
+        load_kw["device_map"] = device_map
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} does not exist")
+        gguf_dtype = torch.float32 if dtype == "auto" else dtype
+        m, tok = _from_gguf(path, gguf_dtype)
+        return m, tokenizer if tokenizer is not None else tok
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"model folder {path} has no config.json; is it a transformers model folder?")
+        _check_safetensors(path)
+        try:
+            m = AutoModelForCausalLM.from_pretrained(str(path), **load_kw)
+        except Exception as exc:
+            raise ModelLoadError(f"could not load the model in {path}: {exc}") from None
+        if tokenizer is None:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(path))
+            except Exception as exc:
+                logger.warning("no tokenizer found in %s (%s); pass tokenizer=... for text calibration data", path, exc)
+        return m, tokenizer
+    looks_local = str(model).startswith((".", "/", "~")) or path.parent != Path(".") and path.parent.exists()
+    if looks_local or not _HUB_ID.match(str(model)):
+        raise ModelLoadError(f"model folder {path} does not exist; pass an existing folder, a .gguf file or a hub id")
+    return _from_hub(str(model), tokenizer, load_kw)
+
+
+def _from_hub(repo_id: str, tokenizer: Any, load_kw: dict[str, Any]) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("loading %s from the Hugging Face hub", repo_id)
+    try:
+        m = AutoModelForCausalLM.from_pretrained(repo_id, **load_kw)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(repo_id)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not load {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+            "If this machine is offline, download the model elsewhere and pass its local folder instead, "
+            "e.g. AutoRound('/path/to/model_folder') or auto-round --model /path/to/model_folder"
+        ) from None
+    return m, tokenizer
+
+
+def find_block_names(model: nn.Module) -> list[str]:
+    """Names of the ModuleLists holding the repeated decoder blocks (e.g. ``["model.layers"]``)."""
+    best: list[tuple[int, str]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            classes = {type(m) for m in module}
+            has_linear = any(isinstance(x, nn.Linear) for x in module[0].modules())
+            if len(classes) == 1 and has_linear:
+                best.append((len(module), name))
+    if not best:
+        raise ModelLoadError(
+            f"could not find the repeated decoder blocks of {type(model).__name__}: no ModuleList of identical "
+            "blocks that contain linear layers"
+        )
+    top = max(n for n, _ in best)
+    names = [name for n, name in best if n == top]
+    # keep outermost lists only
+    return [n for n in names if not any(n != o and n.startswith(o + ".") for o in names)]
+
+
+def quantizable_linears(model: nn.Module, block_names: list[str]) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` inside the blocks, by full name."""
+    out: dict[str, nn.Linear] = {}
+    for block in block_names:
+        root = model.get_submodule(block)
+        for name, module in root.named_modules():
+            if isinstance(module, nn.Linear):
+                out[f"{block}.{name}"] = module
+    return out

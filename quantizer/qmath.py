@@ -1,0 +1,175 @@
+"""Integer weight quantization math.  Pure tensor code: imports no model code.
+
+Conventions (see shared/reference/checkpoint-formats.md):
+- a weight ``w`` is ``[out_features, in_features]``; groups are ``group_size`` consecutive input channels of
+  one output row; ``-1`` = one group per row, ``0`` = one group for the whole tensor; a ragged last group is
+  zero-padded (zeros never change the min/max because both already include 0).
+- symmetric: ``maxq = 2**(bits-1)``; the side of larger magnitude maps to ``-maxq`` so the scale may be
+  negative (full range); ``q = clamp(round(w/s + v), -maxq, maxq-1)``; stored integer ``q + maxq``.
+- asymmetric: ``maxq = 2**bits - 1``; ``s = (wmax - wmin)/maxq``; ``zp = round(-wmin/s)``;
+  ``q = clamp(round(w/s + v) + zp, 0, maxq)``.
+- scales are kept away from zero and rounded to fp16 before the integers are computed, because that is
+  the precision a checkpoint stores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SCALE_EPS = 1e-5
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round with a straight-through gradient (d round(x)/dx := 1)."""
+    return (x.round() - x).detach() + x
+
+
+def group_layout(in_features: int, group_size: int) -> tuple[int, int]:
+    """(effective group size, number of groups per row) for a row of ``in_features``."""
+    if group_size in (-1, 0) or group_size >= in_features:
+        return in_features, 1
+    return group_size, -(-in_features // group_size)
+
+
+def to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[out, in] -> [out, n_groups, gs] (zero padded); group 0 -> [1, 1, out*in]."""
+    out_f, in_f = w.shape
+    if group_size == 0:
+        return w.reshape(1, 1, out_f * in_f)
+    gs, ng = group_layout(in_f, group_size)
+    pad = gs * ng - in_f
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    return w.reshape(out_f, ng, gs)
+
+
+def from_groups(wg: torch.Tensor, shape: tuple[int, int], group_size: int) -> torch.Tensor:
+    """Inverse of ``to_groups``: drop the padding and return ``[out, in]``."""
+    out_f, in_f = shape
+    if group_size == 0:
+        return wg.reshape(out_f, in_f)
+    return wg.reshape(out_f, -1)[:, :in_f]
+
+
+def _fp16_round(s: torch.Tensor) -> torch.Tensor:
+    return s.to(torch.float16).to(s.dtype)
+
+
+def compute_params(
+    wg: torch.Tensor,
+    bits: int,
+    sym: bool,
+    alpha: torch.Tensor | float = 1.0,
+    beta: torch.Tensor | float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (scale, zero point) of grouped weights ``[..., gs]``; both shaped ``[..., 1]``.
+
+    ``alpha``/``beta`` shrink the min/max (clipping); they may be tensors shaped ``[..., 1]`` that carry
+    gradients (SignRound tunes them).  The zero point is an integer-valued float tensor.
+    """
+    wmin = wg.amin(dim=-1, keepdim=True).clamp(max=0) * alpha
+    wmax = wg.amax(dim=-1, keepdim=True).clamp(min=0) * beta
+    if sym:
+        maxq = 2 ** (bits - 1)
+        # the side of larger magnitude maps to -maxq: a positive max gives a negative scale
+        use_min = wmin.abs() >= wmax.abs()
+        scale = torch.where(use_min, wmin, wmax) / -maxq
+        sign = torch.where(use_min, torch.ones_like(scale), -torch.ones_like(scale))
+        scale = sign * scale.abs().clamp(min=SCALE_EPS)
+        scale = scale + (_fp16_round(scale) - scale).detach()
+        zp = torch.full_like(scale, float(maxq)).detach()
+    else:
+        maxq = 2**bits - 1
+        scale = ((wmax - wmin) / maxq).clamp(min=SCALE_EPS)
+        scale = scale + (_fp16_round(scale) - scale).detach()
+        zp = torch.round(-wmin / scale).clamp(0, maxq).detach()
+    return scale, zp
+
+
+def quantize_groups(
+    wg: torch.Tensor,
+    scale: torch.Tensor,
+    zp: torch.Tensor,
+    bits: int,
+    v: torch.Tensor | float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stored unsigned integers, dequantized weights) for grouped weights; differentiable in v and scale.
+
+    Works for both symmetric (zp = 2**(bits-1)) and asymmetric weights: stored ``q = clamp(round(w/s+v)+zp)``.
+    """
+    maxq = 2**bits - 1
+    q = torch.clamp(round_ste(wg / scale + v) + zp, 0, maxq)
+    return q, (q - zp) * scale
+
+
+@dataclass
+class QuantizedWeight:
+    """The integers and parameters of one quantized weight, in [out, ...] orientation.
+
+    qweight: uint8 [out, in] stored integers; scale: float32 [out, n_groups] (fp16-exact values, may be
+    negative for symmetric); zero: int32 [out, n_groups]; for group_size 0 the single group is repeated per
+    output row so every format sees the per-row layout.
+    """
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group_size: int
+    sym: bool
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.qweight, self.scale, self.zero, self.group_size)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[out, in] integers with [out, n_groups] scale/zero -> float [out, in]."""
+    out_f, in_f = q.shape
+    gs, ng = group_layout(in_f, group_size)
+    idx = torch.arange(in_f, device=q.device) // gs
+    return (q.to(torch.float32) - zero[:, idx].to(torch.float32)) * scale[:, idx].to(torch.float32)
+
+
+def quantize_weight(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    v: torch.Tensor | float = 0.0,
+    alpha: torch.Tensor | float = 1.0,
+    beta: torch.Tensor | float = 1.0,
+) -> QuantizedWeight:
+    """Quantize a float weight ``[out, in]`` (no gradients) and return its integers and parameters."""
+    with torch.no_grad():
+        w32 = w.detach().to(torch.float32)
+        wg = to_groups(w32, group_size)
+        scale, zp = compute_params(wg, bits, sym, alpha, beta)
+        if not isinstance(v, float):
+            v = to_groups(v.to(torch.float32), group_size)
+        q, _ = quantize_groups(wg, scale, zp, bits, v)
+        out_f, in_f = w.shape
+        q = from_groups(q, (out_f, in_f), group_size).to(torch.uint8)
+        scale, zp = scale.squeeze(-1), zp.squeeze(-1)
+        if group_size == 0:
+            scale, zp = scale.reshape(1, 1).expand(out_f, 1), zp.reshape(1, 1).expand(out_f, 1)
+        return QuantizedWeight(q, scale.contiguous(), zp.to(torch.int32).contiguous(), bits, group_size, sym)
+
+
+def fake_quantize(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    v: torch.Tensor | float = 0.0,
+    alpha: torch.Tensor | float = 1.0,
+    beta: torch.Tensor | float = 1.0,
+) -> torch.Tensor:
+    """Differentiable quantize-dequantize of ``w`` (float32), same shape; gradients flow to v, alpha, beta."""
+    wg = to_groups(w.to(torch.float32), group_size)
+    scale, zp = compute_params(wg, bits, sym, alpha, beta)
+    if not isinstance(v, float):
+        v = to_groups(v, group_size)
+    _, wq = quantize_groups(wg, scale, zp, bits, v)
+    return from_groups(wq, tuple(w.shape), group_size)
