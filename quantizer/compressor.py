@@ -117,9 +117,12 @@ def collect_importance(
     for name, module in linears.items():
         hooks.append(module.register_forward_pre_hook(make_hook(name)))
     device = next(model.parameters()).device
+    # the decoder alone: the statistics need no logits, and the vocabulary projection is a large share of
+    # the work on small models
+    body = getattr(model, "get_decoder", lambda: None)() or model
     try:
         for i in tqdm(range(0, len(calib), batch_size), desc="calibration statistics", leave=False):
-            model(input_ids=calib[i : i + batch_size].to(device), use_cache=False)
+            body(input_ids=calib[i : i + batch_size].to(device), use_cache=False)
     finally:
         for h in hooks:
             h.remove()

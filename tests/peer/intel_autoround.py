@@ -167,6 +167,8 @@ def _build_autoround(model, tokenizer, args, *, route: str):
         seed=args.seed,
         dataset=_calibration_texts(args.nsamples, args.seqlen),
     )
+    if getattr(args, "no_torch_compile", False):
+        kwargs["enable_torch_compile"] = False  # model-free route compiles by default; changes near-tie roundings
     if args.no_amp:
         kwargs["amp"] = False  # keep float32 weights (Intel casts to bfloat16 on CPU by default)
     if tokenizer is not None:
@@ -185,19 +187,32 @@ def cmd_quantize(args) -> int:
     import torch
 
     torch.manual_seed(args.seed)
+    out = os.path.abspath(args.out)
+    if os.path.exists(out):
+        raise SystemExit(f"{out} already exists; remove it first")
     t0 = time.time()
     ar = _build_autoround(args.model, None, args, route=args.route)
     _log(f"compressor class: {type(ar).__module__}.{type(ar).__qualname__}")
-    if type(ar).__name__ == "ModelFreeCompressor":
-        # model-free path writes straight into output_dir
-        ar.quantize_and_save(output_dir=args.out, format="auto_round")
-    else:
-        # quantize_and_save() would append '<model>-w4g64' to the folder; quantize + save_quantized
-        # keeps the exact output directory.
-        ar.quantize()
-        ar.save_quantized(args.out, format="auto_round")
-    _log(f"quantized checkpoint written to {args.out} in {time.time() - t0:.1f}s")
-    print("files:", sorted(os.listdir(args.out)))
+    # quantize_and_save() is the path Intel's own CLI uses (it enables immediate per-block packing,
+    # which the asym/AWQ export needs). The regular flow writes into '<output_dir>/<model>-w4g64'
+    # (BaseOrchestrator._get_export_dir) while the model-free flow writes into output_dir itself,
+    # so stage into a scratch folder and move the produced folder to --out.
+    staging = tempfile.mkdtemp(prefix=".intel_ar_stage_", dir=os.path.dirname(out) or ".")
+    try:
+        result = ar.quantize_and_save(output_dir=staging, format=args.format)
+        produced = result[1] if isinstance(result, tuple) and len(result) > 1 else None
+        if isinstance(produced, (list, tuple)):
+            produced = produced[0] if len(produced) == 1 else None
+        if not produced or not os.path.isfile(os.path.join(produced, "config.json")):
+            cands = [r for r, _, files in os.walk(staging) if "config.json" in files]
+            if len(cands) != 1:
+                raise SystemExit(f"cannot locate the exported folder under {staging}: {cands}")
+            produced = cands[0]
+        shutil.move(produced, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _log(f"quantized checkpoint written to {out} in {time.time() - t0:.1f}s")
+    print("files:", sorted(os.listdir(out)))
     return 0
 
 
@@ -300,6 +315,11 @@ def main(argv=None) -> int:
         help="regular: force the model-loaded flow (disable_model_free=True); auto: Intel's default "
         "routing (iters=0 + disable_opt_rtn on a path goes model-free); model_free: force model-free",
     )
+    p.add_argument("--format", default="auto_round",
+                   help="Intel export format (default auto_round: sym int -> packing auto_round:auto_gptq, "
+                   "asym W4 -> auto_round:auto_awq)")
+    p.add_argument("--no_torch_compile", action="store_true",
+                   help="pass enable_torch_compile=False (the model-free route enables torch.compile by default)")
 
     p = sub.add_parser("logits")
     p.add_argument("--ckpt", required=True)

@@ -1,0 +1,99 @@
+import torch
+
+from autoround.quantizer.qmath import (
+    compute_params, dequantize, fake_quantize, group_layout, quantize_weight, round_ste, to_groups,
+)
+
+
+def test_symmetric_full_range_negative_scale():
+    # the positive side dominates: it maps to -8, so the scale is negative
+    w = torch.tensor([[0.8, -0.2, 0.1, 0.0]])
+    qw = quantize_weight(w, bits=4, group_size=-1, sym=True)
+    s = qw.scale.item()
+    assert s < 0 and abs(s - torch.tensor(-0.8 / 8).half().item()) < 1e-8
+    assert qw.zero.item() == 8
+    assert qw.qweight[0, 0].item() == 0  # 0.8 / s = -8 -> stored -8 + 8 = 0
+    assert torch.allclose(qw.dequantize(), w, atol=abs(s) / 2 + 1e-6)
+
+
+def test_symmetric_negative_side_positive_scale():
+    w = torch.tensor([[-0.8, 0.2, 0.1, 0.0]])
+    qw = quantize_weight(w, bits=4, group_size=-1, sym=True)
+    assert qw.scale.item() > 0
+    assert qw.qweight[0, 0].item() == 0
+
+
+def test_asymmetric_zero_point():
+    w = torch.tensor([[0.0, 1.5, 3.0, 0.75]])
+    qw = quantize_weight(w, bits=2, group_size=-1, sym=False)
+    assert qw.zero.item() == 0
+    assert torch.allclose(qw.scale, torch.tensor([[1.0]]))
+    assert qw.qweight.tolist() == [[0, 2, 3, 1]] or qw.qweight.tolist() == [[0, 1, 3, 1]]
+
+
+def test_scales_are_fp16_exact_and_nonzero():
+    w = torch.randn(16, 64)
+    w[0] = 0
+    qw = quantize_weight(w, 4, 32, True)
+    assert torch.equal(qw.scale, qw.scale.half().float())
+    assert (qw.scale.abs() >= 1e-5 - 1e-9).all()
+    assert (qw.dequantize()[0] == 0).all()
+
+
+def test_ragged_groups_smollm2_shape():
+    # 576 input features with group 128: 5 groups, the last one has 64 channels
+    assert group_layout(576, 128) == (128, 5)
+    w = torch.randn(8, 576)
+    qw = quantize_weight(w, 4, 128, True)
+    assert qw.scale.shape == (8, 5) and qw.qweight.shape == (8, 576)
+    # the last group's scale depends only on its own 64 channels
+    last = quantize_weight(w[:, 512:], 4, -1, True)
+    assert torch.equal(qw.scale[:, 4:], last.scale)
+    # full range: every value is within half a step, except the side mapped to +7 which may lose one step
+    err = (qw.dequantize() - w).abs()
+    step = qw.scale.abs().repeat_interleave(128, 1)[:, :576]
+    assert (err <= step + 1e-6).all()
+    assert ((err <= step / 2 + 1e-6).float().mean() > 0.95)
+
+
+def test_group_modes():
+    w = torch.randn(4, 64)
+    per_row = quantize_weight(w, 4, -1, True)
+    per_tensor = quantize_weight(w, 4, 0, True)
+    assert per_row.scale.shape == (4, 1) and per_tensor.scale.shape == (4, 1)
+    assert (per_tensor.scale == per_tensor.scale[0, 0]).all()
+    assert to_groups(w, 0).shape == (1, 1, 256)
+
+
+def test_dequantize_matches_fake_quantize():
+    w = torch.randn(32, 96)
+    for sym in (True, False):
+        for bits in (2, 3, 4, 8):
+            qw = quantize_weight(w, bits, 32, sym)
+            assert torch.allclose(qw.dequantize(), fake_quantize(w, bits, 32, sym), atol=1e-6)
+            assert qw.qweight.max() <= 2**bits - 1
+
+
+def test_straight_through_gradients():
+    x = torch.tensor([0.4, 1.6], requires_grad=True)
+    round_ste(x).sum().backward()
+    assert torch.equal(x.grad, torch.ones(2))
+    w = torch.randn(8, 32)
+    v = torch.zeros(8, 32, requires_grad=True)
+    alpha = torch.ones(8, 1, 1, requires_grad=True)
+    fake_quantize(w, 4, 32, True, v=v, alpha=alpha, beta=alpha).pow(2).sum().backward()
+    assert v.grad is not None and v.grad.abs().sum() > 0
+    assert alpha.grad is not None
+
+
+def test_clipping_shrinks_scale():
+    wg = to_groups(torch.randn(4, 32), 32)
+    s1, _ = compute_params(wg, 4, True)
+    s2, _ = compute_params(wg, 4, True, 0.5, 0.5)
+    assert (s2.abs() < s1.abs()).all()
+
+
+def test_dequantize_function_shapes():
+    q = torch.full((2, 6), 8, dtype=torch.uint8)
+    out = dequantize(q, torch.ones(2, 2), torch.full((2, 2), 8), 4)
+    assert out.shape == (2, 6) and out.abs().sum() == 0

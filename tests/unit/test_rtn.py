@@ -1,0 +1,30 @@
+import torch
+
+from autoround.quantizer.qmath import quantize_weight
+from autoround.quantizer.rtn import optimized_rtn_quantize, search_grid
+
+
+def weighted_err(w, wq, imp):
+    return ((w - wq) ** 2 * imp).sum().item()
+
+
+def test_optimized_rtn_beats_plain_rtn_on_weighted_error():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=g) * torch.linspace(0.2, 2, 256)
+    w[:, ::37] *= 6  # outliers make clipping worthwhile
+    imp = torch.rand(256, generator=g) ** 4 * 10
+    for bits, sym in ((4, True), (3, True), (2, True), (4, False)):
+        plain = quantize_weight(w, bits, 64, sym).dequantize()
+        opt = optimized_rtn_quantize(w, bits, 64, sym, imp).dequantize()
+        assert weighted_err(w, opt, imp) < weighted_err(w, plain, imp)
+
+
+def test_grid_contains_plain_rtn():
+    grid = search_grid(0.7)
+    assert grid[-1] == 1.0 and grid[0] == 0.7
+    # so optimized RTN can never be worse than RTN on the weighted objective
+    w = torch.randn(8, 64)
+    imp = torch.ones(64)
+    plain = quantize_weight(w, 4, 32, True).dequantize()
+    opt = optimized_rtn_quantize(w, 4, 32, True, imp).dequantize()
+    assert weighted_err(w, opt, imp) <= weighted_err(w, plain, imp) + 1e-9
