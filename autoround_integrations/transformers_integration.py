@@ -106,6 +106,10 @@ def _checkpoint_tensor_names(model: nn.Module) -> set[str] | None:
     return None
 
 
+def _shorten(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def _device_type(device_map: Any) -> str:
     if device_map is None:
         return "cpu"
@@ -152,16 +156,18 @@ class AutoRoundQuantizer(HfQuantizer):
             dtype = getattr(torch, dtype)
         backend = getattr(self.quantization_config, "backend", "auto")
         replaced = 0
+        missing: list[str] = []
         for name, module in list(model.named_modules()):
             if type(module) is not nn.Linear:
                 continue
             scheme = ckpt.scheme_for(name)
             if scheme.is_float:
                 continue
-            if present is not None and f"{name}.qweight" not in present:
-                if f"{name}.weight" in present:
+            if present is not None:
+                if f"{name}.qweight" not in present and f"{name}.weight" in present:
                     continue  # the writer kept this layer in float (e.g. its shape cannot be packed)
-                raise ModelLoadError(f"checkpoint has neither {name}.qweight nor {name}.weight: it is incomplete")
+                wanted = ["qweight", "qzeros", "scales"] + (["bias"] if module.bias is not None else [])
+                missing += [f"{name}.{t}" for t in wanted if f"{name}.{t}" not in present]
             spec = LayerSpec(
                 device=self.device_type,
                 bits=scheme.bits,
@@ -189,6 +195,8 @@ class AutoRoundQuantizer(HfQuantizer):
             setattr(parent, child, qlinear)
             self.used_kernels[kernel.name] += 1
             replaced += 1
+        if missing:
+            raise ModelLoadError(f"the checkpoint is missing quantized tensors: {_shorten(missing)}")
         if replaced == 0:
             raise ModelLoadError(
                 "no quantized layer found in this checkpoint: its quantization_config names blocks "
@@ -206,8 +214,7 @@ class AutoRoundQuantizer(HfQuantizer):
                 if not missing:
                     module.post_init()
         if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise ModelLoadError(f"the checkpoint is missing quantized tensors: {shown}")
+            raise ModelLoadError(f"the checkpoint is missing quantized tensors: {_shorten(missing)}")
 
     def is_serializable(self, safe_serialization: bool = True) -> bool:
         return True

@@ -32,10 +32,15 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write the output folder {out}: {parent} is not writable; choose another --output_dir")
-    if out.exists() and not os.access(out, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot replace the output folder {out}: it is not writable; choose another --output_dir")
+    if not parent.is_dir():
+        raise OutputError(f"cannot write the output folder {out}: {parent} is not a folder; choose another --output_dir")
+    try:  # permissions alone do not tell (root, read-only mounts): try it
+        os.rmdir(tempfile.mkdtemp(prefix=".autoround-probe-", dir=parent))
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write the output folder {out}: {parent} is not writable ({exc.strerror or exc}); "
+            "choose another --output_dir"
+        ) from None
     return out
 
 
@@ -43,8 +48,11 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
 def atomic_output_dir(output_dir: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces ``output_dir``, on error it is removed."""
     out = check_output_dir(output_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write the output folder {out}: {exc.strerror or exc}; choose another --output_dir") from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint folder is an ordinary folder
