@@ -78,15 +78,15 @@ class AutoRound:
             raise TypeError(f"AutoRound got unknown argument(s) {unknown}; valid arguments: {', '.join(valid)}")
         if not isinstance(iters, int) or iters < 0:
             raise AutoRoundError(f"iters must be a non-negative integer, got {iters!r}")
+        for name, val in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size)):
+            if not isinstance(val, int) or val <= 0:
+                raise AutoRoundError(f"{name} must be a positive integer, got {val!r}")
+        self.scheme = resolve_scheme(scheme, bits=bits, group_size=group_size, sym=sym)
         if iters > 0:
             raise AutoRoundError(
                 f"SignRound tuning (iters={iters}) is not available in this version yet; use iters=0 for "
                 "optimized round-to-nearest (or iters=0, disable_opt_rtn=True for plain RTN)"
             )
-        for name, val in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size)):
-            if not isinstance(val, int) or val <= 0:
-                raise AutoRoundError(f"{name} must be a positive integer, got {val!r}")
-        self.scheme = resolve_scheme(scheme, bits=bits, group_size=group_size, sym=sym)
         self.layer_config = dict(layer_config or {})
         self.iters, self.lr = iters, lr
         self.nsamples, self.seqlen, self.batch_size = nsamples, seqlen, batch_size
