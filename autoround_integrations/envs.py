@@ -76,7 +76,9 @@ _VARS: dict[str, _Var] = {
     "AR_ACT_SCALE": _Var(_positive_float, 1.0, "multiplier applied to activation ranges"),
     "AR_ENABLE_ACT_MINMAX_TUNING": _Var(_bool, False, "tune activation min/max as well"),
     "AR_SEARCH_SCALE_RATIO": _Var(
-        _positive_float, 0.7, "lowest clip ratio tried by the optimized-RTN scale search (grid runs to 1.0)"
+        _positive_float,
+        0.7,
+        "optimized RTN search: lowest integer range (symmetric, x 2**(bits-1)) or clip ratio (asymmetric) tried",
     ),
     "AR_ENABLE_COMPILE_PACKING": _Var(_bool, False, "torch.compile the packing kernels"),
     "AR_DYNAMO_CACHE_SIZE_LIMIT": _Var(_positive_int, 64, "torch._dynamo cache size limit when compiling"),

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .errors import AutoRoundError, SchemeError
 from .formats import ExportFormat, ExportJob, QuantizedLayer
 from .qmath import quantize_weight
-from .rtn import optimized_rtn_quantize, search_grid
+from .rtn import optimized_rtn_quantize
 from .schemes import QuantScheme, resolve_scheme
 from ..log import logger
 
@@ -138,7 +138,6 @@ def quantize_layers(
     """RTN (``importance`` None) or optimized RTN each planned layer; weights become their dequantized
     values in place, so the model in memory is the fake-quantized model."""
     out: dict[str, QuantizedLayer] = {}
-    grid = search_grid(search_lowest)
     start = time.time()
     for name in tqdm(list(plan.quantize), desc="quantizing layers", leave=False):
         module, scheme = linears[name], plan.quantize[name]
@@ -146,7 +145,9 @@ def quantize_layers(
         if importance is None:
             qw = quantize_weight(w, scheme.bits, scheme.group_size, scheme.sym)
         else:
-            qw = optimized_rtn_quantize(w, scheme.bits, scheme.group_size, scheme.sym, importance[name], grid)
+            qw = optimized_rtn_quantize(
+                w, scheme.bits, scheme.group_size, scheme.sym, importance[name], search_lowest
+            )
         module.weight.data.copy_(qw.dequantize().to(w.dtype))
         bias = module.bias.data.clone() if module.bias is not None else None
         out[name] = QuantizedLayer(name, scheme, qw, bias, module.in_features, module.out_features)

@@ -140,12 +140,22 @@ def quantize_weight(
     v: torch.Tensor | float = 0.0,
     alpha: torch.Tensor | float = 1.0,
     beta: torch.Tensor | float = 1.0,
+    scale: torch.Tensor | None = None,
 ) -> QuantizedWeight:
-    """Quantize a float weight ``[out, in]`` (no gradients) and return its integers and parameters."""
+    """Quantize a float weight ``[out, in]`` (no gradients) and return its integers and parameters.
+
+    ``scale`` (symmetric only, grouped shape ``[..., 1]``) replaces the min/max scale, e.g. a searched one.
+    """
     with torch.no_grad():
         w32 = w.detach().to(torch.float32)
         wg = to_groups(w32, group_size)
-        scale, zp = compute_params(wg, bits, sym, alpha, beta)
+        if scale is None:
+            scale, zp = compute_params(wg, bits, sym, alpha, beta)
+        else:
+            if not sym:
+                raise ValueError("an explicit scale is only supported for symmetric quantization")
+            scale = _fp16_round(scale.to(torch.float32))
+            zp = torch.full_like(scale, float(2 ** (bits - 1)))
         if not isinstance(v, float):
             v = to_groups(v.to(torch.float32), group_size)
         q, _ = quantize_groups(wg, scale, zp, bits, v)

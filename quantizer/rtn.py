@@ -1,26 +1,84 @@
 """Round-to-nearest quantization, plain and optimized.  Pure tensor code: imports no model code.
 
-Optimized RTN searches, per group, the clipping ratio ``r`` (min and max both scaled by ``r``) that minimises
-the importance-weighted squared error ``sum_j imp[j] * (w[j] - w_hat[j])**2``, where ``imp[j]`` is the mean of
-the squared calibration activations of input channel ``j`` (an "importance matrix").  Plain RTN uses r = 1.
+Optimized RTN minimises, per group, the importance-weighted squared error
+``sum_j imp[j] * (w[j] - w_hat[j])**2`` where ``imp[j]`` is the mean squared calibration activation of input
+channel ``j`` (an "importance matrix"):
+
+- symmetric: candidate scales map the group's largest-magnitude weight to ``-(m)`` for a grid of integer
+  ranges ``m`` around ``2**(bits-1)``; each candidate's integers are then given the weighted least-squares
+  scale ``sum(imp*w*q) / sum(imp*q*q)``, and the candidate with the smallest weighted error wins;
+- asymmetric: a grid of clip ratios shrinking min and max together.
+Plain RTN is one of the candidates, so the search never does worse than RTN on its objective.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .qmath import QuantizedWeight, compute_params, quantize_groups, quantize_weight, to_groups
+from .qmath import SCALE_EPS, QuantizedWeight, compute_params, quantize_groups, quantize_weight, to_groups
 
 
 def search_grid(lowest: float = 0.7, steps: int = 31) -> torch.Tensor:
-    """Clip ratios tried by the search, from ``lowest`` to 1.0 inclusive."""
+    """Clip ratios tried by the asymmetric search, from ``lowest`` to 1.0 inclusive."""
     if not 0 < lowest <= 1:
         raise ValueError(f"the lowest search ratio must be in (0, 1], got {lowest}")
     return torch.linspace(lowest, 1.0, steps)
 
 
+def range_grid(bits: int, lowest: float = 0.7, highest: float = 1.5, steps: int = 41) -> torch.Tensor:
+    """Integer ranges ``m`` (as multiples of ``2**(bits-1)``) tried by the symmetric search; includes 1.0."""
+    maxq = 2 ** (bits - 1)
+    grid = torch.cat([torch.linspace(lowest, highest, steps), torch.ones(1)]) * maxq
+    return torch.unique(grid)
+
+
 def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> QuantizedWeight:
     return quantize_weight(w, bits, group_size, sym)
+
+
+def _importance_groups(imp: torch.Tensor, shape: tuple[int, int], group_size: int) -> torch.Tensor:
+    out_f, in_f = shape
+    imp = imp.reshape(1, in_f)
+    imp = imp + imp.mean().clamp(min=1e-12) * 1e-3  # keep dead channels from making candidates tie
+    return to_groups(imp.expand(out_f, in_f) if group_size == 0 else imp, group_size)
+
+
+@torch.no_grad()
+def _sym_scale_search(wg: torch.Tensor, imp_g: torch.Tensor, bits: int, grid: torch.Tensor) -> torch.Tensor:
+    """Best least-squares scale per group, ``[..., 1]`` (may be negative: full range)."""
+    maxq = 2 ** (bits - 1)
+    idx = wg.abs().argmax(dim=-1, keepdim=True)
+    gmax = torch.gather(wg, -1, idx)  # signed weight of largest magnitude
+    gmax = torch.where(gmax.abs() < SCALE_EPS, torch.full_like(gmax, SCALE_EPS), gmax)
+    wimp = wg * imp_g
+    best_gain = torch.full_like(gmax, -1.0)
+    best_scale = -gmax / maxq
+    for m in grid.tolist():
+        s = -gmax / m
+        q = torch.clamp(torch.round(wg / s), -maxq, maxq - 1)
+        sum_wq = (wimp * q).sum(-1, keepdim=True)
+        sum_qq = (imp_g * q * q).sum(-1, keepdim=True).clamp(min=1e-20)
+        gain = sum_wq * sum_wq / sum_qq  # error = sum(imp*w*w) - gain
+        better = gain > best_gain
+        best_gain = torch.where(better, gain, best_gain)
+        best_scale = torch.where(better, sum_wq / sum_qq, best_scale)
+    sign = torch.where(best_scale < 0, -1.0, 1.0)
+    return sign * best_scale.abs().clamp(min=SCALE_EPS)
+
+
+@torch.no_grad()
+def _asym_clip_search(wg: torch.Tensor, imp_g: torch.Tensor, bits: int, grid: torch.Tensor) -> torch.Tensor:
+    """Best clip ratio per group, ``[..., 1]``."""
+    best_err = torch.full(wg.shape[:-1] + (1,), float("inf"), device=wg.device)
+    best_ratio = torch.ones_like(best_err)
+    for ratio in grid.tolist():
+        scale, zp = compute_params(wg, bits, False, ratio, ratio)
+        _, wq = quantize_groups(wg, scale, zp, bits)
+        err = ((wg - wq).pow_(2) * imp_g).sum(dim=-1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
+    return best_ratio
 
 
 @torch.no_grad()
@@ -30,28 +88,24 @@ def optimized_rtn_quantize(
     group_size: int,
     sym: bool,
     importance: torch.Tensor | None,
-    grid: torch.Tensor | None = None,
+    lowest: float = 0.7,
 ) -> QuantizedWeight:
-    """RTN with a per-group clip-ratio search weighted by ``importance`` ([in_features], >= 0)."""
+    """RTN with a per-group scale search weighted by ``importance`` ([in_features], >= 0).
+
+    ``lowest``: the smallest integer range (symmetric, as a multiple of ``2**(bits-1)``) or clip ratio
+    (asymmetric) tried; ``AR_SEARCH_SCALE_RATIO`` sets it.
+    """
     w32 = w.detach().to(torch.float32)
     out_f, in_f = w32.shape
     if importance is None:
         importance = torch.ones(in_f, device=w32.device)
-    imp = importance.detach().to(device=w32.device, dtype=torch.float32).reshape(1, in_f)
-    if imp.shape[1] != in_f:
-        raise ValueError(f"importance has {imp.shape[1]} channels but the weight has {in_f} input features")
-    # keep dead channels from making every candidate look equal
-    imp = imp + imp.mean().clamp(min=1e-12) * 1e-3
-    imp_g = to_groups(imp.expand(out_f, in_f) if group_size == 0 else imp, group_size)
+    imp = importance.detach().to(device=w32.device, dtype=torch.float32)
+    if imp.numel() != in_f:
+        raise ValueError(f"importance has {imp.numel()} channels but the weight has {in_f} input features")
+    imp_g = _importance_groups(imp, (out_f, in_f), group_size)
     wg = to_groups(w32, group_size)
-    grid = search_grid() if grid is None else grid
-    best_err = torch.full(wg.shape[:-1] + (1,), float("inf"), device=w32.device)
-    best_ratio = torch.ones_like(best_err)
-    for ratio in grid.tolist():
-        scale, zp = compute_params(wg, bits, sym, ratio, ratio)
-        _, wq = quantize_groups(wg, scale, zp, bits)
-        err = ((wg - wq).pow_(2) * imp_g).sum(dim=-1, keepdim=True)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
-    return quantize_weight(w32, bits, group_size, sym, alpha=best_ratio, beta=best_ratio)
+    if sym:
+        scale = _sym_scale_search(wg, imp_g, bits, range_grid(bits, lowest))
+        return quantize_weight(w32, bits, group_size, sym, scale=scale)
+    ratio = _asym_clip_search(wg, imp_g, bits, search_grid(lowest))
+    return quantize_weight(w32, bits, group_size, sym, alpha=ratio, beta=ratio)

@@ -7,7 +7,7 @@ vLLM/SGLang configs) convert whatever they receive into these objects; nothing k
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .errors import SchemeError
@@ -131,13 +131,3 @@ def resolve_scheme(
         )
     return base.replace(bits=bits, group_size=group_size, sym=sym)
 
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """What happens to every quantizable layer of a model: name -> scheme (float ones included)."""
-
-    layers: Mapping[str, QuantScheme] = field(default_factory=dict)
-    default: QuantScheme = PRESETS["W4A16"]
-
-    def quantized(self) -> dict[str, QuantScheme]:
-        return {n: s for n, s in self.layers.items() if not s.is_float}

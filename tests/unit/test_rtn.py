@@ -1,7 +1,7 @@
 import torch
 
 from autoround.quantizer.qmath import quantize_weight
-from autoround.quantizer.rtn import optimized_rtn_quantize, search_grid
+from autoround.quantizer.rtn import optimized_rtn_quantize, range_grid, search_grid
 
 
 def weighted_err(w, wq, imp):
@@ -28,3 +28,16 @@ def test_grid_contains_plain_rtn():
     plain = quantize_weight(w, 4, 32, True).dequantize()
     opt = optimized_rtn_quantize(w, 4, 32, True, imp).dequantize()
     assert weighted_err(w, opt, imp) <= weighted_err(w, plain, imp) + 1e-9
+
+
+def test_symmetric_search_refits_scale_by_least_squares():
+    # one dominant weight per group: plain RTN wastes the range on it, the refit scale does not
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 64, generator=g) * 0.1
+    w[:, 0] = 1.0
+    imp = torch.ones(64)
+    plain = quantize_weight(w, 3, 64, True)
+    opt = optimized_rtn_quantize(w, 3, 64, True, imp)
+    assert weighted_err(w, opt.dequantize(), imp) < 0.8 * weighted_err(w, plain.dequantize(), imp)
+    assert torch.equal(opt.scale, opt.scale.half().float())  # stored precision
+    assert (range_grid(4) == 8).any()  # plain RTN's range is always a candidate
