@@ -1,0 +1,74 @@
+"""The pure SignRound tuner on a real transformers block (a tiny Llama MLP and a full decoder layer)."""
+
+import copy
+
+import pytest
+import torch
+
+from autoround.quantizer.qmath import quantize_weight
+from autoround.quantizer.schemes import QuantScheme
+from autoround.quantizer.signround import SignRoundOptions, tune_block
+
+from arhelpers import tiny_llama
+
+
+def block_mse(block, weights, x, y):
+    b = copy.deepcopy(block)
+    with torch.no_grad():
+        for name, qw in weights.items():
+            b.get_submodule(name).weight.copy_(qw.dequantize())
+        return torch.nn.functional.mse_loss(b(x), y).item()
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(bits=2, group_size=32), QuantScheme(bits=4, group_size=32, sym=False)])
+def test_tuned_block_beats_rtn(scheme):
+    model = tiny_llama()
+    mlp = model.model.layers[0].mlp
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 8, 64, generator=g)
+    with torch.no_grad():
+        y = mlp(x)
+    names = ["gate_proj", "up_proj", "down_proj"]
+    before = {n: mlp.get_submodule(n).weight.clone() for n in names}
+    rtn = {n: quantize_weight(mlp.get_submodule(n).weight, scheme.bits, scheme.group_size, scheme.sym) for n in names}
+    result = tune_block(mlp, dict.fromkeys(names, scheme), x, y, SignRoundOptions(iters=60, batch_size=8))
+    assert block_mse(mlp, result.weights, x, y) < 0.9 * block_mse(mlp, rtn, x, y)
+    assert result.loss_best <= result.loss_before
+    for n in names:  # the block itself is left as it was
+        assert torch.equal(mlp.get_submodule(n).weight, before[n])
+        assert type(mlp.get_submodule(n)) is torch.nn.Linear
+
+
+def test_decoder_layer_with_keyword_arguments():
+    model = tiny_llama()
+    layer = model.model.layers[0]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 12, 64, generator=g)
+    pos = model.model.rotary_emb(x, torch.arange(12).unsqueeze(0))
+
+    def forward(block, h):
+        out = block(h, position_embeddings=pos, attention_mask=None)
+        return out[0] if isinstance(out, tuple) else out
+
+    with torch.no_grad():
+        y = forward(layer, x)
+    names = [n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+    scheme = QuantScheme(bits=2, group_size=32)
+    rtn = {n: quantize_weight(layer.get_submodule(n).weight, 2, 32, True) for n in names}
+    result = tune_block(layer, dict.fromkeys(names, scheme), x, y, SignRoundOptions(iters=40, batch_size=4),
+                        forward=forward)
+
+    def mse(weights):
+        b = copy.deepcopy(layer)
+        with torch.no_grad():
+            for n, qw in weights.items():
+                b.get_submodule(n).weight.copy_(qw.dequantize())
+            return torch.nn.functional.mse_loss(forward(b, x), y).item()
+
+    assert mse(result.weights) < mse(rtn)
+
+
+def test_options_validate():
+    with pytest.raises(ValueError, match="iters must be positive"):
+        SignRoundOptions(iters=0)
+    assert SignRoundOptions(iters=50).learning_rate == 0.02
