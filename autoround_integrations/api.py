@@ -82,11 +82,6 @@ class AutoRound:
             if not isinstance(val, int) or val <= 0:
                 raise AutoRoundError(f"{name} must be a positive integer, got {val!r}")
         self.scheme = resolve_scheme(scheme, bits=bits, group_size=group_size, sym=sym)
-        if iters > 0:
-            raise AutoRoundError(
-                f"SignRound tuning (iters={iters}) is not available in this version yet; use iters=0 for "
-                "optimized round-to-nearest (or iters=0, disable_opt_rtn=True for plain RTN)"
-            )
         self.layer_config = dict(layer_config or {})
         self.iters, self.lr = iters, lr
         self.nsamples, self.seqlen, self.batch_size = nsamples, seqlen, batch_size
@@ -118,6 +113,10 @@ class AutoRound:
         self.plan = self._plan(fmts)
         torch.manual_seed(self.seed)
         start = time.time()
+        if self.iters > 0:
+            self._signround()
+            self.quantized = True
+            return self.model, self._layer_config()
         importance = None
         if not self.disable_opt_rtn:
             calib = calibration_batch(self.dataset, self.tokenizer, self.nsamples, self.seqlen, self.seed)
@@ -137,15 +136,51 @@ class AutoRound:
             self.scheme.describe(),
             len(self.plan.keep_float),
         )
-        layer_config = {n: layer.scheme.to_dict() for n, layer in self.layers.items()}
+        return self.model, self._layer_config()
+
+    def _layer_config(self) -> dict[str, Any]:
+        layer_config: dict[str, Any] = {n: layer.scheme.to_dict() for n, layer in self.layers.items()}
         layer_config.update({n: {"bits": 16} for n in self.plan.keep_float})
-        return self.model, layer_config
+        return layer_config
+
+    def _signround(self) -> None:
+        from autoround.quantizer.blockwise import signround_blocks
+        from autoround.quantizer.signround import SignRoundOptions
+
+        if self.options["gradient_accumulate_steps"] != 1:
+            logger.warning("gradient_accumulate_steps is not supported yet; using 1")
+        options = SignRoundOptions(
+            iters=self.iters,
+            lr=self.lr,
+            minmax_lr=self.options["minmax_lr"],
+            batch_size=self.batch_size,
+            enable_minmax_tuning=self.options["enable_minmax_tuning"],
+            not_use_best_mse=self.options["not_use_best_mse"],
+            enable_adam=self.options["enable_adam"],
+            seed=self.seed,
+        )
+        calib = calibration_batch(self.dataset, self.tokenizer, self.nsamples, self.seqlen, self.seed)
+        blocks = [
+            (f"{list_name}.{i}", block)
+            for list_name in self.block_names
+            for i, block in enumerate(self.model.get_submodule(list_name))
+        ]
+        start = time.time()
+        self.layers = signround_blocks(
+            self.model, blocks, self.plan.quantize, calib, options, self.options["enable_quanted_input"]
+        )
+        logger.info(
+            "SignRound done in %.1fs: %d layers quantized (%s, iters %d), %d kept in float",
+            time.time() - start, len(self.layers), self.scheme.describe(), self.iters, len(self.plan.keep_float),
+        )
 
     def _settings(self) -> dict[str, Any]:
         settings: dict[str, Any] = {"iters": self.iters}
+        if self.iters > 0:
+            settings["lr"] = self.lr if self.lr is not None else 1.0 / self.iters
         if self.iters == 0:
             settings["disable_opt_rtn"] = self.disable_opt_rtn
-        if not self.disable_opt_rtn:
+        if self.iters > 0 or not self.disable_opt_rtn:
             settings.update(nsamples=self.nsamples, seqlen=self.seqlen)
             if isinstance(self.dataset, str):
                 settings["dataset"] = self.dataset

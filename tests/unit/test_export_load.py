@@ -205,11 +205,6 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # still a good checkpoint
 
 
-def test_signround_not_yet_is_clear():
-    with pytest.raises(AutoRoundError, match="SignRound tuning .* not available"):
-        AutoRound(tiny_llama(), iters=200)
-
-
 def test_unknown_argument():
     with pytest.raises(TypeError, match="unknown argument.*'itres'"):
         AutoRound(tiny_llama(), itres=0)
