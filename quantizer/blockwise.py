@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .formats import QuantizedLayer
+from .model_io import decoder_body
 from .schemes import QuantScheme
 from .signround import SignRoundOptions, tune_block
 from ..log import logger
@@ -37,7 +38,7 @@ def capture_block_inputs(
         raise _Captured
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
-    body = getattr(model, "get_decoder", lambda: None)() or model
+    body = decoder_body(model)
     device = next(model.parameters()).device
     try:
         for i in range(0, len(calib), batch_size):

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .errors import AutoRoundError, SchemeError
 from .formats import ExportFormat, ExportJob, QuantizedLayer
+from .model_io import decoder_body
 from .qmath import quantize_weight
 from .rtn import optimized_rtn_quantize
 from .schemes import QuantScheme, resolve_scheme
@@ -117,9 +118,7 @@ def collect_importance(
     for name, module in linears.items():
         hooks.append(module.register_forward_pre_hook(make_hook(name)))
     device = next(model.parameters()).device
-    # the decoder alone: the statistics need no logits, and the vocabulary projection is a large share of
-    # the work on small models
-    body = getattr(model, "get_decoder", lambda: None)() or model
+    body = decoder_body(model)
     try:
         for i in tqdm(range(0, len(calib), batch_size), desc="calibration statistics", leave=False):
             body(input_ids=calib[i : i + batch_size].to(device), use_cache=False)

@@ -136,6 +136,14 @@ def find_block_names(model: nn.Module) -> list[str]:
     return [n for n in names if not any(n != o and n.startswith(o + ".") for o in names)]
 
 
+def decoder_body(model: nn.Module) -> nn.Module:
+    """The model without its vocabulary projection (``get_decoder()``), or the model itself.
+
+    Calibration passes need hidden states, not logits, and the projection is a large share of the work on
+    small models."""
+    return getattr(model, "get_decoder", lambda: None)() or model
+
+
 def quantizable_linears(model: nn.Module, block_names: list[str]) -> dict[str, nn.Linear]:
     """Every ``nn.Linear`` inside the blocks, by full name."""
     out: dict[str, nn.Linear] = {}

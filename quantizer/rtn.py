@@ -8,7 +8,7 @@ channel ``j`` (an "importance matrix"):
   ranges ``m`` around ``2**(bits-1)``; each candidate's integers are then given the weighted least-squares
   scale ``sum(imp*w*q) / sum(imp*q*q)``, and the candidate with the smallest weighted error wins;
 - asymmetric: a grid of clip ratios shrinking min and max together.
-Plain RTN is one of the candidates, so the search never does worse than RTN on its objective.
+Plain RTN's range (symmetric) or ratio 1.0 (asymmetric) is always among the candidates.
 """
 
 from __future__ import annotations

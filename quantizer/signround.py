@@ -63,11 +63,10 @@ class _TunedLinear(nn.Module):
 
     def qdq_weight(self) -> torch.Tensor:
         s = self.scheme
-        one = 1.0
         return fake_quantize(
             self.linear.weight, s.bits, s.group_size, s.sym, v=self.v,
-            alpha=self.alpha if self.alpha is not None else one,
-            beta=self.beta if self.beta is not None else one,
+            alpha=self.alpha if self.alpha is not None else 1.0,
+            beta=self.beta if self.beta is not None else 1.0,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
