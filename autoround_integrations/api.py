@@ -97,11 +97,33 @@ class AutoRound:
             [b for b in blocks.split(",") if b] if isinstance(blocks, str) else list(blocks)
         ) if blocks else find_block_names(self.model)
         self.linears = quantizable_linears(self.model, self.block_names)
+        self.lm_head_name: str | None = None
+        if self.options["quant_lm_head"]:
+            self.lm_head_name = self._add_lm_head()
+        self.resume_dir: str | None = None  # set by quantize_and_save(resume=...)
+        self.resume = False
+        self._resume_store = None
         ignore = self.options["ignore_layers"]
         self.ignore_layers = [x for x in ignore.split(",") if x] if isinstance(ignore, str) else list(ignore or [])
         self.layers: dict[str, compressor.QuantizedLayer] = {}
         self.plan: compressor.LayerPlan | None = None
         self.quantized = False
+
+    def _add_lm_head(self) -> str:
+        head = self.model.get_output_embeddings()
+        if not isinstance(head, torch.nn.Linear):
+            raise AutoRoundError(f"quant_lm_head: {type(self.model).__name__} has no linear output projection to quantize")
+        name = next(n for n, m in self.model.named_modules() if m is head)
+        emb = self.model.get_input_embeddings()
+        if emb is not None and emb.weight.data_ptr() == head.weight.data_ptr():
+            raise AutoRoundError(
+                f"quant_lm_head: {name} shares its weight with the input embeddings (tie_word_embeddings), so "
+                "quantizing it would also quantize the embeddings, which these formats cannot store; keep "
+                "quant_lm_head off for this model, or untie the weights first"
+            )
+        self.layer_config.setdefault(name, {})  # the default scheme unless layer_config says otherwise
+        self.linears[name] = head
+        return name
 
     # -- quantization -------------------------------------------------------------------------------
     def _plan(self, formats: list) -> compressor.LayerPlan:
@@ -112,11 +134,15 @@ class AutoRound:
         fmts = parse_formats(formats or "auto_round")
         self.plan = self._plan(fmts)
         torch.manual_seed(self.seed)
+        if self.options["enable_deterministic_algorithms"]:
+            torch.use_deterministic_algorithms(True, warn_only=False)
         start = time.time()
         if self.iters > 0:
             self._signround()
             self.quantized = True
             return self.model, self._layer_config()
+        if self.resume:
+            logger.info("--resume has nothing to resume with iters 0 (round-to-nearest runs in one pass)")
         importance = None
         if not self.disable_opt_rtn:
             calib = calibration_batch(self.dataset, self.tokenizer, self.nsamples, self.seqlen, self.seed)
@@ -145,30 +171,54 @@ class AutoRound:
 
     def _signround(self) -> None:
         from autoround.quantizer.blockwise import signround_blocks
+        from autoround.quantizer.data import loss_mask
+        from autoround.quantizer.model_io import final_norm
+        from autoround.quantizer.resume import ResumeStore, model_digest, resume_dir_for, tensor_digest
         from autoround.quantizer.signround import SignRoundOptions
 
-        if self.options["gradient_accumulate_steps"] != 1:
-            logger.warning("gradient_accumulate_steps is not supported yet; using 1")
-        options = SignRoundOptions(
-            iters=self.iters,
-            lr=self.lr,
-            minmax_lr=self.options["minmax_lr"],
-            batch_size=self.batch_size,
-            enable_minmax_tuning=self.options["enable_minmax_tuning"],
-            not_use_best_mse=self.options["not_use_best_mse"],
-            enable_adam=self.options["enable_adam"],
-            seed=self.seed,
-        )
+        try:
+            options = SignRoundOptions(
+                iters=self.iters,
+                lr=self.lr,
+                minmax_lr=self.options["minmax_lr"],
+                batch_size=self.batch_size,
+                gradient_accumulate_steps=self.options["gradient_accumulate_steps"],
+                enable_minmax_tuning=self.options["enable_minmax_tuning"],
+                not_use_best_mse=self.options["not_use_best_mse"],
+                dynamic_max_gap=self.options["dynamic_max_gap"],
+                enable_adam=self.options["enable_adam"],
+                seed=self.seed,
+            )
+        except ValueError as exc:
+            raise AutoRoundError(str(exc)) from None
         calib = calibration_batch(self.dataset, self.tokenizer, self.nsamples, self.seqlen, self.seed)
+        mask = loss_mask(calib, getattr(self.tokenizer, "pad_token_id", None))
         blocks = [
             (f"{list_name}.{i}", block)
             for list_name in self.block_names
             for i, block in enumerate(self.model.get_submodule(list_name))
         ]
+        store = None
+        if self.resume_dir is not None:
+            fingerprint = {
+                "model": model_digest(self.model),
+                "calibration": tensor_digest(calib),
+                "schemes": {n: s.to_dict() for n, s in self.plan.quantize.items()},
+                "options": {k: getattr(options, k) for k in options.__dataclass_fields__},
+                "enable_quanted_input": self.options["enable_quanted_input"],
+            }
+            store = ResumeStore.open(resume_dir_for(self.resume_dir), fingerprint, self.resume, logger)
+        lm_head = None
+        if self.lm_head_name is not None:
+            lm_head = (self.lm_head_name, final_norm(self.model), self.linears[self.lm_head_name])
+        cache_device = "cpu" if self.low_gpu_mem_usage else None
         start = time.time()
         self.layers = signround_blocks(
-            self.model, blocks, self.plan.quantize, calib, options, self.options["enable_quanted_input"]
+            self.model, blocks, self.plan.quantize, calib, options, self.options["enable_quanted_input"],
+            loss_mask=mask, resume=store, cache_device=cache_device, compile_forward=self.enable_torch_compile,
+            lm_head=lm_head,
         )
+        self._resume_store = store
         logger.info(
             "SignRound done in %.1fs: %d layers quantized (%s, iters %d), %d kept in float",
             time.time() - start, len(self.layers), self.scheme.describe(), self.iters, len(self.plan.keep_float),
@@ -206,12 +256,33 @@ class AutoRound:
         return paths
 
     def quantize_and_save(
-        self, output_dir: str | os.PathLike = "tmp_autoround", format: str = "auto_round", inplace: bool = True
+        self,
+        output_dir: str | os.PathLike = "tmp_autoround",
+        format: str = "auto_round",
+        inplace: bool = True,
+        resume: bool = False,
     ) -> tuple[Any, list[str]]:
-        """Check the output folder and formats first, then quantize and save; returns (model, folders)."""
+        """Check the output folder and formats first, then quantize and save; returns (model, folders).
+
+        SignRound runs (iters > 0) keep every finished block in a hidden sibling of ``output_dir``; after an
+        interruption, the same call with ``resume=True`` continues from the last finished block and writes the
+        same checkpoint an uninterrupted run would.  The state is removed once the checkpoint is saved."""
         check_output_dir(output_dir)
+        start = time.time()
+        self.resume_dir, self.resume = str(output_dir), resume
+        self._resume_store = None
         self.quantize(format)
-        return self.model, self.save_quantized(output_dir, format)
+        paths = self.save_quantized(output_dir, format)
+        if self._resume_store is not None:
+            self._resume_store.discard()
+        logger.info("quantize_and_save finished in %.1fs; peak RSS %.2f GiB", time.time() - start, _peak_rss_gib())
+        return self.model, paths
+
+
+def _peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 class AutoScheme:

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .formats import QuantizedLayer
 from .model_io import decoder_body
 from .schemes import QuantScheme
+from .resume import ResumeStore
 from .signround import SignRoundOptions, tune_block
 from ..log import logger
 
@@ -58,9 +59,10 @@ def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-@torch.no_grad()
-def _run(block: nn.Module, x: torch.Tensor, kwargs: Mapping[str, Any], bs: int) -> torch.Tensor:
-    return torch.cat([_first(block(x[i : i + bs], **kwargs)) for i in range(0, len(x), bs)])
+def _peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def signround_blocks(
@@ -70,45 +72,126 @@ def signround_blocks(
     calib: torch.Tensor,
     options: SignRoundOptions,
     enable_quanted_input: bool = True,
+    loss_mask: torch.Tensor | None = None,
+    resume: ResumeStore | None = None,
+    cache_device: torch.device | str | None = None,
+    compile_forward: bool = False,
+    lm_head: tuple[str, nn.Module, nn.Module] | None = None,
 ) -> dict[str, QuantizedLayer]:
-    """Tune every block; each block's weights become their fake-quantized values in place."""
+    """Tune every block; each block's weights become their fake-quantized values in place.
+
+    ``loss_mask``: ``[n, seqlen]`` bool, positions that count in the loss.  ``resume``: finished blocks are
+    loaded from it instead of tuned, and every newly tuned block is saved to it.  ``cache_device``: where the
+    cached activations live (default: the model's device; "cpu" for ``low_gpu_mem_usage``).
+    ``compile_forward``: ``torch.compile`` the block forward used while tuning.  ``lm_head``: (name, final
+    norm, lm_head) to tune the output projection on the last block's outputs after the blocks.
+    """
     bs = min(options.batch_size, len(calib))
     n = (len(calib) // bs) * bs
     if n < len(calib):
         logger.warning("using %d of %d calibration samples (a multiple of batch_size %d)", n, len(calib), bs)
     calib = calib[:n]
+    if loss_mask is not None:
+        loss_mask = loss_mask[:n]
     fp_in, kwargs = capture_block_inputs(model, blocks[0][1], calib, bs)
+    device = fp_in.device
+    if cache_device is not None:
+        fp_in = fp_in.to(cache_device)
     q_in = fp_in
     result: dict[str, QuantizedLayer] = {}
     start = time.time()
+
+    @torch.no_grad()
+    def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([
+            _first(block(x[i : i + bs].to(device), **kwargs)).to(x.device) for i in range(0, len(x), bs)
+        ])
+
+    def block_forward(b: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return _first(b(x, **kwargs))
+
+    tuned_forward = block_forward
+    if compile_forward:
+        tuned_forward = torch.compile(block_forward, dynamic=False)
+
     bar = tqdm(blocks, desc="SignRound blocks")
     for block_name, block in bar:
         layers = {
             full[len(block_name) + 1 :]: s for full, s in schemes.items() if full.startswith(block_name + ".")
         }
-        fp_out = _run(block, fp_in, kwargs, bs)
+        fp_out = run(block, fp_in)
         if not layers:
-            q_in = _run(block, q_in, kwargs, bs) if enable_quanted_input else fp_out
+            q_in = run(block, q_in) if enable_quanted_input else fp_out
             fp_in = fp_out
             continue
-        inputs = q_in if enable_quanted_input else fp_in
-        tuned = tune_block(
-            block, layers, inputs, fp_out, options,
-            forward=lambda b, x: _first(b(x, **kwargs)),
-            progress=lambda it, loss, best: bar.set_postfix(loss=f"{loss:.3g}", best=f"{best:.3g}", refresh=False),
-        )
-        logger.info(
-            "%s: loss %.6g (RTN) -> %.6g (tuned, best of %d iterations)",
-            block_name, tuned.loss_before, tuned.loss_best, options.iters,
-        )
-        for rel, qw in tuned.weights.items():
+        if resume is not None and resume.has(block_name):
+            weights, (loss_before, loss_best) = resume.load_block(block_name)
+            logger.info("%s: loaded from the resume state (loss %.6g -> %.6g)", block_name, loss_before, loss_best)
+        else:
+            inputs = q_in if enable_quanted_input else fp_in
+            tuned = tune_block(
+                block, layers, inputs, fp_out, options,
+                forward=tuned_forward,
+                progress=lambda it, loss, best: bar.set_postfix(loss=f"{loss:.3g}", best=f"{best:.3g}", refresh=False),
+                loss_mask=loss_mask,
+            )
+            weights, loss_before, loss_best = tuned.weights, tuned.loss_before, tuned.loss_best
+            logger.info(
+                "%s: loss %.6g (RTN) -> %.6g (tuned, best of %d iterations)",
+                block_name, loss_before, loss_best, options.iters,
+            )
+            if resume is not None:
+                resume.save_block(block_name, weights, (loss_before, loss_best))
+        for rel, qw in weights.items():
             module = block.get_submodule(rel)
             with torch.no_grad():
                 module.weight.copy_(qw.dequantize().to(module.weight.dtype))
             full = f"{block_name}.{rel}"
             bias = module.bias.detach().clone() if module.bias is not None else None
             result[full] = QuantizedLayer(full, layers[rel], qw, bias, module.in_features, module.out_features)
-        q_in = _run(block, q_in, kwargs, bs) if enable_quanted_input else fp_out
+        q_in = run(block, q_in) if enable_quanted_input else fp_out
         fp_in = fp_out
-    logger.info("SignRound tuned %d layers in %d blocks in %.1fs", len(result), len(blocks), time.time() - start)
+    if lm_head is not None and lm_head[0] in schemes:
+        result[lm_head[0]] = _tune_lm_head(lm_head, schemes[lm_head[0]], fp_in, q_in, options, loss_mask, bs, device)
+    logger.info(
+        "SignRound tuned %d layers in %d blocks in %.1fs; peak RSS %.2f GiB%s",
+        len(result), len(blocks), time.time() - start, _peak_rss_gib(),
+        f", peak accelerator memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+        if torch.cuda.is_available() and torch.cuda.max_memory_allocated() else "",
+    )
     return result
+
+
+def _tune_lm_head(
+    lm_head: tuple[str, nn.Module, nn.Module],
+    scheme: QuantScheme,
+    fp_hidden: torch.Tensor,
+    q_hidden: torch.Tensor,
+    options: SignRoundOptions,
+    loss_mask: torch.Tensor | None,
+    bs: int,
+    device: torch.device,
+) -> QuantizedLayer:
+    """Tune the output projection on the final-norm outputs; float targets are computed per batch (logits of
+    every calibration token would not fit in memory)."""
+    name, norm, head = lm_head
+    with torch.no_grad():
+        fp_x = torch.cat([norm(fp_hidden[i : i + bs].to(device)).to(fp_hidden.device) for i in range(0, len(fp_hidden), bs)])
+        q_x = torch.cat([norm(q_hidden[i : i + bs].to(device)).to(q_hidden.device) for i in range(0, len(q_hidden), bs)])
+    weight, bias = head.weight.detach(), head.bias.detach() if head.bias is not None else None
+
+    @torch.no_grad()
+    def targets(idx: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(fp_x[idx].to(device), weight, bias)
+
+    holder = nn.ModuleDict({"head": head})
+    tuned = tune_block(
+        holder, {"head": scheme}, q_x, targets, options,
+        forward=lambda b, x: b["head"](x), loss_mask=loss_mask,
+    )
+    logger.info("%s: loss %.6g (RTN) -> %.6g (tuned)", name, tuned.loss_before, tuned.loss_best)
+    qw = tuned.weights["head"]
+    with torch.no_grad():
+        head.weight.copy_(qw.dequantize().to(head.weight.dtype))
+    b = head.bias.detach().clone() if head.bias is not None else None
+    return QuantizedLayer(name, scheme, qw, b, head.in_features, head.out_features)

@@ -220,3 +220,22 @@ def calibration_batch(
     if len(samples) < nsamples:
         logger.warning("only %d calibration samples of %d tokens are available (asked for %d)", len(samples), seqlen, nsamples)
     return torch.tensor(samples[:nsamples], dtype=torch.long)
+
+
+def loss_mask(calib: torch.Tensor, pad_token_id: int | None = None) -> torch.Tensor:
+    """``[n, seqlen]`` bool: the positions whose block outputs count in the tuning loss.
+
+    As the reference tool does: the last position of every sample (it predicts nothing inside the sample) and
+    padding are excluded; padding is the tokenizer's pad token, or, without one, a run of the same token that
+    ends the sample (its first occurrence counts)."""
+    mask = torch.ones_like(calib, dtype=torch.bool)
+    if pad_token_id is not None:
+        mask &= calib != pad_token_id
+    else:
+        for row, ids in zip(mask, calib):
+            last, j = ids[-1], len(ids) - 2
+            while j >= 0 and ids[j] == last:
+                row[j + 1] = False
+                j -= 1
+    mask[:, -1] = False
+    return mask

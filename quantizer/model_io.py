@@ -153,3 +153,26 @@ def quantizable_linears(model: nn.Module, block_names: list[str]) -> dict[str, n
             if isinstance(module, nn.Linear):
                 out[f"{block}.{name}"] = module
     return out
+
+
+_FINAL_NORMS = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "final_norm")
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The module between the last decoder block and the output projection (the final norm; identity if none).
+
+    Used to feed the lm_head its real inputs when it is tuned after the blocks."""
+    body = decoder_body(model)
+    for root in (body, getattr(body, "decoder", None)):
+        if root is None:
+            continue
+        for name in _FINAL_NORMS:
+            mod = getattr(root, name, None)
+            if isinstance(mod, nn.Module):
+                if getattr(root, "project_out", None) is not None:
+                    return nn.Sequential(mod, root.project_out)
+                return mod
+    raise ModelLoadError(
+        f"quant_lm_head: cannot find the final norm of {type(model).__name__} (looked for "
+        f"{', '.join(_FINAL_NORMS)} on {type(body).__name__}); keep quant_lm_head off for this model"
+    )

@@ -28,20 +28,53 @@ class SignRoundOptions:
     lr: float | None = None  # default 1 / iters
     minmax_lr: float | None = None  # default lr
     batch_size: int = 8
+    gradient_accumulate_steps: int = 1  # batches whose gradients are summed before one step
     enable_minmax_tuning: bool = True
     not_use_best_mse: bool = False
+    dynamic_max_gap: int = -1  # stop a block after this many iterations without a new best loss; <= 0 = never
     enable_adam: bool = False
     seed: int = 42
 
     def __post_init__(self) -> None:
-        if self.iters <= 0:
-            raise ValueError(f"iters must be positive for SignRound, got {self.iters}")
+        if not isinstance(self.iters, int) or self.iters <= 0:
+            raise ValueError(f"iters must be a positive integer for SignRound, got {self.iters!r}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if not isinstance(self.gradient_accumulate_steps, int) or self.gradient_accumulate_steps <= 0:
+            raise ValueError(f"gradient_accumulate_steps must be a positive integer, got {self.gradient_accumulate_steps!r}")
+        for name in ("lr", "minmax_lr"):
+            val = getattr(self, name)
+            if val is not None and not val > 0:
+                raise ValueError(f"{name} must be positive, got {val!r}")
 
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else 1.0 / self.iters
+
+
+class IndexSampler:
+    """Cyclic shuffled batches: each pass over the samples is a fresh permutation cut into ``size`` indices
+    (an incomplete tail is dropped), so every sample is seen once per pass."""
+
+    def __init__(self, n: int, size: int, generator: torch.Generator) -> None:
+        self.n, self.size, self.gen = n, min(size, n), generator
+        self._perm: list[int] = []
+
+    def next(self) -> torch.Tensor:
+        if len(self._perm) < self.size:
+            self._perm = torch.randperm(self.n, generator=self.gen).tolist()
+        out, self._perm = self._perm[: self.size], self._perm[self.size :]
+        return torch.tensor(out, dtype=torch.long)
+
+
+def masked_mse(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error over the positions where ``mask`` ([batch, seq] bool) is true (all when None)."""
+    if mask is None:
+        return torch.nn.functional.mse_loss(out.float(), target.float())
+    diff = (out.float() - target.float()).pow(2)
+    m = mask.to(diff.dtype).reshape(*mask.shape, *([1] * (diff.dim() - mask.dim())))
+    denom = m.sum() * (diff[0, 0].numel() if diff.dim() > 2 else 1)
+    return (diff * m).sum() / denom.clamp_min(1)
 
 
 class _TunedLinear(nn.Module):
@@ -118,14 +151,18 @@ def tune_block(
     block: nn.Module,
     layers: Mapping[str, QuantScheme],
     inputs: torch.Tensor,
-    targets: torch.Tensor,
+    targets: "torch.Tensor | Callable[[torch.Tensor], torch.Tensor]",
     options: SignRoundOptions,
     forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
     progress: Callable[[int, float, float], Any] | None = None,
+    loss_mask: torch.Tensor | None = None,
 ) -> TuneResult:
     """Tune ``layers`` (names relative to ``block``) so that ``forward(block, inputs[i])`` matches ``targets[i]``.
 
-    ``inputs``/``targets``: ``[n_samples, ...]``; batches of ``options.batch_size`` samples are drawn at random.
+    ``inputs``/``targets``: ``[n_samples, ...]``; ``targets`` may instead be a function of a batch's sample
+    indices (for layers whose outputs are too large to keep, e.g. an lm_head).  Batches of
+    ``options.batch_size`` samples come from a cyclic shuffled sampler; with ``gradient_accumulate_steps`` > 1
+    that many batches make one step.  ``loss_mask`` (``[n_samples, seq]`` bool) excludes positions from the loss.
     ``forward`` defaults to ``block(x)``; pass one that adds the block's keyword arguments (masks, positions).
     The block's weights are left unchanged; the result holds the quantized weights.
     """
@@ -134,13 +171,13 @@ def tune_block(
     for name, wrapper in wrappers.items():
         _swap(block, name, wrapper)
     try:
-        return _tune(block, wrappers, inputs, targets, options, forward, progress)
+        return _tune(block, wrappers, inputs, targets, options, forward, progress, loss_mask)
     finally:
         for name, wrapper in wrappers.items():
             _swap(block, name, wrapper.linear)
 
 
-def _tune(block, wrappers, inputs, targets, options, forward, progress) -> TuneResult:
+def _tune(block, wrappers, inputs, targets, options, forward, progress, loss_mask) -> TuneResult:
     gen = torch.Generator().manual_seed(options.seed)
     frozen = [p for p in block.parameters() if p.requires_grad]
     for p in frozen:
@@ -156,19 +193,30 @@ def _tune(block, wrappers, inputs, targets, options, forward, progress) -> TuneR
         adam = torch.optim.AdamW([{"params": rounding, "lr": lr}, {"params": minmax, "lr": mm_lr}], weight_decay=0)
     n = inputs.shape[0]
     bs = min(options.batch_size, n)
-    best_loss, best_state, first_loss = math.inf, None, None
+    steps = options.gradient_accumulate_steps
+    sampler = IndexSampler(n, bs * steps, gen)
+    target_of = targets if callable(targets) else (lambda idx: targets[idx])
+    device = next(iter(wrappers.values())).v.device
+    best_loss, best_state, first_loss, best_iter = math.inf, None, None, 0
     try:
         for it in range(options.iters):
-            idx = torch.randperm(n, generator=gen)[:bs]
-            out = forward(block, inputs[idx])
-            loss = torch.nn.functional.mse_loss(out.float(), targets[idx].float())
-            value = loss.item()
+            indices = sampler.next()
+            value = 0.0
+            parts = [indices[i : i + bs] for i in range(0, len(indices), bs)]
+            for idx in parts:
+                out = forward(block, inputs[idx].to(device))
+                mask = loss_mask[idx].to(device) if loss_mask is not None else None
+                loss = masked_mse(out, target_of(idx).to(device), mask) / len(parts)
+                loss.backward()
+                value += loss.item()
             if first_loss is None:
                 first_loss = value
-            if value < best_loss or options.not_use_best_mse:
-                best_loss = value
-                best_state = {k: w.state() for k, w in wrappers.items()}
-            loss.backward()
+            if value < best_loss:
+                best_loss, best_iter = value, it
+                if not options.not_use_best_mse:
+                    best_state = {k: w.state() for k, w in wrappers.items()}
+            elif 0 < options.dynamic_max_gap <= it - best_iter and not options.not_use_best_mse:
+                break
             decay = 1.0 - it / options.iters  # linear decay to 0
             with torch.no_grad():
                 if adam is not None:
@@ -192,5 +240,6 @@ def _tune(block, wrappers, inputs, targets, options, forward, progress) -> TuneR
     finally:
         for p in rounding + minmax:
             p.requires_grad_(False)
+            p.grad = None
         for p in frozen:
             p.requires_grad_(True)

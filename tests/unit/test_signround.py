@@ -69,7 +69,7 @@ def test_decoder_layer_with_keyword_arguments():
 
 
 def test_options_validate():
-    with pytest.raises(ValueError, match="iters must be positive"):
+    with pytest.raises(ValueError, match="iters must be a positive integer"):
         SignRoundOptions(iters=0)
     assert SignRoundOptions(iters=50).learning_rate == 0.02
 

@@ -1,0 +1,149 @@
+"""Resume state of an interrupted SignRound run: the tuned weights of every finished block.
+
+The state lives in a hidden sibling of the output folder (``<parent>/.<name>.autoround-resume``), never in
+the output folder itself, so an interrupted run cannot damage a checkpoint already there.  Each finished block
+is one safetensors file written to a temporary name and renamed; ``state.json`` (also renamed into place)
+lists the finished blocks and a fingerprint of everything that determines the result (model, schemes,
+calibration tokens, tuning options).  Resuming with different settings is refused with the differences named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import AutoRoundError
+from .qmath import QuantizedWeight
+
+STATE_FILE = "state.json"
+_VERSION = 1
+
+
+def resume_dir_for(output_dir: str | os.PathLike) -> Path:
+    out = Path(output_dir).expanduser().resolve()
+    return out.parent / f".{out.name}.autoround-resume"
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """A cheap fingerprint of a model's float weights: names, shapes and a strided sample of every tensor."""
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes()
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(sample)
+    return h.hexdigest()[:16]
+
+
+class ResumeStore:
+    """Finished blocks of one run, keyed by block name."""
+
+    def __init__(self, path: str | os.PathLike, fingerprint: Mapping[str, Any]) -> None:
+        self.path = Path(path)
+        self.fingerprint = {k: _jsonable(v) for k, v in fingerprint.items()}
+        self.finished: list[str] = []
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike, fingerprint: Mapping[str, Any], resume: bool, log: Any) -> "ResumeStore":
+        """With ``resume``, load a matching state (refusing a mismatched one); without, start afresh."""
+        store = cls(path, fingerprint)
+        state_file = store.path / STATE_FILE
+        if state_file.exists() and resume:
+            try:
+                state = json.loads(state_file.read_text())
+            except (OSError, ValueError) as exc:
+                raise AutoRoundError(
+                    f"cannot read the resume state {state_file} ({exc}); delete {store.path} to start over"
+                ) from None
+            if state.get("version") != _VERSION:
+                raise AutoRoundError(f"resume state {store.path} has another version; delete it to start over")
+            diff = {
+                k: (state["fingerprint"].get(k), v)
+                for k, v in store.fingerprint.items()
+                if state["fingerprint"].get(k) != v
+            }
+            if diff:
+                lines = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
+                raise AutoRoundError(
+                    f"cannot resume from {store.path}: it was made with other settings ({lines}). Run with the "
+                    "same settings, or without --resume to start over"
+                )
+            store.finished = [b for b in state["finished"] if (store.path / _block_file(b)).exists()]
+            log.info("resuming: %d block(s) already tuned in %s", len(store.finished), store.path)
+            return store
+        if resume:
+            log.warning("--resume: no saved state at %s; starting from the first block", store.path)
+        elif state_file.exists():
+            log.warning("discarding the state of an earlier interrupted run at %s (pass --resume to continue it)", store.path)
+        if store.path.exists():
+            shutil.rmtree(store.path)
+        store.path.mkdir(parents=True)
+        store._write_state()
+        return store
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    # -- blocks -------------------------------------------------------------------------------------
+    def has(self, block_name: str) -> bool:
+        return block_name in self.finished
+
+    def save_block(self, block_name: str, weights: Mapping[str, QuantizedWeight], losses: tuple[float, float]) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        for rel, qw in weights.items():
+            tensors[f"{rel}.qweight"] = qw.qweight.contiguous()
+            tensors[f"{rel}.scale"] = qw.scale.contiguous()
+            tensors[f"{rel}.zero"] = qw.zero.contiguous()
+        meta = {f"{rel}.meta": json.dumps([qw.bits, qw.group_size, qw.sym]) for rel, qw in weights.items()}
+        meta["losses"] = json.dumps(list(losses))
+        target = self.path / _block_file(block_name)
+        tmp = target.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, target)
+        self.finished.append(block_name)
+        self._write_state()
+
+    def load_block(self, block_name: str) -> tuple[dict[str, QuantizedWeight], tuple[float, float]]:
+        from safetensors import safe_open
+
+        file = self.path / _block_file(block_name)
+        tensors = load_file(str(file))
+        with safe_open(str(file), "pt") as f:
+            meta = f.metadata()
+        out = {}
+        for key, val in meta.items():
+            if not key.endswith(".meta"):
+                continue
+            rel = key[: -len(".meta")]
+            bits, group_size, sym = json.loads(val)
+            out[rel] = QuantizedWeight(
+                tensors[f"{rel}.qweight"], tensors[f"{rel}.scale"], tensors[f"{rel}.zero"], bits, group_size, sym
+            )
+        a, b = json.loads(meta["losses"])
+        return out, (a, b)
+
+    def _write_state(self) -> None:
+        state = {"version": _VERSION, "fingerprint": self.fingerprint, "finished": self.finished}
+        tmp = self.path / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+        os.replace(tmp, self.path / STATE_FILE)
+
+
+def _block_file(block_name: str) -> str:
+    return f"block-{block_name}.safetensors"
+
+
+def _jsonable(v: Any) -> Any:
+    return json.loads(json.dumps(v, sort_keys=True, default=str))
