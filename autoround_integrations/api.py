@@ -16,7 +16,13 @@ from autoround.quantizer.data import DEFAULT_DATASET, calibration_batch
 from autoround.quantizer.errors import AutoRoundError
 from autoround.quantizer.formats import parse_formats
 from autoround.quantizer.formats.writer import check_output_dir
-from autoround.quantizer.model_io import find_block_names, load_model, quantizable_linears
+from autoround.quantizer.model_io import (
+    conv1d_to_linear,
+    find_block_names,
+    linear_to_conv1d,
+    load_model,
+    quantizable_linears,
+)
 from autoround.quantizer.schemes import QuantScheme, resolve_scheme
 
 from . import envs
@@ -96,6 +102,8 @@ class AutoRound:
         self.block_names = (
             [b for b in blocks.split(",") if b] if isinstance(blocks, str) else list(blocks)
         ) if blocks else find_block_names(self.model)
+        # GPT-2-style Conv1D layers become nn.Linear while quantizing, and are restored afterwards
+        self.conv1d_names = conv1d_to_linear(self.model, self.block_names)
         self.linears = quantizable_linears(self.model, self.block_names)
         self.lm_head_name: str | None = None
         if self.options["quant_lm_head"]:
@@ -139,7 +147,7 @@ class AutoRound:
         start = time.time()
         if self.iters > 0:
             self._signround()
-            self.quantized = True
+            self._finish()
             return self.model, self._layer_config()
         if self.resume:
             logger.info("--resume has nothing to resume with iters 0 (round-to-nearest runs in one pass)")
@@ -153,7 +161,7 @@ class AutoRound:
         self.layers = compressor.quantize_layers(
             self.linears, self.plan, importance, envs.AR_SEARCH_SCALE_RATIO
         )
-        self.quantized = True
+        self._finish()
         logger.info(
             "%s done in %.1fs: %d layers quantized (%s), %d kept in float",
             "RTN" if self.disable_opt_rtn else "optimized RTN",
@@ -163,6 +171,11 @@ class AutoRound:
             len(self.plan.keep_float),
         )
         return self.model, self._layer_config()
+
+    def _finish(self) -> None:
+        linear_to_conv1d(self.model, self.conv1d_names)
+        self.conv1d_names = []
+        self.quantized = True
 
     def _layer_config(self) -> dict[str, Any]:
         layer_config: dict[str, Any] = {n: layer.scheme.to_dict() for n, layer in self.layers.items()}

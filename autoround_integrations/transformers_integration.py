@@ -22,6 +22,7 @@ from transformers.utils.quantization_config import QuantizationMethod
 
 from autoround.backends import LayerSpec, select_kernel
 from autoround.quantizer.errors import AutoRoundError, ModelLoadError, SchemeError
+from autoround.quantizer.model_io import linear_dims
 
 from .checkpoint_config import CheckpointQuantConfig
 from .log import logger
@@ -158,8 +159,10 @@ class AutoRoundQuantizer(HfQuantizer):
         replaced = 0
         missing: list[str] = []
         for name, module in list(model.named_modules()):
-            if type(module) is not nn.Linear:
+            dims = linear_dims(module)  # nn.Linear, or GPT-2's Conv1D
+            if dims is None:
                 continue
+            in_features, out_features = dims
             scheme = ckpt.scheme_for(name)
             if scheme.is_float:
                 continue
@@ -174,15 +177,15 @@ class AutoRoundQuantizer(HfQuantizer):
                 group_size=scheme.group_size,
                 sym=scheme.sym,
                 packing_format=ckpt.packing_format,
-                in_features=module.in_features,
-                out_features=module.out_features,
+                in_features=in_features,
+                out_features=out_features,
                 act_dtype=dtype,
             )
             kernel = select_kernel(spec, backend)
             with torch.device("meta"):
                 qlinear = kernel.factory(
-                    module.in_features,
-                    module.out_features,
+                    in_features,
+                    out_features,
                     scheme.bits,
                     scheme.group_size,
                     scheme.sym,
@@ -193,6 +196,10 @@ class AutoRoundQuantizer(HfQuantizer):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, qlinear)
+            if not any(True for _ in parent.parameters(recurse=False)):
+                # some _init_weights (GPT-2's) reach into children's .weight, which quantized layers do not have;
+                # a parent without parameters of its own has nothing else to initialize
+                parent._is_hf_initialized = True
             self.used_kernels[kernel.name] += 1
             replaced += 1
         if missing:

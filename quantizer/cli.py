@@ -68,6 +68,20 @@ def build_parser(prog: str = "auto-round", recipe: str = "default") -> argparse.
     g.add_argument("--seed", type=int, default=42, help="random seed (default %(default)s)")
     g.add_argument("--low_gpu_mem_usage", action="store_true", help="keep cached activations off the accelerator")
     g.add_argument("--enable_torch_compile", action="store_true", help="torch.compile the tuning step")
+    g.add_argument("--gradient_accumulate_steps", type=int, default=1,
+                   help="batches whose gradients make one step (default %(default)s)")
+    g.add_argument("--dynamic_max_gap", type=int, default=-1,
+                   help="stop tuning a block after this many iterations without a better loss (default off)")
+    g.add_argument("--enable_adam", action="store_true", help="AdamW instead of signed gradient descent")
+    g.add_argument("--disable_minmax_tuning", action="store_true", help="do not tune the per-group min/max scales")
+    g.add_argument("--disable_quanted_input", action="store_true",
+                   help="tune each block on float inputs instead of the quantized model's inputs")
+    g.add_argument("--not_use_best_mse", action="store_true", help="keep the last iteration, not the best one")
+    g.add_argument("--enable_deterministic_algorithms", action="store_true",
+                   help="torch.use_deterministic_algorithms(True) (slower on some accelerators)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted SignRound run from its last finished block (same command and "
+                        "settings; the result equals an uninterrupted run)")
     g = p.add_argument_group("calibration data")
     g.add_argument("--dataset", default="NeelNanda/pile-10k",
                    help="name[:split=..][:num=N][:concat=True], comma-separated; a hub id or a local "
@@ -157,6 +171,13 @@ def run(args: argparse.Namespace) -> int:
         enable_torch_compile=args.enable_torch_compile,
         ignore_layers=args.ignore_layers,
         quant_lm_head=args.quant_lm_head,
+        gradient_accumulate_steps=args.gradient_accumulate_steps,
+        dynamic_max_gap=args.dynamic_max_gap,
+        enable_adam=args.enable_adam,
+        enable_minmax_tuning=not args.disable_minmax_tuning,
+        enable_quanted_input=not args.disable_quanted_input,
+        not_use_best_mse=args.not_use_best_mse,
+        enable_deterministic_algorithms=args.enable_deterministic_algorithms,
     )
     fp_ppl = None
     if eval_text is not None:
@@ -165,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         fp_ppl = text_perplexity(ar.model, ar.tokenizer, eval_text, args.eval_seqlen, args.eval_windows)
         print(f"float perplexity: {fp_ppl:.4f}", flush=True)
     start = time.time()
-    _, folders = ar.quantize_and_save(args.output_dir, format=args.format)
+    _, folders = ar.quantize_and_save(args.output_dir, format=args.format, resume=args.resume)
     print(f"quantized in {time.time() - start:.1f}s; saved: {', '.join(folders)}", flush=True)
     if eval_text is not None:
         import torch
@@ -194,7 +215,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "auto-round", recipe: st
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted; run the same command with --resume to continue from the last finished block",
+              file=sys.stderr)
         return 130
 
 

@@ -122,7 +122,7 @@ def find_block_names(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             classes = {type(m) for m in module}
-            has_linear = any(isinstance(x, nn.Linear) for x in module[0].modules())
+            has_linear = any(linear_dims(x) is not None for x in module[0].modules())
             if len(classes) == 1 and has_linear:
                 best.append((len(module), name))
     if not best:
@@ -176,3 +176,67 @@ def final_norm(model: nn.Module) -> nn.Module:
         f"quant_lm_head: cannot find the final norm of {type(model).__name__} (looked for "
         f"{', '.join(_FINAL_NORMS)} on {type(body).__name__}); keep quant_lm_head off for this model"
     )
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return None
+    return Conv1D
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a linear layer: ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2 family,
+    weight stored transposed as [in, out]); None for anything else."""
+    if type(module) is nn.Linear:
+        return module.in_features, module.out_features
+    conv = _conv1d_type()
+    if conv is not None and type(module) is conv:
+        return module.weight.shape[0], module.nf
+    return None
+
+
+def conv1d_to_linear(model: nn.Module, block_names: list[str]) -> list[str]:
+    """Replace every ``Conv1D`` inside the blocks by an equivalent ``nn.Linear`` (weight transposed), so the
+    quantizer sees one kind of layer; returns the replaced names (for :func:`linear_to_conv1d`)."""
+    conv = _conv1d_type()
+    if conv is None:
+        return []
+    names = []
+    for block in block_names:
+        for name, module in list(model.get_submodule(block).named_modules()):
+            if type(module) is not conv:
+                continue
+            full = f"{block}.{name}"
+            in_f, out_f = module.weight.shape
+            lin = nn.Linear(in_f, out_f, bias=module.bias is not None, device=module.weight.device,
+                            dtype=module.weight.dtype)
+            with torch.no_grad():
+                lin.weight.copy_(module.weight.t())
+                if module.bias is not None:
+                    lin.bias.copy_(module.bias)
+            _set_module(model, full, lin)
+            names.append(full)
+    return names
+
+
+def linear_to_conv1d(model: nn.Module, names: list[str]) -> None:
+    """Undo :func:`conv1d_to_linear` (keeping the current, possibly fake-quantized, weights)."""
+    conv = _conv1d_type()
+    for full in names:
+        lin = model.get_submodule(full)
+        c = conv(lin.out_features, lin.in_features)
+        c.to(device=lin.weight.device, dtype=lin.weight.dtype)
+        with torch.no_grad():
+            c.weight.copy_(lin.weight.t())
+            if lin.bias is not None:
+                c.bias.copy_(lin.bias)
+            else:
+                c.bias = None
+        _set_module(model, full, c)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
