@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .errors import DatasetError
+from .errors import AutoRoundError, DatasetError
 from ..log import logger
 
 DEFAULT_DATASET = "NeelNanda/pile-10k"
@@ -30,12 +30,51 @@ class DatasetSpec:
     num: int | None = None
     concat: bool = False
     text_key: str = "text"
+    apply_chat_template: bool = False
+    system_prompt: str | None = None
+
+
+def _split_outside_quotes(text: str, sep: str) -> list[str]:
+    parts, cur, quote = [], [], None
+    for ch in text:
+        if quote:
+            cur.append(ch)
+            if ch == quote:
+                quote = None
+        elif ch in "\"'":
+            quote = ch
+            cur.append(ch)
+        elif ch == sep:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if quote:
+        raise DatasetError(f"unbalanced quote in dataset spec {text!r}")
+    parts.append("".join(cur))
+    return parts
+
+
+def _unquote(val: str) -> str:
+    val = val.strip()
+    if len(val) >= 2 and val[0] == val[-1] and val[0] in "\"'":
+        return val[1:-1]
+    return val
+
+
+def _bool(val: str, key: str, part: str) -> bool:
+    if val.strip().lower() not in ("", "true", "false"):
+        raise DatasetError(f"{key} must be True or False in {part!r}")
+    return val.strip().lower() in ("", "true")
 
 
 def parse_dataset_spec(spec: str) -> list[DatasetSpec]:
+    """``name[:split=a+b][:num=N][:concat=True][:apply_chat_template][:system_prompt="..."]``, comma-separated.
+
+    Values may be quoted (``system_prompt="You are: helpful, brief."``) to hold ``:`` or ``,``."""
     out = []
-    for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        name, *opts = part.split(":")
+    for part in [p.strip() for p in _split_outside_quotes(spec, ",") if p.strip()]:
+        name, *opts = _split_outside_quotes(part, ":")
         kw: dict[str, Any] = {}
         for opt in opts:
             key, eq, val = opt.partition("=")
@@ -46,19 +85,17 @@ def parse_dataset_spec(spec: str) -> list[DatasetSpec]:
                 if not val.strip().isdigit() or int(val) <= 0:
                     raise DatasetError(f"num must be a positive integer in {part!r}")
                 kw["num"] = int(val)
-            elif key == "concat":
-                if val.strip().lower() not in ("", "true", "false"):
-                    raise DatasetError(f"concat must be True or False in {part!r}")
-                kw["concat"] = val.strip().lower() in ("", "true")
-            elif key in ("split", "text_key"):
-                if not val:
+            elif key in ("concat", "apply_chat_template"):
+                kw[key] = _bool(val, key, part)
+            elif key in ("split", "text_key", "system_prompt"):
+                if not _unquote(val):
                     raise DatasetError(f"{key} needs a value in {part!r}, e.g. {key}=train")
-                kw[key] = val
-            elif key in ("apply_chat_template", "system_prompt"):
-                logger.warning("dataset option %r is not supported yet and is ignored", key)
-        if not name:
+                kw[key] = _unquote(val)
+        if not name.strip():
             raise DatasetError(f"empty dataset name in {spec!r}")
-        out.append(DatasetSpec(name=name, **kw))
+        if kw.get("system_prompt") is not None and not kw.get("apply_chat_template"):
+            kw["apply_chat_template"] = True  # a system prompt only exists inside a chat template
+        out.append(DatasetSpec(name=name.strip(), **kw))
     if not out:
         raise DatasetError(f"empty dataset spec {spec!r}; e.g. 'NeelNanda/pile-10k' or './calib.txt'")
     return out
@@ -155,10 +192,67 @@ def texts_for(spec: DatasetSpec) -> tuple[list[str], bool]:
         return packaged_texts(), True
 
 
-def _tokenize(texts: Iterable[str], tokenizer: Any) -> list[list[int]]:
+def _tokenize(texts: Iterable[str], tokenizer: Any, chat: bool = False, system_prompt: str | None = None) -> list[list[int]]:
     if tokenizer is None:
         raise DatasetError("text calibration data needs a tokenizer: pass tokenizer=... or token-id samples")
-    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    if not chat:
+        return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    if not getattr(tokenizer, "chat_template", None):
+        raise DatasetError(
+            "apply_chat_template: this tokenizer has no chat template; drop the option or use an instruct model's "
+            "tokenizer"
+        )
+    out = []
+    for t in texts:
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": t}
+        ]
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=False)
+        out.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
+    return out
+
+
+def _spec_samples(spec: DatasetSpec, tokenizer: Any, seqlen: int) -> list[list[int]]:
+    """Read, tokenize and cut one dataset of a spec string into ``seqlen``-token samples."""
+    texts, packaged = texts_for(spec)
+    concat = spec.concat or packaged
+    eos = getattr(tokenizer, "eos_token_id", None)
+    got = _samples_from_ids(_tokenize(texts, tokenizer, spec.apply_chat_template, spec.system_prompt), seqlen, concat, eos)
+    if not got:
+        logger.warning("dataset %s: no sample has %d tokens%s", spec.name, seqlen,
+                       "" if concat else " (add ':concat=True' to join short texts)")
+    return got[: spec.num] if spec.num is not None else got
+
+
+def _specs_samples(specs: list[DatasetSpec], tokenizer: Any, seqlen: int) -> list[list[int]]:
+    return [s for spec in specs for s in _spec_samples(spec, tokenizer, seqlen)]
+
+
+def _tokenize_specs(specs: list[DatasetSpec], tokenizer: Any, seqlen: int) -> list[list[int]]:
+    """Dataset loading and tokenization run in a child process by default, so the datasets library's memory and
+    any tokenizer threads stay out of the process that then holds the model (``AR_DISABLE_DATASET_SUBPROCESS=1``
+    keeps them here)."""
+    from .. import envs
+
+    if envs.AR_DISABLE_DATASET_SUBPROCESS or tokenizer is None:
+        return _specs_samples(specs, tokenizer, seqlen)
+    import concurrent.futures
+    import multiprocessing
+    import pickle
+
+    try:
+        pickle.dumps(tokenizer)
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            return pool.submit(_specs_samples, specs, tokenizer, seqlen).result()
+    except (AutoRoundError, KeyboardInterrupt):
+        raise  # a real problem with the data (or the user stopping us): same error as in-process
+    except Exception as exc:  # noqa: BLE001 - the child could not be started or the tokenizer not shipped
+        logger.warning(
+            "tokenizing the calibration data in this process instead of a child process (%s: %s); set "
+            "AR_DISABLE_DATASET_SUBPROCESS=1 to choose this and silence the warning", type(exc).__name__, exc,
+        )
+        return _specs_samples(specs, tokenizer, seqlen)
 
 
 def _samples_from_ids(
@@ -185,13 +279,7 @@ def calibration_batch(
     eos = getattr(tokenizer, "eos_token_id", None)
     samples: list[list[int]] = []
     if isinstance(dataset, str):
-        for spec in parse_dataset_spec(dataset):
-            texts, packaged = texts_for(spec)
-            concat = spec.concat or packaged
-            got = _samples_from_ids(_tokenize(texts, tokenizer), seqlen, concat, eos)
-            if spec.num is not None:
-                got = got[: spec.num]
-            samples.extend(got)
+        samples = _tokenize_specs(parse_dataset_spec(dataset), tokenizer, seqlen)
     elif isinstance(dataset, torch.utils.data.DataLoader):
         for batch in dataset:
             ids = batch["input_ids"] if isinstance(batch, dict) else batch

@@ -13,6 +13,8 @@ from arhelpers import tiny_llama
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# a child process per calibration_batch() call costs seconds of imports; the one test of that path turns it on
+os.environ.setdefault("AR_DISABLE_DATASET_SUBPROCESS", "1")
 
 
 @pytest.fixture

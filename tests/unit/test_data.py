@@ -72,7 +72,7 @@ def test_token_inputs_and_determinism():
     assert calibration_batch(loader, None, 20, 32).shape == (10, 32)
 
 
-def test_offline_default_falls_back_to_packaged_corpus(caplog):
+def test_offline_default_falls_back_to_packaged_corpus(caplog, in_process):
     # tests run with HF_DATASETS_OFFLINE=1: the hub dataset cannot load, the packaged corpus is used
     tok = CharTokenizer()
     batch = calibration_batch(DEFAULT_DATASET, tok, nsamples=4, seqlen=256)
@@ -84,3 +84,42 @@ def test_offline_default_falls_back_to_packaged_corpus(caplog):
 def test_other_hub_dataset_offline_names_local_alternative():
     with pytest.raises(DatasetError, match="pass a local file instead"):
         calibration_batch("someone/some-dataset", CharTokenizer(), 4, 16)
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    monkeypatch.setenv("AR_DISABLE_DATASET_SUBPROCESS", "1")
+
+
+def test_spec_quotes_chat_template_and_system_prompt():
+    (spec,) = parse_dataset_spec('./a.txt:apply_chat_template:system_prompt="You are: brief, exact.":num=4')
+    assert spec.apply_chat_template and spec.system_prompt == "You are: brief, exact." and spec.num == 4
+    a, b = parse_dataset_spec("x:system_prompt='hi, there',y:concat")
+    assert a.apply_chat_template and a.system_prompt == "hi, there" and b.name == "y" and b.concat
+    with pytest.raises(DatasetError, match="unbalanced quote"):
+        parse_dataset_spec('x:system_prompt="oops')
+
+
+def test_chat_template_needs_one(tmp_path, in_process):
+    (tmp_path / "a.txt").write_text("x" * 50)
+    with pytest.raises(DatasetError, match="no chat template"):
+        calibration_batch(str(tmp_path / "a.txt") + ":apply_chat_template", CharTokenizer(), 2, 8)
+
+
+def test_chat_template_and_subprocess_tokenization(tmp_path, smollm2_folder, monkeypatch):
+    """The real SmolLM2 tokenizer: chat-formatted samples carry the system prompt; tokenizing in a child process
+    (the default) gives exactly the in-process result."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_folder))
+    monkeypatch.setenv("AR_DISABLE_DATASET_SUBPROCESS", "0")
+    (tmp_path / "a.txt").write_text("\n\n".join(f"Paragraph {i}: " + "words and more words " * 20 for i in range(6)))
+    spec = str(tmp_path / "a.txt") + ':apply_chat_template:system_prompt="Be brief: always."'
+    child = calibration_batch(spec, tok, 4, 48)
+    monkeypatch.setenv("AR_DISABLE_DATASET_SUBPROCESS", "1")
+    here = calibration_batch(spec, tok, 4, 48)
+    assert torch.equal(child, here)
+    text = tok.decode(here[0])
+    assert "<|im_start|>system" in text and "Be brief: always." in text and "<|im_start|>user" in text
+    plain = calibration_batch(str(tmp_path / "a.txt"), tok, 4, 48)
+    assert not torch.equal(plain, here)
