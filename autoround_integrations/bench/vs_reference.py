@@ -108,7 +108,6 @@ def worker_ours_eval(a: argparse.Namespace) -> None:
 
 def worker_ref(a: argparse.Namespace) -> None:
     """Intel's auto-round: quantize (and save), evaluate in memory for group 128."""
-    os.environ.setdefault("AR_WORK_SPACE", tempfile.mkdtemp(prefix="ar_ws_"))
     torch = _torch()
     import auto_round
     from auto_round import AutoRound
@@ -169,10 +168,11 @@ def worker_ref_eval(a: argparse.Namespace) -> None:
 
 
 def _run(cmd: list[str], log: Path) -> dict:
+    # the workdir is the cwd: the reference writes its scratch space to ./ar_work_space
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True, cwd=log.parent)
         f.write(proc.stdout)
     results = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not results:
