@@ -8,7 +8,8 @@ of gensim's shortened English Wikipedia dump) and the same settings (nsamples 32
 seed 42, symmetric); perplexity is measured on 40 non-overlapping 512-token windows of the last 30%.  Every
 quantization runs in its own subprocess (one after the other, never in parallel) so its wall time and peak RSS
 are its own.  Our checkpoints are always loaded back from disk through transformers; the reference's group-64
-checkpoints too (through its own loader, in float32), while its group-128 rows come from its in-memory
+checkpoints too (by default through our loader in float32: the reference's own loader forces float16 on a CPU,
+which is about 40x slower here; ``--ref-loader reference`` uses it anyway), while its group-128 rows come from its in-memory
 fake-quantized model because it cannot load its own group-128 SmolLM2 checkpoint (576 input features).
 
 The reference's rows are deterministic for a seed, so ``--ref-cache`` keeps them in a JSON file keyed by its
@@ -160,8 +161,7 @@ def worker_ref_eval(a: argparse.Namespace) -> None:
 
     windows = torch.load(Path(a.workdir) / "eval.pt")
     model = AutoModelForCausalLM.from_pretrained(a.out, dtype=torch.float32, device_map="cpu").eval()
-    model = model.float()
-    _emit({"ppl": _perplexity(model, windows), "loaded_from": "disk (reference loader)"})
+    _emit({"ppl": _perplexity(model, windows), "loaded_from": f"disk (reference loader, {model.dtype})"})
 
 
 # -- driver -------------------------------------------------------------------------------------------------
@@ -224,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref-cache", default=None, help="JSON file caching the reference's rows (read and updated)")
     p.add_argument("--workdir", default=None, help="where tokens, checkpoints and logs go (default: a temp dir)")
     p.add_argument("--skip-ours", action="store_true", help="only the reference's rows (to fill the cache)")
+    p.add_argument("--ref-loader", choices=["ours", "reference"], default="ours",
+                   help="who loads the reference's saved checkpoints for perplexity: our loader in float32 "
+                        "(default) or the reference's own, which forces float16 on CPU (about 40x slower here)")
     p.add_argument("--worker", choices=["ours", "ours-eval", "ref", "ref-eval"], help=argparse.SUPPRESS)
     p.add_argument("--scheme", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
@@ -271,8 +274,14 @@ def main(argv: list[str] | None = None) -> int:
                            "--model", model, "--out", str(out), "--workdir", str(workdir)]
                     r = _run(cmd + (["--in-memory-eval"] if in_mem else []), log)
                     if not in_mem:
-                        r.update(_run([a.ref_python, here, "--worker", "ref-eval", "--out", str(out),
-                                       "--workdir", str(workdir)], log))
+                        if a.ref_loader == "reference":
+                            ev = _run([a.ref_python, here, "--worker", "ref-eval", "--out", str(out),
+                                       "--workdir", str(workdir)], log)
+                        else:
+                            ev = _run([sys.executable, here, "--worker", "ours-eval", "--out", str(out),
+                                       "--workdir", str(workdir)], log)
+                            ev["loaded_from"] = "disk (our loader, float32)"
+                        r.update(ev)
                     row["ref"] = {**r, "cached": False}
                     cache[key] = {k: v for k, v in r.items() if k != "cached"}
                     if cache_path:
