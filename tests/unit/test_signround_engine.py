@@ -138,7 +138,7 @@ RUN = textwrap.dedent(
     import sys, torch
     from autoround import AutoRound
     model, calib, out, resume, iters = sys.argv[1:6]
-    ar = AutoRound(model, scheme="W2A16G32", iters=int(iters), dataset=list(torch.load(calib)), nsamples=16,
+    ar = AutoRound(model, scheme="W2A16G32", iters=int(iters), dataset=list(torch.load(calib)), nsamples=8,
                    seqlen=32, batch_size=4)
     ar.quantize_and_save(out, resume=resume == "1")
     """
@@ -156,10 +156,10 @@ def _tensors(folder):
 def test_resume_after_a_kill_gives_the_uninterrupted_checkpoint(tmp_path):
     model_dir, calib = tmp_path / "model", tmp_path / "calib.pt"
     tiny_llama(layers=4).save_pretrained(model_dir)
-    torch.save(torch.stack(_calib()), calib)
+    torch.save(torch.stack(_calib(8)), calib)
     script = tmp_path / "run.py"
     script.write_text(RUN)
-    iters = "80"
+    iters = "40"
 
     def run(out, resume):
         return [sys.executable, str(script), str(model_dir), str(calib), str(out), resume, iters]
