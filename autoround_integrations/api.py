@@ -97,6 +97,9 @@ class AutoRound:
             [b for b in blocks.split(",") if b] if isinstance(blocks, str) else list(blocks)
         ) if blocks else find_block_names(self.model)
         self.linears = quantizable_linears(self.model, self.block_names)
+        self.lm_head_name, self.lm_head_tied = self._find_lm_head() if self.options["quant_lm_head"] else (None, False)
+        if self.lm_head_name is not None:
+            self.linears[self.lm_head_name] = self.model.get_submodule(self.lm_head_name)
         ignore = self.options["ignore_layers"]
         self.ignore_layers = [x for x in ignore.split(",") if x] if isinstance(ignore, str) else list(ignore or [])
         self.layers: dict[str, compressor.QuantizedLayer] = {}
@@ -104,17 +107,43 @@ class AutoRound:
         self.quantized = False
 
     # -- quantization -------------------------------------------------------------------------------
+    def _find_lm_head(self) -> tuple[str | None, bool]:
+        """(name, tied to the input embedding) of the output projection to quantize."""
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if not isinstance(head, torch.nn.Linear):
+            raise AutoRoundError("quant_lm_head: this model has no linear output projection (lm_head) to quantize")
+        name = next(n for n, m in self.model.named_modules() if m is head)
+        emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        tied = emb is not None and getattr(emb, "weight", None) is head.weight
+        return name, tied
+
     def _plan(self, formats: list) -> compressor.LayerPlan:
-        return compressor.plan_layers(self.linears, self.scheme, self.layer_config, formats, self.ignore_layers)
+        return compressor.plan_layers(
+            self.linears, self.scheme, self.layer_config, formats, self.ignore_layers,
+            lm_head=self.lm_head_name, lm_head_tied=self.lm_head_tied,
+        )
+
+    def _untie_lm_head(self) -> None:
+        """Give a tied lm_head its own weight before it is quantized (the embedding stays float)."""
+        if self.lm_head_name is None or not self.lm_head_tied or self.lm_head_name not in self.plan.quantize:
+            return
+        head = self.model.get_submodule(self.lm_head_name)
+        if head.weight is not self.model.get_input_embeddings().weight:
+            return  # already untied by an earlier quantize()
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        self.model.config.tie_word_embeddings = False
+        logger.info("untied %s from the input embedding to quantize it", self.lm_head_name)
 
     def quantize(self, formats: "str | list | None" = None) -> tuple[Any, dict[str, Any]]:
         """Quantize in memory (weights become their fake-quantized values); returns (model, layer_config)."""
         fmts = parse_formats(formats or "auto_round")
         self.plan = self._plan(fmts)
+        self._untie_lm_head()
         torch.manual_seed(self.seed)
         start = time.time()
         if self.iters > 0:
             self._signround()
+            self._quantize_outside_blocks()
             self.quantized = True
             return self.model, self._layer_config()
         importance = None
@@ -122,7 +151,8 @@ class AutoRound:
             calib = calibration_batch(self.dataset, self.tokenizer, self.nsamples, self.seqlen, self.seed)
             logger.info("collecting activation statistics on %d x %d calibration tokens", *calib.shape)
             importance = compressor.collect_importance(
-                self.model, {n: self.linears[n] for n in self.plan.quantize}, calib, self.batch_size
+                self.model, {n: self.linears[n] for n in self.plan.quantize if n != self.lm_head_name}, calib,
+                self.batch_size,
             )
         self.layers = compressor.quantize_layers(
             self.linears, self.plan, importance, envs.AR_SEARCH_SCALE_RATIO
@@ -137,6 +167,13 @@ class AutoRound:
             len(self.plan.keep_float),
         )
         return self.model, self._layer_config()
+
+    def _quantize_outside_blocks(self) -> None:
+        """SignRound tunes the blocks; planned layers outside them (lm_head) are rounded to nearest."""
+        rest = [n for n in self.plan.quantize if n not in self.layers]
+        if rest:
+            sub = compressor.LayerPlan(quantize={n: self.plan.quantize[n] for n in rest})
+            self.layers.update(compressor.quantize_layers(self.linears, sub, None, envs.AR_SEARCH_SCALE_RATIO))
 
     def _layer_config(self) -> dict[str, Any]:
         layer_config: dict[str, Any] = {n: layer.scheme.to_dict() for n, layer in self.layers.items()}
@@ -193,7 +230,7 @@ class AutoRound:
         if not self.quantized:
             raise AutoRoundError("call quantize() before save_quantized(), or use quantize_and_save()")
         for fmt in fmts:  # formats chosen after quantize() must still hold the schemes used
-            compressor.plan_layers(self.linears, self.scheme, self.layer_config, [fmt], self.ignore_layers)
+            self._plan([fmt])
         paths = []
         for fmt in fmts:
             out = str(output_dir) if len(fmts) == 1 else os.path.join(str(output_dir), fmt.name)
