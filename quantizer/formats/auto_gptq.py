@@ -17,6 +17,7 @@ from .auto_round import AutoRoundFormat
 from .packing import gptq_layer_tensors
 from .writer import save_format
 from ..schemes import QuantScheme
+from ...log import logger
 
 
 def _exact(name: str) -> str:
@@ -44,8 +45,8 @@ class AutoGPTQFormat:
         default = job.scheme
         dynamic: dict[str, dict[str, Any]] = {}
         lm_head = False
+        out = job.model.get_output_embeddings() if hasattr(job.model, "get_output_embeddings") else None
         for name, layer in job.layers.items():
-            out = job.model.get_output_embeddings() if hasattr(job.model, "get_output_embeddings") else None
             if out is not None and out is job.model.get_submodule(name):
                 lm_head = True
             s = layer.scheme
@@ -81,5 +82,14 @@ class AutoGPTQFormat:
         return config
 
     def save(self, job: ExportJob, output_dir: str) -> str:
+        wrapped = sum(int((layer.weight.zero == 0).sum()) for layer in job.layers.values() if not layer.scheme.sym)
+        if wrapped:
+            logger.warning(
+                "auto_gptq: %d asymmetric groups have zero point 0, which the GPTQ v1 layout (zp - 1) stores as -1: "
+                "readers that convert v1 to v2 by adding 1 to each packed word carry into the next value, and "
+                "GPTQModel loads asymmetric v1 files only from its own quantizer; the auto_round format stores "
+                "asymmetric weights exactly",
+                wrapped,
+            )
         qconfig = self.quantization_config(job)
         return save_format(self, job, output_dir, self.layer_tensors, qconfig, {"quantize_config.json": qconfig})
