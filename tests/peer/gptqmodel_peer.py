@@ -1,7 +1,7 @@
 """Runs inside the gptqmodel virtualenv (AR_TEST_GPTQMODEL_PYTHON): loads a checkpoint with GPTQModel's
 CPU torch kernels and saves its logits, or quantizes a float model with GPTQModel (GPTQ or AWQ) and saves it.
 
-    python gptqmodel_peer.py logits  CKPT BACKEND IDS.pt OUT.pt     # BACKEND: gptq_torch | awq_torch
+    python gptqmodel_peer.py logits  CKPT BACKEND IDS.pt OUT.pt [DTYPE]  # gptq_torch | awq_torch; float16
     python gptqmodel_peer.py quantize FLOAT_DIR METHOD OUT_DIR       # METHOD: gptq | awq (4-bit, group 32)
 """
 
@@ -11,10 +11,10 @@ import sys
 import torch
 
 
-def logits(ckpt, backend, ids_path, out_path):
+def logits(ckpt, backend, ids_path, out_path, dtype="float16"):
     from gptqmodel import BACKEND, GPTQModel
 
-    model = GPTQModel.load(ckpt, device="cpu", backend=BACKEND(backend))
+    model = GPTQModel.load(ckpt, device="cpu", backend=BACKEND(backend), dtype=getattr(torch, dtype))
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 
     kernels = sorted({type(m).__name__ for m in model.model.modules() if isinstance(m, BaseQuantLinear)})

@@ -3,7 +3,8 @@
 - ``auto_gptq`` and ``auto_awq`` through GPTQModel's CPU torch kernels (``AR_TEST_GPTQMODEL_PYTHON``: its own
   virtualenv, it needs torch >= 2.14.1), logits against our dequantized model;
 - GPTQ and AWQ checkpoints quantized by GPTQModel through our ``AutoRoundConfig`` loader;
-- ``auto_round`` with the ``auto_round:auto_awq`` packing through Intel's auto-round (``AR_TEST_PEER_PYTHON``).
+- ``auto_round`` with the ``auto_round:auto_awq`` packing through Intel's auto-round, whose CPU backend for it
+  is GPTQModel's AWQ kernel: Intel's package is installed in the GPTQModel virtualenv.
 (``llm_compressor`` through compressed-tensors runs in the default suite: tests/unit/test_formats.py.)
 """
 
@@ -24,7 +25,6 @@ from autoround.quantizer.data import wikipedia_text
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 
 GPTQMODEL = os.environ.get("AR_TEST_GPTQMODEL_PYTHON")
-INTEL = os.environ.get("AR_TEST_PEER_PYTHON")
 HERE = Path(__file__).parent
 
 
@@ -41,13 +41,14 @@ def gptqmodel(*args):
 
 
 def assert_close(ours, theirs, label):
-    """GPTQModel computes in bfloat16 on the CPU, we in float32: half-precision tolerance."""
+    """GPTQModel runs float16 here (our peer script asks for it), we float32: fp16 tolerance."""
     ours, theirs = ours.float(), theirs.float()
     diff = (ours - theirs).abs()
     scale = ours.abs().max().item()
     top1 = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
-    print(f"{label}: max |diff| {diff.max().item():.4f} (max |logit| {scale:.2f}), top-1 agreement {top1:.3f}")
-    assert diff.max().item() <= 0.03 * scale and top1 >= 0.95, label
+    print(f"{label}: max |diff| {diff.max().item():.4f} mean {diff.mean().item():.4f} (max |logit| {scale:.2f}), "
+          f"top-1 agreement {top1:.3f}")
+    assert diff.max().item() <= 0.01 * scale + 0.02 and top1 >= 0.95, label
 
 
 def tiny_llama():
@@ -152,9 +153,12 @@ def test_intel_reads_auto_round_awq_packing(smollm2_folder, smollm2):
         "auto_round:auto_awq"
     ids_json = root / "ids.json"
     ids_json.write_text(json.dumps(ids.tolist()))
-    run_peer(INTEL, "AR_TEST_PEER_PYTHON", HERE / "intel_autoround.py", "logits", "--ckpt", out, "--ids", ids_json,
+    # Intel's CPU backend for this packing is GPTQModel's AWQ torch kernel ("gptqmodel:awq_torch"), so
+    # Intel's auto-round runs in the GPTQModel virtualenv (.ci/run installs it there)
+    run_peer(GPTQMODEL, "AR_TEST_GPTQMODEL_PYTHON", HERE / "intel_autoround.py", "logits", "--ckpt", out, "--ids", ids_json,
              "--out", root / "intel.pt")
     theirs = torch.load(root / "intel.pt")
     with torch.no_grad():
         ref = ar.model(ids).logits
-    assert_close(ref, theirs["logits"], f"auto_round:auto_awq via Intel ({theirs['backend_info']})")
+    assert "gptqmodel:awq_torch" in theirs["backend_info"]
+    assert_close(ref, theirs["logits"], "auto_round:auto_awq via Intel's auto-round")

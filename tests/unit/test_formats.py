@@ -326,7 +326,24 @@ def test_quant_lm_head_tied(tmp_path):
 
 
 def test_registered_formats_follow_protocol():
-    for name in list_formats():
+    for name in ("auto_round", "auto_gptq", "auto_awq", "llm_compressor", "fake"):
         fmt = get_format(name)
         for attr in ("lm_head", "tied_lm_head", "uniform", "description"):
             assert hasattr(fmt, attr), (name, attr)
+
+
+def test_cli_several_formats_and_incompatible_pair(tmp_path):
+    from autoround.quantizer.cli import main
+
+    folder = tmp_path / "model"
+    tiny_llama().save_pretrained(folder)
+    out = tmp_path / "out"
+    assert main(["--model", str(folder), "--format", "auto_gptq,llm_compressor,fake", "--iters", "0",
+                 "--disable_opt_rtn", "--group_size", "32", "--output_dir", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["auto_gptq", "fake", "llm_compressor"]
+    assert qconfig(out / "auto_gptq")["quant_method"] == "gptq"
+    assert qconfig(out / "llm_compressor")["quant_method"] == "compressed-tensors"
+    bad = tmp_path / "bad"
+    assert main(["--model", str(folder), "--format", "llm_compressor", "--bits", "3", "--iters", "0",
+                 "--output_dir", str(bad)]) == 2
+    assert not bad.exists()
