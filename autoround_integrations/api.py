@@ -13,7 +13,7 @@ import torch
 
 from autoround.quantizer import compressor
 from autoround.quantizer.data import DEFAULT_DATASET, calibration_batch
-from autoround.quantizer.errors import AutoRoundError
+from autoround.quantizer.errors import AutoRoundError, FormatError
 from autoround.quantizer.formats import parse_formats
 from autoround.quantizer.formats.writer import check_output_dir
 from autoround.quantizer.model_io import find_block_names, load_model, quantizable_linears
@@ -229,8 +229,15 @@ class AutoRound:
         check_output_dir(output_dir)
         if not self.quantized:
             raise AutoRoundError("call quantize() before save_quantized(), or use quantize_and_save()")
-        for fmt in fmts:  # formats chosen after quantize() must still hold the schemes used
-            self._plan([fmt])
+        for fmt in fmts:  # formats chosen after quantize() must still hold the schemes and shapes used
+            packable = self._plan([fmt]).quantize
+            lost = [n for n in self.layers if n not in packable]
+            if lost:
+                raise FormatError(
+                    f"format {fmt.name!r} cannot pack {len(lost)} layer(s) that were quantized for other formats "
+                    f"(e.g. {lost[0]}: see the warning above); pass every format to quantize() or "
+                    "quantize_and_save(format='a,b') so those layers are planned before quantization"
+                )
         paths = []
         for fmt in fmts:
             out = str(output_dir) if len(fmts) == 1 else os.path.join(str(output_dir), fmt.name)

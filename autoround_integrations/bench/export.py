@@ -2,14 +2,16 @@
 
     python -m autoround.bench.export [--scheme W4A16] [--group_size 128] [--asym] [--formats a,b,...]
 
-The model is quantized once (RTN, iters 0); then each format is written on its own and timed (packing +
-writing, including the config and tokenizer files).  Formats that cannot hold the scheme are listed as such.
+Each format gets its own plain-RTN quantization (iters 0: its own layer plan, since a format keeps the layers it
+cannot pack in float), then its write is timed (packing + safetensors + config + tokenizer files).  Formats that
+cannot hold the scheme are listed as such.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -40,41 +42,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="take the fastest of N writes per format")
     args = p.parse_args(argv)
 
+    import copy
+
     folder = smollm2_folder()
     tok = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    ar = AutoRound(model, tok, scheme=args.scheme, group_size=args.group_size, sym=False if args.asym else None,
-                   iters=0, disable_opt_rtn=True)
+    base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     names = args.formats.split(",") if args.formats else list(list_formats())
-    usable = []
-    skipped = {}
-    for name in names:
-        try:
-            ar._plan([get_format(name)])
-            usable.append(name)
-        except AutoRoundError as exc:
-            skipped[name] = str(exc).split(";")[0]
-    start = time.time()
-    ar.quantize(",".join(usable))
-    quant_s = time.time() - start
     float_size = weights_size(str(folder))
-    print(f"SmolLM2-135M {ar.scheme.describe()}: quantized once (RTN) in {quant_s:.1f}s; "
-          f"float32 weights {float_size / 2**20:.1f} MiB; torch threads {torch.get_num_threads()}")
-    print()
-    print(f"| {'format':<16} | {'export s':>8} | {'weights MiB':>11} | {'folder MiB':>10} |")
-    print(f"|{'-' * 18}|{'-' * 10}|{'-' * 13}|{'-' * 12}|")
+    rows, skipped = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in usable:
+        for name in names:
+            ar = AutoRound(copy.deepcopy(base), tok, scheme=args.scheme, group_size=args.group_size,
+                           sym=False if args.asym else None, iters=0, disable_opt_rtn=True)
+            try:
+                ar.quantize(name)
+            except AutoRoundError as exc:
+                skipped[name] = str(exc).split(";")[0]
+                continue
             best = float("inf")
             for i in range(args.repeat):
                 out = os.path.join(tmp, f"{name.replace(':', '_')}-{i}")
                 t0 = time.time()
                 ar.save_quantized(out, format=name)
                 best = min(best, time.time() - t0)
-            print(f"| {name:<16} | {best:>8.2f} | {weights_size(out) / 2**20:>11.1f} | "
-                  f"{folder_size(out) / 2**20:>10.1f} |", flush=True)
+            rows.append((name, best, weights_size(out), folder_size(out), len(ar.layers), len(ar.plan.keep_float)))
+            shutil.rmtree(out, ignore_errors=True)
+            scheme = ar.scheme.describe()
+    print(f"SmolLM2-135M {scheme} (plain RTN); float32 weights {float_size / 2**20:.1f} MiB; "
+          f"torch threads {torch.get_num_threads()}")
+    print()
+    print(f"| {'format':<16} | {'export s':>8} | {'weights MiB':>11} | {'folder MiB':>10} | quantized / float layers |")
+    print(f"|{'-' * 18}|{'-' * 10}|{'-' * 13}|{'-' * 12}|{'-' * 26}|")
+    for name, sec, wsize, fsize, nq, nf in rows:
+        print(f"| {name:<16} | {sec:>8.2f} | {wsize / 2**20:>11.1f} | {fsize / 2**20:>10.1f} | {nq:>4} / {nf:<19}|")
     for name, why in skipped.items():
-        print(f"| {name:<16} | {'-':>8} | {'-':>11} | {'-':>10} |  cannot hold the scheme: {why}")
+        print(f"| {name:<16} | {'-':>8} | {'-':>11} | {'-':>10} | cannot hold the scheme: {why}")
     return 0
 
 

@@ -347,3 +347,12 @@ def test_cli_several_formats_and_incompatible_pair(tmp_path):
     assert main(["--model", str(folder), "--format", "llm_compressor", "--bits", "3", "--iters", "0",
                  "--output_dir", str(bad)]) == 2
     assert not bad.exists()
+
+
+def test_saving_to_a_format_that_cannot_pack_a_quantized_layer_fails(tmp_path):
+    # hidden 96 with group 64 is ragged: auto_round packs it, auto_awq needs whole groups
+    ar = AutoRound(tiny_llama(hidden=96, inter=192), sym=False, group_size=64, iters=0, disable_opt_rtn=True)
+    ar.quantize("auto_round")
+    with pytest.raises(FormatError, match="'auto_awq' cannot pack .* pass every format to quantize"):
+        ar.save_quantized(str(tmp_path / "awq"), format="auto_awq")
+    assert not (tmp_path / "awq").exists()
