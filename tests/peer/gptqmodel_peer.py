@@ -6,6 +6,7 @@ CPU torch kernels and saves its logits, or quantizes a float model with GPTQMode
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -42,6 +43,7 @@ def quantize(float_dir, method, out_dir):
     g = torch.Generator().manual_seed(0)
     calib = [{"input_ids": torch.randint(0, 256, (64,), generator=g).tolist(),
               "attention_mask": [1] * 64} for _ in range(16)]
+    os.chdir(os.path.dirname(os.path.abspath(out_dir)))  # GPTQModel writes a logs/ folder into the cwd
     model.quantize(calib, batch_size=4, tokenizer=AutoTokenizer.from_pretrained(float_dir))
     model.save(out_dir)
     print("saved", out_dir)
