@@ -13,7 +13,7 @@ import torch
 
 from autoround.quantizer import compressor
 from autoround.quantizer.data import DEFAULT_DATASET, calibration_batch
-from autoround.quantizer.errors import AutoRoundError
+from autoround.quantizer.errors import AutoRoundError, FormatError
 from autoround.quantizer.formats import parse_formats
 from autoround.quantizer.formats.writer import check_output_dir
 from autoround.quantizer.model_io import (
@@ -105,9 +105,9 @@ class AutoRound:
         # GPT-2-style Conv1D layers become nn.Linear while quantizing, and are restored afterwards
         self.conv1d_names = conv1d_to_linear(self.model, self.block_names)
         self.linears = quantizable_linears(self.model, self.block_names)
-        self.lm_head_name: str | None = None
-        if self.options["quant_lm_head"]:
-            self.lm_head_name = self._add_lm_head()
+        self.lm_head_name, self.lm_head_tied = self._find_lm_head() if self.options["quant_lm_head"] else (None, False)
+        if self.lm_head_name is not None:
+            self.linears[self.lm_head_name] = self.model.get_submodule(self.lm_head_name)
         self.resume_dir: str | None = None  # set by quantize_and_save(resume=...)
         self.resume = False
         self._resume_store = None
@@ -117,36 +117,46 @@ class AutoRound:
         self.plan: compressor.LayerPlan | None = None
         self.quantized = False
 
-    def _add_lm_head(self) -> str:
-        head = self.model.get_output_embeddings()
-        if not isinstance(head, torch.nn.Linear):
-            raise AutoRoundError(f"quant_lm_head: {type(self.model).__name__} has no linear output projection to quantize")
-        name = next(n for n, m in self.model.named_modules() if m is head)
-        emb = self.model.get_input_embeddings()
-        if emb is not None and emb.weight.data_ptr() == head.weight.data_ptr():
-            raise AutoRoundError(
-                f"quant_lm_head: {name} shares its weight with the input embeddings (tie_word_embeddings), so "
-                "quantizing it would also quantize the embeddings, which these formats cannot store; keep "
-                "quant_lm_head off for this model, or untie the weights first"
-            )
-        self.layer_config.setdefault(name, {})  # the default scheme unless layer_config says otherwise
-        self.linears[name] = head
-        return name
-
     # -- quantization -------------------------------------------------------------------------------
+    def _find_lm_head(self) -> tuple[str | None, bool]:
+        """(name, tied to the input embedding) of the output projection to quantize."""
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if not isinstance(head, torch.nn.Linear):
+            raise AutoRoundError("quant_lm_head: this model has no linear output projection (lm_head) to quantize")
+        name = next(n for n, m in self.model.named_modules() if m is head)
+        emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        tied = emb is not None and getattr(emb, "weight", None) is head.weight
+        return name, tied
+
     def _plan(self, formats: list) -> compressor.LayerPlan:
-        return compressor.plan_layers(self.linears, self.scheme, self.layer_config, formats, self.ignore_layers)
+        return compressor.plan_layers(
+            self.linears, self.scheme, self.layer_config, formats, self.ignore_layers,
+            lm_head=self.lm_head_name, lm_head_tied=self.lm_head_tied,
+        )
+
+    def _untie_lm_head(self) -> None:
+        """Give a tied lm_head its own weight before it is quantized (the embedding stays float)."""
+        if self.lm_head_name is None or not self.lm_head_tied or self.lm_head_name not in self.plan.quantize:
+            return
+        head = self.model.get_submodule(self.lm_head_name)
+        if head.weight is not self.model.get_input_embeddings().weight:
+            return  # already untied by an earlier quantize()
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        self.model.config.tie_word_embeddings = False
+        logger.info("untied %s from the input embedding to quantize it", self.lm_head_name)
 
     def quantize(self, formats: "str | list | None" = None) -> tuple[Any, dict[str, Any]]:
         """Quantize in memory (weights become their fake-quantized values); returns (model, layer_config)."""
         fmts = parse_formats(formats or "auto_round")
         self.plan = self._plan(fmts)
+        self._untie_lm_head()
         torch.manual_seed(self.seed)
         if self.options["enable_deterministic_algorithms"]:
             torch.use_deterministic_algorithms(True, warn_only=False)
         start = time.time()
         if self.iters > 0:
             self._signround()
+            self._quantize_outside_blocks()
             self._finish()
             return self.model, self._layer_config()
         if self.resume:
@@ -156,7 +166,8 @@ class AutoRound:
             calib = calibration_batch(self.dataset, self.tokenizer, self.nsamples, self.seqlen, self.seed)
             logger.info("collecting activation statistics on %d x %d calibration tokens", *calib.shape)
             importance = compressor.collect_importance(
-                self.model, {n: self.linears[n] for n in self.plan.quantize}, calib, self.batch_size
+                self.model, {n: self.linears[n] for n in self.plan.quantize if n != self.lm_head_name}, calib,
+                self.batch_size,
             )
         self.layers = compressor.quantize_layers(
             self.linears, self.plan, importance, envs.AR_SEARCH_SCALE_RATIO
@@ -176,6 +187,13 @@ class AutoRound:
         linear_to_conv1d(self.model, self.conv1d_names)
         self.conv1d_names = []
         self.quantized = True
+
+    def _quantize_outside_blocks(self) -> None:
+        """SignRound tunes the blocks; planned layers outside them (lm_head) are rounded to nearest."""
+        rest = [n for n in self.plan.quantize if n not in self.layers]
+        if rest:
+            sub = compressor.LayerPlan(quantize={n: self.plan.quantize[n] for n in rest})
+            self.layers.update(compressor.quantize_layers(self.linears, sub, None, envs.AR_SEARCH_SCALE_RATIO))
 
     def _layer_config(self) -> dict[str, Any]:
         layer_config: dict[str, Any] = {n: layer.scheme.to_dict() for n, layer in self.layers.items()}
@@ -255,8 +273,15 @@ class AutoRound:
         check_output_dir(output_dir)
         if not self.quantized:
             raise AutoRoundError("call quantize() before save_quantized(), or use quantize_and_save()")
-        for fmt in fmts:  # formats chosen after quantize() must still hold the schemes used
-            compressor.plan_layers(self.linears, self.scheme, self.layer_config, [fmt], self.ignore_layers)
+        for fmt in fmts:  # formats chosen after quantize() must still hold the schemes and shapes used
+            packable = self._plan([fmt]).quantize
+            lost = [n for n in self.layers if n not in packable]
+            if lost:
+                raise FormatError(
+                    f"format {fmt.name!r} cannot pack {len(lost)} layer(s) that were quantized for other formats "
+                    f"(e.g. {lost[0]}: see the warning above); pass every format to quantize() or "
+                    "quantize_and_save(format='a,b') so those layers are planned before quantization"
+                )
         paths = []
         for fmt in fmts:
             out = str(output_dir) if len(fmts) == 1 else os.path.join(str(output_dir), fmt.name)

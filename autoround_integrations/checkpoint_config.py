@@ -20,11 +20,22 @@ class CheckpointQuantConfig:
     packing_format: str
     block_names: tuple[str, ...] = ()
     extra_config: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # GPTQModel ``dynamic``: (regex, override or None = left in float), first match wins
+    dynamic: tuple[tuple[str, Mapping[str, Any] | None], ...] = ()
+    # AWQ ``modules_to_not_convert`` (and lm_head of GPTQ/AWQ checkpoints): name substrings left in float
+    float_patterns: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> "CheckpointQuantConfig":
-        method = str(cfg.get("quant_method", "auto-round"))
-        raw_packing = cfg.get("packing_format") or ("auto_round:auto_gptq" if method == "gptq" else None)
+        cfg = dict(cfg)
+        method = str(cfg.get("source_quant_method") or cfg.get("quant_method", "auto-round"))
+        if method == "awq":  # AutoAWQ spellings
+            cfg["bits"] = cfg.get("bits") or cfg.get("w_bit") or 4
+            cfg["group_size"] = cfg.get("group_size") or cfg.get("q_group_size") or 128
+            cfg["sym"] = not cfg.get("zero_point", True)
+        if cfg.get("bits") is None:
+            cfg["bits"] = 4
+        raw_packing = cfg.get("packing_format") or {"gptq": "auto_round:auto_gptq", "awq": "awq"}.get(method)
         if raw_packing is None:
             raw_packing = "auto_round:auto_gptq" if cfg.get("sym", True) else "auto_round"
         packing = PACKING_ALIASES.get(str(raw_packing))
@@ -46,13 +57,27 @@ class CheckpointQuantConfig:
         flat = []
         for b in blocks:  # Intel nests lists for multimodal models
             flat.extend(b if isinstance(b, (list, tuple)) else [b])
-        return cls(default, packing, tuple(flat), dict(cfg.get("extra_config") or {}))
+        dynamic = []
+        for key, val in dict(cfg.get("dynamic") or {}).items():
+            if key.startswith("-:"):
+                dynamic.append((key[2:], None))
+            else:
+                dynamic.append((key[2:] if key.startswith("+:") else key, dict(val or {})))
+        float_patterns = list(cfg.get("modules_to_not_convert") or [])
+        if method in ("gptq", "awq") and not cfg.get("lm_head", False):
+            float_patterns.append("lm_head")
+        return cls(
+            default, packing, tuple(flat), dict(cfg.get("extra_config") or {}), tuple(dynamic), tuple(float_patterns)
+        )
 
     @property
     def zero_offset(self) -> int:
         return zero_offset(self.packing_format)
 
     def _override(self, layer_name: str) -> Mapping[str, Any] | None:
+        for pattern, val in self.dynamic:
+            if re.match(pattern, layer_name):
+                return {"bits": 16} if val is None else val
         if layer_name in self.extra_config:
             return self.extra_config[layer_name]
         for key, val in self.extra_config.items():
@@ -67,6 +92,8 @@ class CheckpointQuantConfig:
 
     def scheme_for(self, layer_name: str) -> QuantScheme:
         """The scheme of a linear layer; ``FLOAT`` when the checkpoint keeps it in float."""
+        if any(p and p in layer_name for p in self.float_patterns):
+            return FLOAT
         override = self._override(layer_name)
         if override is None and not self.in_blocks(layer_name):
             return FLOAT

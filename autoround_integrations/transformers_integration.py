@@ -71,14 +71,27 @@ class AutoRoundConfig(_HfAutoRoundConfig):
                 raise SchemeError(
                     "GPTQ checkpoints with desc_act=True (act-order) are not supported by the AutoRound loader"
                 )
-            if config_dict.get("checkpoint_format", "gptq") not in ("gptq", None):
+            if config_dict.get("checkpoint_format", config_dict.get("format", "gptq")) not in ("gptq", None):
                 raise SchemeError(
-                    f"GPTQ checkpoint_format {config_dict['checkpoint_format']!r} is not supported; only 'gptq' (v1)"
+                    f"GPTQ checkpoint_format {config_dict.get('checkpoint_format', config_dict.get('format'))!r} "
+                    "is not supported; only 'gptq' (v1)"
                 )
             config_dict["packing_format"] = "auto_round:auto_gptq"
+            config_dict["source_quant_method"] = "gptq"
+        elif method == "awq":
+            version = str(config_dict.get("version", "gemm")).lower()
+            if version != "gemm":
+                raise SchemeError(
+                    f"AWQ version {version!r} is not supported by the AutoRound loader; supported: 'gemm'"
+                )
+            config_dict["packing_format"] = "awq"
+            config_dict["source_quant_method"] = "awq"
+            config_dict["bits"] = config_dict.get("bits") or config_dict.get("w_bit") or 4
+            config_dict["group_size"] = config_dict.get("group_size") or config_dict.get("q_group_size") or 128
+            config_dict["sym"] = not config_dict.get("zero_point", True)
         elif method != "auto-round":
             raise SchemeError(
-                f"quant_method {method!r} cannot be loaded with AutoRoundConfig; supported: 'auto-round', 'gptq'"
+                f"quant_method {method!r} cannot be loaded with AutoRoundConfig; supported: 'auto-round', 'gptq', 'awq'"
             )
         config_dict["quant_method"] = QuantizationMethod.AUTOROUND
         config = cls(**config_dict)
@@ -193,6 +206,9 @@ class AutoRoundQuantizer(HfQuantizer):
                     zero_offset=ckpt.zero_offset,
                     bias_dtype=dtype,
                 )
+            if present is not None and f"{name}.g_idx" in present:
+                # GPTQ group index: loaded, then checked to be the trivial i // group_size (no act-order)
+                qlinear.register_buffer("g_idx", torch.empty(module.in_features, dtype=torch.int32, device="meta"))
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, qlinear)
@@ -219,6 +235,7 @@ class AutoRoundQuantizer(HfQuantizer):
                     if buf is not None and buf.is_meta:
                         missing.append(f"{name}.{bname}")
                 if not missing:
+                    _check_g_idx(name, module)
                     module.post_init()
         if missing:
             raise ModelLoadError(f"the checkpoint is missing quantized tensors: {_shorten(missing)}")
@@ -229,6 +246,18 @@ class AutoRoundQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _check_g_idx(name: str, module: nn.Module) -> None:
+    g_idx = getattr(module, "g_idx", None)
+    if g_idx is None:
+        return
+    expected = module.group_index().to(g_idx.device)
+    if not torch.equal(g_idx.to(torch.int64), expected.to(torch.int64)):
+        raise ModelLoadError(
+            f"{name}.g_idx is not the plain i // group_size order (the checkpoint was quantized with act-order); "
+            "such GPTQ checkpoints are not supported by the AutoRound loader"
+        )
 
 
 _REGISTERED = False

@@ -18,4 +18,21 @@ register_kernel(
     )
 )
 
-__all__ = ["KernelInfo", "LayerSpec", "TorchQuantLinear", "kernels", "register_kernel", "select_kernel"]
+# --- AWQ layout: the pure-torch reference kernel (issue 4) ---
+from .torch_awq_kernel import TorchAWQQuantLinear  # noqa: E402
+
+register_kernel(
+    KernelInfo(
+        name="torch_awq",
+        priority=0,
+        devices=("cpu", "cuda", "xpu"),
+        bits=(4,),
+        packing_formats=("auto_round:auto_awq", "awq"),
+        factory=TorchAWQQuantLinear,
+    )
+)
+
+__all__ = [
+    "KernelInfo", "LayerSpec", "TorchAWQQuantLinear", "TorchQuantLinear", "kernels", "register_kernel",
+    "select_kernel",
+]

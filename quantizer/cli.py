@@ -104,16 +104,19 @@ def _list(what: str) -> str:
     from .schemes import PRESETS
 
     if what in ("format", "formats"):
+        formats = list_formats()
+        names = list(formats)
+        width = max(len(n) for n in names) + 2
         lines = ["formats:"]
-        names = list(list_formats())
-        for name, desc in list_formats().items():
-            lines.append(f"  {name:<16} {desc}")
+        for name, desc in formats.items():
+            lines.append(f"  {name:<{width}}{desc}")
         lines.append("")
-        lines.append("scheme x format (yes = can be exported):")
-        lines.append("  " + " " * 12 + "".join(f"{n:>14}" for n in names))
+        lines.append("scheme x format (yes = can be exported; several formats: --format a,b,c):")
+        col = max(max(len(n) for n in names), 3) + 2
+        lines.append("  " + f"{'scheme':<12}" + "".join(f"{n:>{col}}" for n in names))
         for sname, scheme in PRESETS.items():
             cells = ["yes" if get_format(n).scheme_error(scheme) is None else "no" for n in names]
-            lines.append(f"  {sname:<12}" + "".join(f"{c:>14}" for c in cells))
+            lines.append(f"  {sname:<12}" + "".join(f"{c:>{col}}" for c in cells))
         return "\n".join(lines)
     if what in ("scheme", "schemes"):
         return "schemes:\n" + "\n".join(f"  {n:<10} {s.describe()}" for n, s in PRESETS.items())

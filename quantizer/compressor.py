@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import AutoRoundError, SchemeError
-from .formats import ExportFormat, ExportJob, QuantizedLayer
+from .errors import AutoRoundError, FormatError, SchemeError
+from .formats import ExportFormat, ExportJob, QuantizedLayer, formats_supporting, list_formats
 from .model_io import decoder_body
 from .qmath import quantize_weight
 from .rtn import optimized_rtn_quantize
@@ -73,8 +73,13 @@ def plan_layers(
     layer_config: Mapping[str, Any] | None,
     formats: list[ExportFormat],
     ignore_layers: list[str] | None = None,
+    lm_head: str | None = None,
+    lm_head_tied: bool = False,
 ) -> LayerPlan:
-    """Decide each layer's scheme; fail (before any work) when a format cannot hold a scheme."""
+    """Decide each layer's scheme; fail (before any work) when a format cannot hold a scheme.
+
+    ``lm_head``: the name of the output projection when it is to be quantized (it is in ``linears``);
+    ``lm_head_tied``: whether the model ties it to the input embedding."""
     plan = LayerPlan()
     for name, module in linears.items():
         scheme = scheme_for_layer(name, default, layer_config)
@@ -86,16 +91,49 @@ def plan_layers(
         for fmt in formats:
             err = fmt.scheme_error(scheme)
             if err:
-                raise SchemeError(f"format {fmt.name!r} cannot store layer {name} ({scheme.describe()}): {err}")
+                able = formats_supporting(scheme)
+                hint = f"; formats that can hold {scheme.describe()}: {', '.join(able)}" if able else ""
+                raise SchemeError(
+                    f"format {fmt.name!r} cannot store layer {name} ({scheme.describe()}): {err}{hint}"
+                )
         shape_errs = [e for f in formats if (e := f.shape_error(scheme, module.in_features, module.out_features))]
         if shape_errs:
             logger.warning("keeping %s in float: %s", name, shape_errs[0])
             plan.keep_float.append(name)
             continue
         plan.quantize[name] = scheme
+    if lm_head is not None and lm_head in plan.quantize:
+        _check_lm_head(formats, lm_head_tied)
+    for fmt in formats:
+        if getattr(fmt, "uniform", False) and len(set(plan.quantize.values())) > 1:
+            kinds = sorted({s.describe() for s in plan.quantize.values()})
+            raise FormatError(
+                f"format {fmt.name!r} holds one scheme for every quantized layer, but this run mixes "
+                f"{', '.join(kinds)}; drop the per-layer overrides (bits 16 to keep a layer in float is fine) "
+                "or choose a format with per-layer overrides such as auto_round or auto_gptq"
+            )
     if not plan.quantize:
         raise AutoRoundError("no layer is left to quantize: every layer was kept in float by layer_config or its shape")
     return plan
+
+
+def _check_lm_head(formats: list[ExportFormat], tied: bool) -> None:
+    from .formats import get_format
+
+    every = [get_format(n) for n in list_formats()]
+    for fmt in formats:
+        if not getattr(fmt, "lm_head", False):
+            able = [f.name for f in every if getattr(f, "lm_head", False)]
+            raise FormatError(
+                f"format {fmt.name!r} cannot hold a quantized lm_head; drop quant_lm_head or use one of: "
+                f"{', '.join(able)}"
+            )
+        if tied and not getattr(fmt, "tied_lm_head", False):
+            able = [f.name for f in every if getattr(f, "tied_lm_head", False)]
+            raise FormatError(
+                f"this model ties lm_head to the input embedding and format {fmt.name!r} cannot hold a quantized "
+                f"lm_head with a float embedding; drop quant_lm_head or use one of: {', '.join(able)}"
+            )
 
 
 @torch.no_grad()
@@ -141,7 +179,7 @@ def quantize_layers(
     for name in tqdm(list(plan.quantize), desc="quantizing layers", leave=False):
         module, scheme = linears[name], plan.quantize[name]
         w = module.weight.data
-        if importance is None:
+        if importance is None or name not in importance:
             qw = quantize_weight(w, scheme.bits, scheme.group_size, scheme.sym)
         else:
             qw = optimized_rtn_quantize(

@@ -45,6 +45,12 @@ class ExportJob:
 class ExportFormat(Protocol):
     name: ClassVar[str]
     description: ClassVar[str]
+    # whether the format can hold a quantized output projection (lm_head), and whether it can when the
+    # model ties it to the input embedding (the checkpoint is then written untied)
+    lm_head: ClassVar[bool]
+    tied_lm_head: ClassVar[bool]
+    # True: every quantized layer must share one scheme (no per-layer overrides other than float)
+    uniform: ClassVar[bool]
 
     def scheme_error(self, scheme: QuantScheme) -> str | None:
         """Why this format cannot hold ``scheme`` at all (checked before any work), or None."""
@@ -70,8 +76,39 @@ def register_format(cls: type) -> type:
     return cls
 
 
+_BUILTIN = ("auto_round", "auto_gptq", "auto_awq", "llm_compressor", "fake", "gguf")
+
+
 def _load_builtin() -> None:
-    from . import auto_round  # noqa: F401  (registers itself)
+    import importlib
+
+    for module in _BUILTIN:  # each module registers its format(s); a missing optional one is skipped
+        try:
+            importlib.import_module(f"{__name__}.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{module}":
+                raise
+
+
+def formats_supporting(scheme: QuantScheme) -> list[str]:
+    """Names of the registered formats that can hold ``scheme``."""
+    _load_builtin()
+    return [name for name, cls in _REGISTRY.items() if cls().scheme_error(scheme) is None]
+
+
+def autoround_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("autoround")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def group_size_of(layer: QuantizedLayer) -> int:
+    """The group size as GPTQ/AWQ configs spell it: -1 for one group per row (also for per-tensor)."""
+    gs = layer.scheme.group_size
+    return -1 if gs in (-1, 0) or gs >= layer.in_features else gs
 
 
 def list_formats() -> dict[str, str]:

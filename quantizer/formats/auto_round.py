@@ -1,9 +1,12 @@
-"""The ``auto_round`` checkpoint format (``quant_method: "auto-round"``), GPTQ-style int packing.
+"""The ``auto_round`` checkpoint format (``quant_method: "auto-round"``) with its three packings.
 
-Packing ``auto_round:auto_gptq`` (all layers symmetric): the GPTQ layout with the historic ``zp - 1`` zero
-point offset.  Packing ``auto_round`` (some layer asymmetric): the same layout, zero points stored as is.
+- ``auto_round:auto_gptq`` (every layer symmetric): the GPTQ layout with the historic ``zp - 1`` zero point.
+- ``auto_round:auto_awq`` (every layer asymmetric 4-bit with whole groups): the AWQ interleaved layout, as
+  the reference tool writes asymmetric 4-bit by default.
+- ``auto_round`` (anything else, e.g. asymmetric 2/3/8-bit or mixed): the GPTQ layout, zero points as is.
+
 Per-layer settings that differ from the default go to ``extra_config``; layers left in float get
-``{"bits": 16}`` there.
+``{"bits": 16}`` there; layers outside the quantized blocks (a quantized ``lm_head``) get their full scheme.
 """
 
 from __future__ import annotations
@@ -12,19 +15,24 @@ from typing import Any
 
 import torch
 
-from . import ExportJob, QuantizedLayer, register_format
-from .packing import PACK_BITS, pack_gptq_qweight, pack_gptq_qzeros
-from .writer import float_state_dict, write_checkpoint
+from . import ExportJob, QuantizedLayer, autoround_version, register_format
+from .packing import PACK_BITS, gptq_layer_tensors, awq_layer_tensors
+from .writer import save_format
 from ..schemes import QuantScheme
 
 PACKING_GPTQ = "auto_round:auto_gptq"
+PACKING_AWQ = "auto_round:auto_awq"
 PACKING_RAW_ZP = "auto_round"
-# packing formats as spelled by other writers, mapped to ours
+# packing formats as spelled by other writers (and by the other quant methods we load), mapped to ours
 PACKING_ALIASES = {
     "auto_round:gptq": PACKING_GPTQ,
     "auto_round:auto_gptq": PACKING_GPTQ,
     "auto_gptq": PACKING_GPTQ,
     "gptq": PACKING_GPTQ,
+    "auto_round:auto_awq": PACKING_AWQ,
+    "auto_round:awq": PACKING_AWQ,
+    "auto_awq": PACKING_AWQ,
+    "awq": PACKING_AWQ,
     "auto_round": PACKING_RAW_ZP,
     "auto_round:zp": PACKING_RAW_ZP,
 }
@@ -35,19 +43,24 @@ def zero_offset(packing_format: str) -> int:
     return 1 if PACKING_ALIASES.get(packing_format, packing_format) == PACKING_GPTQ else 0
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+def awq_packable(layer: QuantizedLayer) -> bool:
+    s = layer.scheme
+    gs = s.group_size
+    whole_groups = gs in (-1, 0) or gs >= layer.in_features or layer.in_features % gs == 0
+    return s.bits == 4 and not s.sym and whole_groups and layer.out_features % 8 == 0
 
-    try:
-        return version("autoround")
-    except PackageNotFoundError:
-        return "0+unknown"
+
+def _in_blocks(name: str, blocks: list[str]) -> bool:
+    return any(name.startswith(b + ".") for b in blocks)
 
 
 @register_format
 class AutoRoundFormat:
     name = "auto_round"
-    description = "AutoRound checkpoint (quant_method auto-round, GPTQ-layout int packing); transformers, vLLM, SGLang"
+    description = "AutoRound (quant_method auto-round; GPTQ or AWQ int packing); transformers, vLLM, SGLang"
+    lm_head = True
+    tied_lm_head = True
+    uniform = False
 
     def scheme_error(self, scheme: QuantScheme) -> str | None:
         if scheme.is_float:
@@ -68,28 +81,27 @@ class AutoRoundFormat:
 
     @staticmethod
     def packing_for(job: ExportJob) -> str:
-        all_sym = all(layer.scheme.sym for layer in job.layers.values())
-        return PACKING_GPTQ if all_sym else PACKING_RAW_ZP
+        layers = list(job.layers.values())
+        if all(layer.scheme.sym for layer in layers):
+            return PACKING_GPTQ
+        if all(awq_packable(layer) for layer in layers):
+            return PACKING_AWQ
+        return PACKING_RAW_ZP
 
     def layer_tensors(self, layer: QuantizedLayer, packing: str = PACKING_GPTQ) -> dict[str, torch.Tensor]:
-        qw = layer.weight
-        zeros = qw.zero.t().contiguous() - zero_offset(packing)  # [n_groups, out]
-        zeros = zeros & ((1 << qw.bits) - 1)  # a -1 (asym zp 0 under zp-1) wraps as GPTQ v1 does
-        return {
-            "qweight": pack_gptq_qweight(qw.qweight, qw.bits),
-            "qzeros": pack_gptq_qzeros(zeros, qw.bits),
-            "scales": qw.scale.t().contiguous().to(torch.float16),
-        }
+        if packing == PACKING_AWQ:
+            return awq_layer_tensors(layer.weight)
+        return gptq_layer_tensors(layer.weight, zero_offset(packing))
 
     def quantization_config(self, job: ExportJob) -> dict[str, Any]:
         default = job.scheme
         extra: dict[str, dict[str, Any]] = {}
         for name, layer in job.layers.items():
-            diff = {
-                k: getattr(layer.scheme, k)
-                for k in ("bits", "group_size", "sym", "data_type")
-                if getattr(layer.scheme, k) != getattr(default, k)
-            }
+            keys = ("bits", "group_size", "sym", "data_type")
+            if _in_blocks(name, job.block_names):
+                diff = {k: getattr(layer.scheme, k) for k in keys if getattr(layer.scheme, k) != getattr(default, k)}
+            else:  # e.g. lm_head: readers quantize only the blocks unless told otherwise
+                diff = {k: getattr(layer.scheme, k) for k in keys}
             if diff:
                 extra[name] = diff
         for name in job.float_layers:
@@ -103,7 +115,7 @@ class AutoRoundFormat:
             "data_type": default.data_type,
             "act_bits": default.act_bits,
             "block_name_to_quantize": ",".join(job.block_names),
-            "autoround_version": _version(),
+            "autoround_version": autoround_version(),
             "provider": "autoround",
         }
         config.update(job.settings)
@@ -113,27 +125,8 @@ class AutoRoundFormat:
 
     def save(self, job: ExportJob, output_dir: str) -> str:
         packing = self.packing_for(job)
-        tensors: dict[str, torch.Tensor] = {}
-        for name, tensor in float_state_dict(job.model).items():
-            layer_name, _, suffix = name.rpartition(".")
-            if layer_name in job.layers and suffix == "weight":
-                continue
-            if job.dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(job.dtype)
-            tensors[name] = tensor
-        for name, layer in job.layers.items():
-            for suffix, t in self.layer_tensors(layer, packing).items():
-                tensors[f"{name}.{suffix}"] = t
-            if layer.bias is not None:
-                tensors[f"{name}.bias"] = layer.bias.to(job.dtype or layer.bias.dtype)
         qconfig = self.quantization_config(job)
-        return str(
-            write_checkpoint(
-                output_dir,
-                model=job.model,
-                tensors=tensors,
-                quantization_config=qconfig,
-                tokenizer=job.tokenizer,
-                extra_json={"quantization_config.json": qconfig},
-            )
+        return save_format(
+            self, job, output_dir, lambda layer: self.layer_tensors(layer, packing), qconfig,
+            {"quantization_config.json": qconfig},
         )

@@ -74,3 +74,87 @@ def pack_gptq_qzeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_gptq_qzeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
     """int32 ``[n_groups, out * bits / 32]`` -> uint8 ``[n_groups, out]``."""
     return unpack_stream(qzeros.t(), bits, out_features).t().contiguous()
+
+
+# --- AWQ layout (``auto_awq`` and ``auto_round:auto_awq``; 4-bit only) --------------------------------
+# qweight int32 [in, out / 8] packs along the OUTPUT dimension; inside a word the 8 output columns sit in
+# the order [0, 2, 4, 6, 1, 3, 5, 7]: nibble p (bits 4p..4p+3) holds column AWQ_ORDER[p] of the 8.
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def pack_awq(values: torch.Tensor) -> torch.Tensor:
+    """uint4 values ``[rows, cols]`` -> int32 ``[rows, cols / 8]`` in the AWQ interleaved nibble order."""
+    rows, cols = values.shape
+    if cols % 8:
+        raise ValueError(f"AWQ packing needs a multiple of 8 columns, got {cols}")
+    v = values.to(torch.int64).reshape(rows, cols // 8, 8)[:, :, list(AWQ_ORDER)] & 0xF
+    shifts = torch.arange(8, device=values.device) * 4
+    words = (v << shifts).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_awq(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_awq``: int32 ``[rows, cols / 8]`` -> uint8 ``[rows, cols]``."""
+    rows, n = words.shape
+    shifts = torch.arange(8, device=words.device) * 4
+    nibbles = (words.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF  # [rows, n, nibble position]
+    inverse = [AWQ_ORDER.index(j) for j in range(8)]  # column j sits at nibble position inverse[j]
+    return nibbles[:, :, inverse].reshape(rows, n * 8).to(torch.uint8)
+
+
+def pack_awq_qweight(q: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[out, in]`` -> int32 ``[in, out / 8]``."""
+    return pack_awq(q.t().contiguous())
+
+
+def unpack_awq_qweight(qweight: torch.Tensor) -> torch.Tensor:
+    """int32 ``[in, out / 8]`` -> uint8 ``[out, in]``."""
+    return unpack_awq(qweight).t().contiguous()
+
+
+# --- compressed-tensors ``pack-quantized`` layout ------------------------------------------------------
+# The GPTQ bit stream (value j at bit j * bits, words crossed where needed), along the LAST dimension:
+# weight_packed int32 [out, in * bits / 32]; signed integers are stored with an offset of 2**(bits-1), which
+# makes them exactly the unsigned integers of this project.  Zero points pack the same way along dim 0.
+
+
+def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint ``[rows, cols]`` -> int32 ``[rows, cols * bits / 32]`` (bit stream along each row)."""
+    return pack_stream(values.t(), bits).t().contiguous()
+
+
+def unpack_rows(words: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    return unpack_stream(words.t(), bits, cols).t().contiguous()
+
+
+# --- one layer's tensors, per layout (shared by every format that uses the layout) ----------------------
+
+
+def gptq_layer_tensors(qw, zero_offset: int, g_idx: bool = False) -> dict[str, torch.Tensor]:
+    """``qweight``/``qzeros``/``scales`` (and ``g_idx``) of a ``QuantizedWeight`` in the GPTQ layout;
+    ``zero_offset`` 1 stores ``zp - 1`` (GPTQ v1), 0 stores ``zp``."""
+    zeros = qw.zero.t().contiguous() - zero_offset  # [n_groups, out]
+    zeros = zeros & ((1 << qw.bits) - 1)  # a -1 (asym zp 0 under zp-1) wraps as GPTQ v1 does
+    out = {
+        "qweight": pack_gptq_qweight(qw.qweight, qw.bits),
+        "qzeros": pack_gptq_qzeros(zeros, qw.bits),
+        "scales": qw.scale.t().contiguous().to(torch.float16),
+    }
+    if g_idx:
+        from ..qmath import group_layout
+
+        in_features = qw.qweight.shape[1]
+        gs, _ = group_layout(in_features, qw.group_size)
+        out["g_idx"] = (torch.arange(in_features) // gs).to(torch.int32)
+    return out
+
+
+def awq_layer_tensors(qw) -> dict[str, torch.Tensor]:
+    """``qweight``/``qzeros``/``scales`` of a 4-bit ``QuantizedWeight`` in the AWQ layout (zp as is)."""
+    if qw.bits != 4:
+        raise ValueError(f"the AWQ layout holds 4-bit weights only, not {qw.bits}-bit")
+    return {
+        "qweight": pack_awq_qweight(qw.qweight),
+        "qzeros": pack_awq(qw.zero.t().contiguous()),
+        "scales": qw.scale.t().contiguous().to(torch.float16),
+    }

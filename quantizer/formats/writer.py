@@ -113,16 +113,23 @@ def write_checkpoint(
     *,
     model: Any,
     tensors: Mapping[str, torch.Tensor],
-    quantization_config: dict[str, Any],
+    quantization_config: dict[str, Any] | None,
     tokenizer: Any = None,
     extra_json: Mapping[str, dict[str, Any]] | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    config_updates: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write tensors + config (with ``quantization_config``) + generation config + tokenizer atomically."""
+    """Write tensors + config (with ``quantization_config``, none for a float checkpoint) + generation config
+    + tokenizer atomically."""
     with atomic_output_dir(output_dir) as tmp:
         write_safetensors(tmp, tensors, max_shard_bytes)
         config = copy.deepcopy(model.config)
-        config.quantization_config = quantization_config
+        if quantization_config is not None:
+            config.quantization_config = quantization_config
+        elif hasattr(config, "quantization_config"):
+            del config.quantization_config
+        for key, value in (config_updates or {}).items():
+            setattr(config, key, value)
         config.save_pretrained(str(tmp))
         gen = getattr(model, "generation_config", None)
         if gen is not None:
@@ -136,3 +143,64 @@ def write_checkpoint(
             (tmp / fname).write_text(json.dumps(payload, indent=2) + "\n")
     logger.info("checkpoint written to %s", Path(output_dir).absolute())
     return Path(output_dir).absolute()
+
+
+def checkpoint_tensors(job: Any, layer_tensors: Any) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint: the model's float tensors (cast to ``job.dtype``) with each quantized
+    layer's ``weight`` replaced by what ``layer_tensors(layer)`` returns (suffix -> tensor), plus its bias.
+
+    One function for every format, so the formats differ only in how one layer is packed."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in float_state_dict(job.model).items():
+        layer_name, _, suffix = name.rpartition(".")
+        if layer_name in job.layers and suffix in ("weight", "bias"):
+            continue
+        if job.dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(job.dtype)
+        tensors[name] = tensor
+    for name, layer in job.layers.items():
+        for suffix, t in layer_tensors(layer).items():
+            tensors[f"{name}.{suffix}"] = t
+        if layer.bias is not None:
+            tensors[f"{name}.bias"] = layer.bias.to(job.dtype or layer.bias.dtype)
+    return tensors
+
+
+def save_format(
+    fmt: Any,
+    job: Any,
+    output_dir: str | os.PathLike,
+    layer_tensors: Any,
+    quantization_config: dict[str, Any] | None,
+    extra_json: Mapping[str, dict[str, Any]] | None = None,
+) -> str:
+    """The one writer behind every format's ``save``."""
+    updates: dict[str, Any] = {}
+    if any(_is_output_layer(job.model, n) for n in job.layers):
+        # a quantized lm_head is stored apart from the (float) input embedding: the written model is untied
+        updates["tie_word_embeddings"] = False
+    logger.info("writing %s checkpoint (%d quantized layers)", fmt.name, len(job.layers))
+    return str(
+        write_checkpoint(
+            output_dir,
+            model=job.model,
+            tensors=checkpoint_tensors(job, layer_tensors),
+            quantization_config=quantization_config,
+            tokenizer=job.tokenizer,
+            extra_json=extra_json,
+            config_updates=updates,
+        )
+    )
+
+
+def _is_output_layer(model: Any, name: str) -> bool:
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if get is not None else None
+    return out is not None and out is _submodule(model, name)
+
+
+def _submodule(model: Any, name: str) -> Any:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None

@@ -112,15 +112,22 @@ def test_quant_lm_head_tunes_the_output_projection():
     assert torch.equal(ar.model.lm_head.weight, qw.dequantize())
 
 
-def test_quant_lm_head_refused_when_tied():
+def test_quant_lm_head_tied_is_untied_and_tuned():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from autoround import AutoRound
 
     cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    with pytest.raises(AutoRoundError, match="tie_word_embeddings"):
-        AutoRound(LlamaForCausalLM(cfg), iters=1, quant_lm_head=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    emb = model.get_input_embeddings().weight.detach().clone()
+    ar = AutoRound(model, scheme="W2A16G32", iters=5, dataset=_calib(), nsamples=16, seqlen=32, batch_size=4,
+                   quant_lm_head=True)
+    ar.quantize()
+    assert "lm_head" in ar.layers
+    assert torch.equal(model.get_input_embeddings().weight, emb)  # the embedding stays float
+    assert torch.equal(model.lm_head.weight, ar.layers["lm_head"].weight.dequantize())
 
 
 def test_bad_tuning_option_is_a_clear_error():

@@ -1,0 +1,95 @@
+"""The ``auto_gptq`` format (``quant_method: "gptq"``, GPTQ v1 layout) read by GPTQModel, transformers,
+vLLM and SGLang.
+
+Tensors per layer: ``qweight``/``qzeros`` (``zp - 1``)/``scales`` and ``g_idx`` (``i // group_size``, no
+act-order).  Per-layer overrides are GPTQModel ``dynamic`` entries: ``"+:^name$": {"bits": 8, ...}`` for a
+layer quantized differently, ``"-:^name$": {}`` for a layer left in float.  ``quantize_config.json`` holds
+the same dict as ``config.json``'s ``quantization_config``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from . import ExportJob, QuantizedLayer, autoround_version, group_size_of, register_format
+from .auto_round import AutoRoundFormat
+from .packing import gptq_layer_tensors
+from .writer import save_format
+from ..schemes import QuantScheme
+from ...log import logger
+
+
+def _exact(name: str) -> str:
+    return "^" + re.escape(name) + "$"
+
+
+@register_format
+class AutoGPTQFormat:
+    name = "auto_gptq"
+    description = "GPTQ (quant_method gptq, v1 zero points, g_idx); GPTQModel, transformers, vLLM, SGLang"
+    lm_head = True
+    tied_lm_head = False
+    uniform = False
+
+    def scheme_error(self, scheme: QuantScheme) -> str | None:
+        return AutoRoundFormat().scheme_error(scheme)  # same integer layout, same limits
+
+    def shape_error(self, scheme: QuantScheme, in_features: int, out_features: int) -> str | None:
+        return AutoRoundFormat().shape_error(scheme, in_features, out_features)
+
+    def layer_tensors(self, layer: QuantizedLayer) -> dict[str, Any]:
+        return gptq_layer_tensors(layer.weight, zero_offset=1, g_idx=True)
+
+    def quantization_config(self, job: ExportJob) -> dict[str, Any]:
+        default = job.scheme
+        dynamic: dict[str, dict[str, Any]] = {}
+        lm_head = False
+        out = job.model.get_output_embeddings() if hasattr(job.model, "get_output_embeddings") else None
+        for name, layer in job.layers.items():
+            if out is not None and out is job.model.get_submodule(name):
+                lm_head = True
+            s = layer.scheme
+            diff = {}
+            if s.bits != default.bits:
+                diff["bits"] = s.bits
+            if group_size_of(layer) != (-1 if default.group_size in (-1, 0) else default.group_size):
+                diff["group_size"] = group_size_of(layer)
+            if s.sym != default.sym:
+                diff["sym"] = s.sym
+            if diff:
+                dynamic["+:" + _exact(name)] = diff
+        for name in job.float_layers:
+            dynamic["-:" + _exact(name)] = {}
+        config: dict[str, Any] = {
+            "quant_method": "gptq",
+            "checkpoint_format": "gptq",
+            "bits": default.bits,
+            "group_size": -1 if default.group_size in (-1, 0) else default.group_size,
+            "sym": default.sym,
+            "desc_act": False,
+            "true_sequential": True,
+            "damp_percent": 0.01,
+            "static_groups": False,
+            "lm_head": lm_head,
+            "pack_dtype": "int32",
+            "provider": "autoround",
+            "autoround_version": autoround_version(),
+            "block_name_to_quantize": ",".join(job.block_names),
+        }
+        if dynamic:
+            config["dynamic"] = dynamic
+        return config
+
+    def save(self, job: ExportJob, output_dir: str) -> str:
+        wrapped = sum(int((layer.weight.zero == 0).sum()) for layer in job.layers.values() if not layer.scheme.sym)
+        if wrapped:
+            logger.warning(
+                "auto_gptq: %d asymmetric groups have zero point 0, which the GPTQ v1 layout (zp - 1) stores as -1: "
+                "readers that convert v1 to v2 by adding 1 to each packed word carry into the next value, and "
+                "GPTQModel loads asymmetric v1 files only from its own quantizer; the auto_round format stores "
+                "asymmetric weights exactly",
+                wrapped,
+            )
+        qconfig = self.quantization_config(job)
+        return save_format(self, job, output_dir, self.layer_tensors, qconfig, {"quantize_config.json": qconfig})

@@ -1,0 +1,39 @@
+"""The ``fake`` format: an ordinary float checkpoint whose quantized layers hold their dequantized values.
+
+Any tool that reads a float model reads it; useful to evaluate a quantization with float kernels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import ExportJob, QuantizedLayer, register_format
+from .writer import save_format
+from ..schemes import QuantScheme
+
+
+@register_format
+class FakeFormat:
+    name = "fake"
+    description = "float checkpoint holding the dequantized weights (no quantization_config); any float reader"
+    lm_head = True
+    tied_lm_head = True
+    uniform = False
+
+    def scheme_error(self, scheme: QuantScheme) -> str | None:
+        return None
+
+    def shape_error(self, scheme: QuantScheme, in_features: int, out_features: int) -> str | None:
+        return None
+
+    def layer_tensors(self, layer: QuantizedLayer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        w = layer.weight.dequantize()
+        return {"weight": w.to(dtype or torch.float32)}
+
+    def quantization_config(self, job: ExportJob) -> dict[str, Any] | None:
+        return None
+
+    def save(self, job: ExportJob, output_dir: str) -> str:
+        dtype = job.dtype or next(job.model.parameters()).dtype
+        return save_format(self, job, output_dir, lambda layer: self.layer_tensors(layer, dtype), None)
