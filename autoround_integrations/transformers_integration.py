@@ -20,7 +20,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import AutoRoundConfig as _HfAutoRoundConfig
 from transformers.utils.quantization_config import QuantizationMethod
 
-from autoround.backends import LayerSpec, select_kernel
+from autoround.backends import InstallAdvice, LayerSpec, reconcile_dtype, select_kernel
 from autoround.quantizer.errors import AutoRoundError, ModelLoadError, SchemeError
 
 from .checkpoint_config import CheckpointQuantConfig
@@ -50,7 +50,7 @@ class AutoRoundConfig(_HfAutoRoundConfig):
     def post_init(self) -> None:
         from autoround import backends as _backends
 
-        valid = ("auto",) + tuple(k.name for k in _backends.kernels())
+        valid = tuple(_backends.backend_names())
         if self.backend not in valid:
             raise SchemeError(f"backend={self.backend!r} is not known; valid backends: {', '.join(valid)}")
         if getattr(self, "packing_format", None) == "auto_round:gptq":  # transformers' default spelling
@@ -136,6 +136,16 @@ class AutoRoundQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.device_type = "cpu"
         self.used_kernels: Counter[str] = Counter()
+        self.dtype_note = ""
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """Reconcile the requested compute dtype with the device and kernels (e.g. no fp16 on a plain CPU)."""
+        ckpt = self.quantization_config.checkpoint_config()
+        d = ckpt.default
+        spec = LayerSpec(self.device_type, d.bits, d.group_size, d.sym, ckpt.packing_format, 4096, 4096, dtype)
+        backend = getattr(self.quantization_config, "backend", "auto")
+        chosen, self.dtype_note = reconcile_dtype(self.device_type, dtype, spec, backend)
+        return chosen
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         self.device_type = _device_type(kwargs.get("device_map"))
@@ -155,6 +165,7 @@ class AutoRoundQuantizer(HfQuantizer):
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         backend = getattr(self.quantization_config, "backend", "auto")
+        advice = InstallAdvice()
         replaced = 0
         missing: list[str] = []
         for name, module in list(model.named_modules()):
@@ -178,7 +189,7 @@ class AutoRoundQuantizer(HfQuantizer):
                 out_features=module.out_features,
                 act_dtype=dtype,
             )
-            kernel = select_kernel(spec, backend)
+            kernel = select_kernel(spec, backend, advice)
             with torch.device("meta"):
                 qlinear = kernel.factory(
                     module.in_features,
@@ -202,7 +213,11 @@ class AutoRoundQuantizer(HfQuantizer):
                 "no quantized layer found in this checkpoint: its quantization_config names blocks "
                 f"{list(ckpt.block_names)} but no matching linear layer has packed weights"
             )
-        logger.info("AutoRound loader: %d quantized layers, kernels %s", replaced, dict(self.used_kernels))
+        advice.emit()  # one warning per model when a better kernel only lacks a package
+        logger.info(
+            "AutoRound loader: %d quantized layers, kernels %s, compute dtype %s%s", replaced,
+            dict(self.used_kernels), str(dtype).replace("torch.", ""), f" ({self.dtype_note})" if self.dtype_note else "",
+        )
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         missing = []
