@@ -158,6 +158,14 @@ def register_kernel(info: KernelInfo) -> None:
     _KERNELS = sorted(kept, key=lambda k: -k.priority)
 
 
+def unregister_kernel(name: str) -> KernelInfo | None:
+    """Remove a kernel by name (returns it, or None when absent)."""
+    global _KERNELS
+    found = next((k for k in _KERNELS if k.name == name), None)
+    _KERNELS = [k for k in _KERNELS if k.name != name]
+    return found
+
+
 def kernels() -> list[KernelInfo]:
     return list(_KERNELS)
 

@@ -1,0 +1,73 @@
+"""One inference measurement in its own process (run by ``autoround.bench.infer``; also run BY PATH with
+Intel's interpreter, so it imports only torch and transformers unless told to load this project).
+
+Usage: ``python infer_worker.py '{"path": ..., "loader": "dense"|"ours"|"intel", "backend": "auto", ...}'``.
+Prints one JSON line: load seconds, prefill tokens/s, decode tokens/s, peak RSS (MiB), kernels used.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+
+def _kernels(model) -> dict:
+    counts: dict = {}
+    for m in model.modules():
+        name = getattr(m, "kernel_name", None) or (type(m).__name__ if "QuantLinear" in type(m).__name__ else None)
+        if name:
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def main(cfg: dict) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    if cfg["loader"] == "ours":
+        import autoround  # noqa: F401  (registers this project's loader with transformers)
+        from autoround import AutoRoundConfig
+    elif cfg["loader"] == "intel":
+        from transformers import AutoRoundConfig  # backed by Intel's auto_round package
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": cfg.get("dtype", "auto")}
+    if cfg["loader"] in ("ours", "intel"):
+        kwargs["quantization_config"] = AutoRoundConfig(backend=cfg.get("backend", "auto"))
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(cfg["path"], **kwargs).eval()
+    load_s = time.perf_counter() - t0
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(100, vocab - 100, (1, cfg["prompt_len"]), generator=gen)
+    with torch.inference_mode():
+        model(prompt[:, :16])  # warm-up (first-call allocations, kernel builds)
+        best_prefill = float("inf")
+        for _ in range(cfg.get("prefill_repeats", 2)):
+            t = time.perf_counter()
+            out = model(prompt, use_cache=True)
+            best_prefill = min(best_prefill, time.perf_counter() - t)
+        past = out.past_key_values
+        tok = out.logits[:, -1:].argmax(-1)
+        t = time.perf_counter()
+        for _ in range(cfg["new_tokens"]):
+            out = model(tok, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            tok = out.logits[:, -1:].argmax(-1)
+        decode_s = time.perf_counter() - t
+    return {
+        "load_s": round(load_s, 2),
+        "prefill_tok_s": round(cfg["prompt_len"] / best_prefill, 1),
+        "decode_tok_s": round(cfg["new_tokens"] / decode_s, 2),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "kernels": _kernels(model),
+        "threads": torch.get_num_threads(),
+    }
+
+
+if __name__ == "__main__":
+    result = main(json.loads(sys.argv[1]))
+    print("RESULT " + json.dumps(result), flush=True)
