@@ -21,6 +21,7 @@ from transformers.utils.quantization_config import AutoRoundConfig as _HfAutoRou
 from transformers.utils.quantization_config import QuantizationMethod
 
 from autoround.backends import InstallAdvice, LayerSpec, reconcile_dtype, select_kernel
+from autoround.backends.cpu_kernels import release_host_memory
 from autoround.quantizer.errors import AutoRoundError, ModelLoadError, SchemeError
 
 from .checkpoint_config import CheckpointQuantConfig
@@ -230,6 +231,7 @@ class AutoRoundQuantizer(HfQuantizer):
                     module.post_init()
         if missing:
             raise ModelLoadError(f"the checkpoint is missing quantized tensors: {_shorten(missing)}")
+        release_host_memory()
 
     def is_serializable(self, safe_serialization: bool = True) -> bool:
         return True

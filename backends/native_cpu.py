@@ -52,6 +52,49 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* one output row, ONE activation row: four independent accumulators hide the FMA latency (decode) */
+static inline void row1_q4(const uint8_t *wr, const float *sc, const float *zs, const float *x,
+                           const float *xs, float *y, int64_t gs, int64_t G) {
+    const __m128i m0f = _mm_set1_epi8(0x0F);
+    __m256 tot = _mm256_setzero_ps();
+    float zterm = 0.f;
+    for (int64_t g = 0; g < G; g++) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+            __m128i b = _mm_loadu_si128((const __m128i *)(wr + k / 2));
+            __m128i lo = _mm_and_si128(b, m0f);
+            __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), m0f);
+            a0 = _mm256_fmadd_ps(cvt8(lo), _mm256_loadu_ps(x + k), a0);
+            a1 = _mm256_fmadd_ps(cvt8(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(x + k + 8), a1);
+            a2 = _mm256_fmadd_ps(cvt8(hi), _mm256_loadu_ps(x + k + 16), a2);
+            a3 = _mm256_fmadd_ps(cvt8(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(x + k + 24), a3);
+        }
+        __m256 acc = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+        tot = _mm256_fmadd_ps(acc, _mm256_set1_ps(sc[g]), tot);
+        zterm += zs[g] * xs[g];
+    }
+    *y = hsum(tot) - zterm;
+}
+
+static inline void row1_q8(const uint8_t *wr, const float *sc, const float *zs, const float *x,
+                           const float *xs, float *y, int64_t gs, int64_t G) {
+    __m256 tot = _mm256_setzero_ps();
+    float zterm = 0.f;
+    for (int64_t g = 0; g < G; g++) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+            a0 = _mm256_fmadd_ps(cvt8(_mm_loadl_epi64((const __m128i *)(wr + k))), _mm256_loadu_ps(x + k), a0);
+            a1 = _mm256_fmadd_ps(cvt8(_mm_loadl_epi64((const __m128i *)(wr + k + 8))), _mm256_loadu_ps(x + k + 8), a1);
+            a2 = _mm256_fmadd_ps(cvt8(_mm_loadl_epi64((const __m128i *)(wr + k + 16))), _mm256_loadu_ps(x + k + 16), a2);
+            a3 = _mm256_fmadd_ps(cvt8(_mm_loadl_epi64((const __m128i *)(wr + k + 24))), _mm256_loadu_ps(x + k + 24), a3);
+        }
+        __m256 acc = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+        tot = _mm256_fmadd_ps(acc, _mm256_set1_ps(sc[g]), tot);
+        zterm += zs[g] * xs[g];
+    }
+    *y = hsum(tot) - zterm;
+}
+
 /* one output row n, MB activation rows starting at x (row stride kp); nibble layout */
 static inline void row_q4(const uint8_t *wr, const float *sc, const float *zs, const float *x,
                           const float *xs, float *y, int64_t n_out, int64_t kp, int64_t gs, int64_t G,
@@ -116,16 +159,25 @@ static inline void row_q8(const uint8_t *wr, const float *sc, const float *zs, c
 
 #define DISPATCH(FN)                                                                              \
     switch (mb) {                                                                                 \
+    case 1:                                                                                       \
+        if (nibbles) row1_q4(wr, scr, zsr, xm, xsm, ym, gs, G); else row1_q8(wr, scr, zsr, xm, xsm, ym, gs, G); \
+        break;                                                                                    \
     case 4: FN(wr, scr, zsr, xm, xsm, ym, N, kp, gs, G, 4); break;                                \
     case 3: FN(wr, scr, zsr, xm, xsm, ym, N, kp, gs, G, 3); break;                                \
-    case 2: FN(wr, scr, zsr, xm, xsm, ym, N, kp, gs, G, 2); break;                                \
-    default: FN(wr, scr, zsr, xm, xsm, ym, N, kp, gs, G, 1); break;                               \
+    default: FN(wr, scr, zsr, xm, xsm, ym, N, kp, gs, G, 2); break;                               \
     }
 
-/* y[M, N] = x[M, kp] (.) W; w: [N, kp/2] (nibbles) or [N, kp] (bytes); sc, zs: [N, G]; xs: [M, G] */
-void ar_gemv(const uint8_t *w, const float *sc, const float *zs, const float *x, const float *xs,
+/* y[M, N] = x[M, kp] (.) W; w: [N, kp/2] (nibbles) or [N, kp] (bytes); sc, zs: [N, G];
+   xs: scratch [M, G] that receives the per-group sums of x */
+void ar_gemv(const uint8_t *w, const float *sc, const float *zs, const float *x, float *xs,
              float *y, int64_t M, int64_t N, int64_t kp, int64_t gs, int64_t nibbles, int64_t nthreads) {
     const int64_t G = kp / gs, row_bytes = nibbles ? kp / 2 : kp;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < G; g++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t k = g * gs; k < (g + 1) * gs; k += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(x + m * kp + k));
+            xs[m * G + g] = hsum(acc);
+        }
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *wr = w + n * row_bytes;
@@ -272,7 +324,7 @@ class NativeCpuQuantLinear(_RepackingLinear):
             )
             y = F.linear(x2, w, None if self.bias is None else self.bias.float())
         else:
-            xs = x2.view(m, self.n_pad_groups, self.gs_pad).sum(-1).contiguous()
+            xs = torch.empty(m, self.n_pad_groups, dtype=torch.float32)  # filled by the kernel
             y = torch.empty(m, self.out_features, dtype=torch.float32)
             self._lib.ar_gemv(
                 self.packed_weight.data_ptr(), self.scale.data_ptr(), self.zero_scale.data_ptr(), x2.data_ptr(),
