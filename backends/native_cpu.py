@@ -235,15 +235,30 @@ def compiler() -> str | None:
     return shutil.which("cc") or shutil.which("gcc")
 
 
-def unavailable_reason() -> str | None:
-    """Why this kernel cannot run here (no AVX2 CPU, no C compiler, a failed build); None when it can."""
-    if _LIB_ERROR is not None:
-        return _LIB_ERROR
+def _host_reason() -> str | None:
     cap = torch.backends.cpu.get_cpu_capability()
     if cap not in ("AVX2", "AVX512"):
         return f"needs an x86 CPU with AVX2 (torch reports {cap!r})"
     if compiler() is None:
         return "needs a C compiler (cc or gcc) to build the kernel once; install gcc"
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """Why this kernel cannot run here (no AVX2 CPU, no C compiler, a failed build); None when it can.
+
+    Builds the library on first use (about a second, cached), so a failing build makes the selector fall
+    back to the next kernel instead of failing the model load.
+    """
+    if _LIB is not None:
+        return None
+    reason = _LIB_ERROR or _host_reason()
+    if reason:
+        return reason
+    try:
+        load_library()
+    except (RuntimeError, OSError) as exc:
+        return _LIB_ERROR or str(exc)
     return None
 
 
@@ -259,14 +274,18 @@ def load_library() -> ctypes.CDLL:
     with _LOCK:
         if _LIB is not None:
             return _LIB
-        reason = unavailable_reason()
+        reason = _LIB_ERROR or _host_reason()
         if reason:
             raise RuntimeError(f"avx2 kernel unavailable: {reason}")
         digest = hashlib.sha1((C_SOURCE + " ".join(CFLAGS)).encode()).hexdigest()[:16]
         folder = _cache_dir()
         path = os.path.join(folder, f"ar_native_cpu_{digest}.so")
         if not os.path.exists(path):
-            os.makedirs(folder, exist_ok=True)
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as exc:
+                _LIB_ERROR = f"cannot create the kernel cache folder {folder}: {exc} (set AR_CACHE_DIR)"
+                raise RuntimeError(f"avx2 kernel unavailable: {_LIB_ERROR}") from exc
             with tempfile.TemporaryDirectory(dir=folder) as tmp:
                 src = os.path.join(tmp, "kernel.c")
                 with open(src, "w") as f:
@@ -277,7 +296,11 @@ def load_library() -> ctypes.CDLL:
                     _LIB_ERROR = f"building the C kernel failed: {proc.stderr.strip()[-500:]}"
                     raise RuntimeError(f"avx2 kernel unavailable: {_LIB_ERROR}")
                 os.replace(out, path)  # atomic: concurrent builders never see a half-written library
-        lib = ctypes.CDLL(path)
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError as exc:
+            _LIB_ERROR = f"loading the built kernel {path} failed: {exc}"
+            raise RuntimeError(f"avx2 kernel unavailable: {_LIB_ERROR}") from exc
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.ar_gemv.argtypes = [ptr] * 6 + [i64] * 6
         lib.ar_gemv.restype = None

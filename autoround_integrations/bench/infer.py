@@ -53,15 +53,11 @@ def _ark_shim() -> str | None:
 
 
 def _run(python: str, cfg: dict, timeout: float, extra_path: str | None = None) -> dict:
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = str(cfg["threads"])
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("HF_HUB_OFFLINE", "1")
     if extra_path:
-        env["PYTHONPATH"] = extra_path + os.pathsep + env.get("PYTHONPATH", "")
+        cfg = {**cfg, "extra_path": extra_path}  # the worker puts it first on sys.path
     try:
         proc = subprocess.run([python, str(WORKER), json.dumps(cfg)], capture_output=True, text=True,
-                              timeout=timeout, env=env)
+                              timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f}s"}
     for line in proc.stdout.splitlines():

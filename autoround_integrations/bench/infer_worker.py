@@ -34,6 +34,8 @@ def _tensor_mib(model) -> float:
 
 
 def main(cfg: dict) -> dict:
+    if cfg.get("extra_path"):
+        sys.path.insert(0, cfg["extra_path"])  # e.g. a lent auto-round-lib (package and its metadata)
     import torch
 
     torch.manual_seed(0)
@@ -52,6 +54,8 @@ def main(cfg: dict) -> dict:
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(cfg["path"], **kwargs).eval()
     load_s = time.perf_counter() - t0
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))  # again: a loader may have changed it (Intel's does)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(100, vocab - 100, (1, cfg["prompt_len"]), generator=gen)
