@@ -1,4 +1,14 @@
-"""Inference kernels for quantized linear layers, and the selector that picks one per layer."""
+"""Inference kernels for quantized linear layers, and the selector that picks one per layer.
+
+Kernel contract (unchanged; extensions are optional and backward compatible):
+``info = select_kernel(spec, backend="auto", advice=None)`` then
+``layer = info.factory(in_features, out_features, bits, group_size, sym, bias, zero_offset=..., device=...)``;
+fill ``qweight``/``qzeros``/``scales``/``bias`` (GPTQ layout; AWQ layout for the ``*_awq`` kernels), call
+``layer.post_init()`` once, then ``layer(x)``.  Extensions: ``advice`` (an ``InstallAdvice`` per model, whose
+``emit()`` logs one "pip install" warning), ``KernelInfo.compute_dtype`` (dtype a kernel computes in
+internally, None = activation dtype), ``reconcile_dtype()``; ``post_init()`` of repacking kernels frees
+``qweight`` (an empty tensor afterwards) and ``forward`` before ``post_init()`` raises.
+"""
 
 from __future__ import annotations
 
