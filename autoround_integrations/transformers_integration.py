@@ -20,7 +20,8 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import AutoRoundConfig as _HfAutoRoundConfig
 from transformers.utils.quantization_config import QuantizationMethod
 
-from autoround.backends import LayerSpec, select_kernel
+from autoround.backends import InstallAdvice, LayerSpec, reconcile_dtype, select_kernel
+from autoround.backends.cpu_kernels import release_host_memory
 from autoround.quantizer.errors import AutoRoundError, ModelLoadError, SchemeError
 from autoround.quantizer.model_io import linear_dims
 
@@ -51,7 +52,7 @@ class AutoRoundConfig(_HfAutoRoundConfig):
     def post_init(self) -> None:
         from autoround import backends as _backends
 
-        valid = ("auto",) + tuple(k.name for k in _backends.kernels())
+        valid = tuple(_backends.backend_names())
         if self.backend not in valid:
             raise SchemeError(f"backend={self.backend!r} is not known; valid backends: {', '.join(valid)}")
         if getattr(self, "packing_format", None) == "auto_round:gptq":  # transformers' default spelling
@@ -150,6 +151,16 @@ class AutoRoundQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.device_type = "cpu"
         self.used_kernels: Counter[str] = Counter()
+        self.dtype_note = ""
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """Reconcile the requested compute dtype with the device and kernels (e.g. no fp16 on a plain CPU)."""
+        ckpt = self.quantization_config.checkpoint_config()
+        d = ckpt.default
+        spec = LayerSpec(self.device_type, d.bits, d.group_size, d.sym, ckpt.packing_format, 4096, 4096, dtype)
+        backend = getattr(self.quantization_config, "backend", "auto")
+        chosen, self.dtype_note = reconcile_dtype(self.device_type, dtype, spec, backend)
+        return chosen
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         self.device_type = _device_type(kwargs.get("device_map"))
@@ -169,6 +180,7 @@ class AutoRoundQuantizer(HfQuantizer):
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         backend = getattr(self.quantization_config, "backend", "auto")
+        advice = InstallAdvice()
         replaced = 0
         missing: list[str] = []
         for name, module in list(model.named_modules()):
@@ -194,7 +206,7 @@ class AutoRoundQuantizer(HfQuantizer):
                 out_features=out_features,
                 act_dtype=dtype,
             )
-            kernel = select_kernel(spec, backend)
+            kernel = select_kernel(spec, backend, advice)
             with torch.device("meta"):
                 qlinear = kernel.factory(
                     in_features,
@@ -225,7 +237,11 @@ class AutoRoundQuantizer(HfQuantizer):
                 "no quantized layer found in this checkpoint: its quantization_config names blocks "
                 f"{list(ckpt.block_names)} but no matching linear layer has packed weights"
             )
-        logger.info("AutoRound loader: %d quantized layers, kernels %s", replaced, dict(self.used_kernels))
+        advice.emit()  # one warning per model when a better kernel only lacks a package
+        logger.info(
+            "AutoRound loader: %d quantized layers, kernels %s, compute dtype %s%s", replaced,
+            dict(self.used_kernels), str(dtype).replace("torch.", ""), f" ({self.dtype_note})" if self.dtype_note else "",
+        )
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         missing = []
@@ -239,6 +255,7 @@ class AutoRoundQuantizer(HfQuantizer):
                     module.post_init()
         if missing:
             raise ModelLoadError(f"the checkpoint is missing quantized tensors: {_shorten(missing)}")
+        release_host_memory()
 
     def is_serializable(self, safe_serialization: bool = True) -> bool:
         return True

@@ -1,0 +1,362 @@
+"""``avx2``: this project's own CPU kernel for 2/3/4/8-bit weights, keeping them packed.
+
+Why it exists: on this class of machine (x86 with AVX2, no AVX512) PyTorch's weight-only int4/int8 ops run
+a scalar path (~40x slower than fp32 dense) and auto-round-lib's ark kernel runs at about dense-fp32 speed,
+while decoding is memory bound: reading 4-bit weights instead of fp32 ones is what makes it faster.
+
+Layout after ``post_init()`` (per output row, input channels padded to whole groups of a multiple of 32):
+- 2/3/4-bit: one byte per two integers; in each block of 32 channels byte ``j`` holds channel ``j`` in its
+  low nibble and channel ``j + 16`` in its high nibble (so AVX2 unpacks a block with two masks).
+- 8-bit: one byte per integer.
+- ``scale [out, groups]`` and ``zero_scale = zp * scale`` in fp32: ``y = sum_g scale*dot(x_g, q_g) -
+  zero_scale * sum(x_g)``, which is ``x @ ((q - zp) * scale)^T`` exactly in real arithmetic.
+
+Few rows (decode) run the fused GEMV-style C loop (OpenMP over output rows, up to 4 activation rows per
+pass); many rows (prefill) dequantize the layer once into a temporary fp32 matrix in C and use torch's
+GEMM, so prefill runs at dense speed.  Computes in fp32 whatever the activation dtype (inputs are cast
+and the result cast back), which is also the right CPU compute dtype here.
+
+The C source below is compiled once with the system C compiler (``cc -O3 -mavx2 -mfma -fopenmp``) into
+``<AR_CACHE_DIR>/kernels/`` and loaded with ctypes; the OpenMP runtime resolves to the one torch already
+loaded (same soname), so both share one thread pool.  No compiler or no AVX2 -> the kernel reports itself
+unavailable and the selector says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from .conversions import padded_group_layout
+from .cpu_kernels import AwqLayout, _RepackingLinear
+
+C_SOURCE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+#include <omp.h>
+
+static inline __m256 cvt8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* one output row, ONE activation row: four independent accumulators hide the FMA latency (decode) */
+static inline void row1_q4(const uint8_t *wr, const float *sc, const float *zs, const float *x,
+                           const float *xs, float *y, int64_t gs, int64_t G) {
+    const __m128i m0f = _mm_set1_epi8(0x0F);
+    __m256 tot = _mm256_setzero_ps();
+    float zterm = 0.f;
+    for (int64_t g = 0; g < G; g++) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+            __m128i b = _mm_loadu_si128((const __m128i *)(wr + k / 2));
+            __m128i lo = _mm_and_si128(b, m0f);
+            __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), m0f);
+            a0 = _mm256_fmadd_ps(cvt8(lo), _mm256_loadu_ps(x + k), a0);
+            a1 = _mm256_fmadd_ps(cvt8(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(x + k + 8), a1);
+            a2 = _mm256_fmadd_ps(cvt8(hi), _mm256_loadu_ps(x + k + 16), a2);
+            a3 = _mm256_fmadd_ps(cvt8(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(x + k + 24), a3);
+        }
+        __m256 acc = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+        tot = _mm256_fmadd_ps(acc, _mm256_set1_ps(sc[g]), tot);
+        zterm += zs[g] * xs[g];
+    }
+    *y = hsum(tot) - zterm;
+}
+
+static inline void row1_q8(const uint8_t *wr, const float *sc, const float *zs, const float *x,
+                           const float *xs, float *y, int64_t gs, int64_t G) {
+    __m256 tot = _mm256_setzero_ps();
+    float zterm = 0.f;
+    for (int64_t g = 0; g < G; g++) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+            a0 = _mm256_fmadd_ps(cvt8(_mm_loadl_epi64((const __m128i *)(wr + k))), _mm256_loadu_ps(x + k), a0);
+            a1 = _mm256_fmadd_ps(cvt8(_mm_loadl_epi64((const __m128i *)(wr + k + 8))), _mm256_loadu_ps(x + k + 8), a1);
+            a2 = _mm256_fmadd_ps(cvt8(_mm_loadl_epi64((const __m128i *)(wr + k + 16))), _mm256_loadu_ps(x + k + 16), a2);
+            a3 = _mm256_fmadd_ps(cvt8(_mm_loadl_epi64((const __m128i *)(wr + k + 24))), _mm256_loadu_ps(x + k + 24), a3);
+        }
+        __m256 acc = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+        tot = _mm256_fmadd_ps(acc, _mm256_set1_ps(sc[g]), tot);
+        zterm += zs[g] * xs[g];
+    }
+    *y = hsum(tot) - zterm;
+}
+
+/* one output row n, MB activation rows starting at x (row stride kp); nibble layout */
+static inline void row_q4(const uint8_t *wr, const float *sc, const float *zs, const float *x,
+                          const float *xs, float *y, int64_t n_out, int64_t kp, int64_t gs, int64_t G,
+                          const int MB) {
+    const __m128i m0f = _mm_set1_epi8(0x0F);
+    __m256 tot[4];
+    float zterm[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int i = 0; i < MB; i++) tot[i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        __m256 acc[4];
+        for (int i = 0; i < MB; i++) acc[i] = _mm256_setzero_ps();
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+            __m128i b = _mm_loadu_si128((const __m128i *)(wr + k / 2));
+            __m128i lo = _mm_and_si128(b, m0f);
+            __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), m0f);
+            __m256 w0 = cvt8(lo), w1 = cvt8(_mm_srli_si128(lo, 8));
+            __m256 w2 = cvt8(hi), w3 = cvt8(_mm_srli_si128(hi, 8));
+            for (int i = 0; i < MB; i++) {
+                const float *xr = x + i * kp + k;
+                acc[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[i]);
+                acc[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[i]);
+                acc[i] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), acc[i]);
+                acc[i] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), acc[i]);
+            }
+        }
+        __m256 s = _mm256_set1_ps(sc[g]);
+        for (int i = 0; i < MB; i++) {
+            tot[i] = _mm256_fmadd_ps(acc[i], s, tot[i]);
+            zterm[i] += zs[g] * xs[i * G + g];
+        }
+    }
+    for (int i = 0; i < MB; i++) y[i * n_out] = hsum(tot[i]) - zterm[i];
+}
+
+/* byte layout (8-bit) */
+static inline void row_q8(const uint8_t *wr, const float *sc, const float *zs, const float *x,
+                          const float *xs, float *y, int64_t n_out, int64_t kp, int64_t gs, int64_t G,
+                          const int MB) {
+    __m256 tot[4];
+    float zterm[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int i = 0; i < MB; i++) tot[i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        __m256 acc[4];
+        for (int i = 0; i < MB; i++) acc[i] = _mm256_setzero_ps();
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
+            __m128i b = _mm_loadu_si128((const __m128i *)(wr + k));
+            __m256 w0 = cvt8(b), w1 = cvt8(_mm_srli_si128(b, 8));
+            for (int i = 0; i < MB; i++) {
+                const float *xr = x + i * kp + k;
+                acc[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[i]);
+                acc[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[i]);
+            }
+        }
+        __m256 s = _mm256_set1_ps(sc[g]);
+        for (int i = 0; i < MB; i++) {
+            tot[i] = _mm256_fmadd_ps(acc[i], s, tot[i]);
+            zterm[i] += zs[g] * xs[i * G + g];
+        }
+    }
+    for (int i = 0; i < MB; i++) y[i * n_out] = hsum(tot[i]) - zterm[i];
+}
+
+#define DISPATCH(FN)                                                                              \
+    switch (mb) {                                                                                 \
+    case 1:                                                                                       \
+        if (nibbles) row1_q4(wr, scr, zsr, xm, xsm, ym, gs, G); else row1_q8(wr, scr, zsr, xm, xsm, ym, gs, G); \
+        break;                                                                                    \
+    case 4: FN(wr, scr, zsr, xm, xsm, ym, N, kp, gs, G, 4); break;                                \
+    case 3: FN(wr, scr, zsr, xm, xsm, ym, N, kp, gs, G, 3); break;                                \
+    default: FN(wr, scr, zsr, xm, xsm, ym, N, kp, gs, G, 2); break;                               \
+    }
+
+/* y[M, N] = x[M, kp] (.) W; w: [N, kp/2] (nibbles) or [N, kp] (bytes); sc, zs: [N, G];
+   xs: scratch [M, G] that receives the per-group sums of x */
+void ar_gemv(const uint8_t *w, const float *sc, const float *zs, const float *x, float *xs,
+             float *y, int64_t M, int64_t N, int64_t kp, int64_t gs, int64_t nibbles, int64_t nthreads) {
+    const int64_t G = kp / gs, row_bytes = nibbles ? kp / 2 : kp;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < G; g++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t k = g * gs; k < (g + 1) * gs; k += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(x + m * kp + k));
+            xs[m * G + g] = hsum(acc);
+        }
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *wr = w + n * row_bytes;
+        const float *scr = sc + n * G, *zsr = zs + n * G;
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int mb = (int)(M - m0 < 4 ? M - m0 : 4);
+            const float *xm = x + m0 * kp, *xsm = xs + m0 * G;
+            float *ym = y + m0 * N + n;
+            if (nibbles) { DISPATCH(row_q4) } else { DISPATCH(row_q8) }
+        }
+    }
+}
+
+/* out[N, kp] = (q - zp) * scale in fp32 */
+void ar_dequant(const uint8_t *w, const float *sc, const float *zs, float *out, int64_t N, int64_t kp,
+                int64_t gs, int64_t nibbles, int64_t nthreads) {
+    const int64_t G = kp / gs, row_bytes = nibbles ? kp / 2 : kp;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *wr = w + n * row_bytes;
+        float *o = out + n * kp;
+        for (int64_t g = 0; g < G; g++) {
+            const __m256 s = _mm256_set1_ps(sc[n * G + g]), z = _mm256_set1_ps(zs[n * G + g]);
+            if (nibbles) {
+                const __m128i m0f = _mm_set1_epi8(0x0F);
+                for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+                    __m128i b = _mm_loadu_si128((const __m128i *)(wr + k / 2));
+                    __m128i lo = _mm_and_si128(b, m0f), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m0f);
+                    _mm256_storeu_ps(o + k, _mm256_fmsub_ps(cvt8(lo), s, z));
+                    _mm256_storeu_ps(o + k + 8, _mm256_fmsub_ps(cvt8(_mm_srli_si128(lo, 8)), s, z));
+                    _mm256_storeu_ps(o + k + 16, _mm256_fmsub_ps(cvt8(hi), s, z));
+                    _mm256_storeu_ps(o + k + 24, _mm256_fmsub_ps(cvt8(_mm_srli_si128(hi, 8)), s, z));
+                }
+            } else {
+                for (int64_t k = g * gs; k < (g + 1) * gs; k += 8) {
+                    __m128i b = _mm_loadl_epi64((const __m128i *)(wr + k));
+                    _mm256_storeu_ps(o + k, _mm256_fmsub_ps(cvt8(b), s, z));
+                }
+            }
+        }
+    }
+}
+"""
+
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+# at or above this many activation rows the layer is dequantized once and torch's GEMM runs it
+MATMUL_MIN_ROWS = 16
+
+_LIB: ctypes.CDLL | None = None
+_LIB_ERROR: str | None = None
+_LOCK = threading.Lock()
+
+
+def compiler() -> str | None:
+    return shutil.which("cc") or shutil.which("gcc")
+
+
+def _host_reason() -> str | None:
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap not in ("AVX2", "AVX512"):
+        return f"needs an x86 CPU with AVX2 (torch reports {cap!r})"
+    if compiler() is None:
+        return "needs a C compiler (cc or gcc) to build the kernel once; install gcc"
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """Why this kernel cannot run here (no AVX2 CPU, no C compiler, a failed build); None when it can.
+
+    Builds the library on first use (about a second, cached), so a failing build makes the selector fall
+    back to the next kernel instead of failing the model load.
+    """
+    if _LIB is not None:
+        return None
+    reason = _LIB_ERROR or _host_reason()
+    if reason:
+        return reason
+    try:
+        load_library()
+    except (RuntimeError, OSError) as exc:
+        return _LIB_ERROR or str(exc)
+    return None
+
+
+def _cache_dir() -> str:
+    from autoround import envs
+
+    return os.path.join(envs.AR_CACHE_DIR, "kernels")
+
+
+def load_library() -> ctypes.CDLL:
+    """Build (once, cached by source hash) and load the C kernel."""
+    global _LIB, _LIB_ERROR
+    with _LOCK:
+        if _LIB is not None:
+            return _LIB
+        reason = _LIB_ERROR or _host_reason()
+        if reason:
+            raise RuntimeError(f"avx2 kernel unavailable: {reason}")
+        digest = hashlib.sha1((C_SOURCE + " ".join(CFLAGS)).encode()).hexdigest()[:16]
+        folder = _cache_dir()
+        path = os.path.join(folder, f"ar_native_cpu_{digest}.so")
+        if not os.path.exists(path):
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as exc:
+                _LIB_ERROR = f"cannot create the kernel cache folder {folder}: {exc} (set AR_CACHE_DIR)"
+                raise RuntimeError(f"avx2 kernel unavailable: {_LIB_ERROR}") from exc
+            with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                src = os.path.join(tmp, "kernel.c")
+                with open(src, "w") as f:
+                    f.write(C_SOURCE)
+                out = os.path.join(tmp, "kernel.so")
+                proc = subprocess.run([compiler(), *CFLAGS, src, "-o", out], capture_output=True, text=True)
+                if proc.returncode != 0:
+                    _LIB_ERROR = f"building the C kernel failed: {proc.stderr.strip()[-500:]}"
+                    raise RuntimeError(f"avx2 kernel unavailable: {_LIB_ERROR}")
+                os.replace(out, path)  # atomic: concurrent builders never see a half-written library
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError as exc:
+            _LIB_ERROR = f"loading the built kernel {path} failed: {exc}"
+            raise RuntimeError(f"avx2 kernel unavailable: {_LIB_ERROR}") from exc
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.ar_gemv.argtypes = [ptr] * 6 + [i64] * 6
+        lib.ar_gemv.restype = None
+        lib.ar_dequant.argtypes = [ptr] * 4 + [i64] * 5
+        lib.ar_dequant.restype = None
+        _LIB = lib
+        return lib
+
+
+class NativeCpuQuantLinear(_RepackingLinear):
+    """2/3/4/8-bit weights through the ``avx2`` C kernel (fp32 compute, packed weights)."""
+
+    kernel_name = "avx2"
+
+    def _repack(self) -> None:
+        self._lib = load_library()
+        gs_pad, n_groups, k_pad = padded_group_layout(self.in_features, self.group_size, multiple=32)
+        if gs_pad % 32:
+            raise ValueError(f"avx2 kernel needs group sizes that are multiples of 32, got {self.group_size}")
+        q, z, s = self._unpacked()
+        q = F.pad(q, (0, k_pad - self.in_features)).to(torch.uint8)  # [out, k_pad]
+        self.nibbles = self.bits <= 4
+        if self.nibbles:
+            blocks = q.view(self.out_features, k_pad // 32, 2, 16)
+            q = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(self.out_features, k_pad // 2)
+        self.k_pad, self.gs_pad, self.n_pad_groups = k_pad, gs_pad, n_groups
+        self.register_buffer("packed_weight", q.contiguous())
+        self.register_buffer("scale", s.contiguous())
+        self.register_buffer("zero_scale", (z.float() * s).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_packed()
+        x2 = x.reshape(-1, self.in_features).to(torch.float32)
+        if self.k_pad != self.in_features:
+            x2 = F.pad(x2, (0, self.k_pad - self.in_features))
+        x2 = x2.contiguous()
+        m = x2.shape[0]
+        threads = torch.get_num_threads()
+        if m >= MATMUL_MIN_ROWS:
+            w = torch.empty(self.out_features, self.k_pad, dtype=torch.float32)
+            self._lib.ar_dequant(
+                self.packed_weight.data_ptr(), self.scale.data_ptr(), self.zero_scale.data_ptr(), w.data_ptr(),
+                self.out_features, self.k_pad, self.gs_pad, int(self.nibbles), threads,
+            )
+            y = F.linear(x2, w, None if self.bias is None else self.bias.float())
+        else:
+            xs = torch.empty(m, self.n_pad_groups, dtype=torch.float32)  # filled by the kernel
+            y = torch.empty(m, self.out_features, dtype=torch.float32)
+            self._lib.ar_gemv(
+                self.packed_weight.data_ptr(), self.scale.data_ptr(), self.zero_scale.data_ptr(), x2.data_ptr(),
+                xs.data_ptr(), y.data_ptr(), m, self.out_features, self.k_pad, self.gs_pad, int(self.nibbles),
+                threads,
+            )
+            y = self._bias_to(y)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class NativeCpuAwqQuantLinear(AwqLayout, NativeCpuQuantLinear):
+    kernel_name = "avx2_awq"
