@@ -8,8 +8,7 @@ checks that the parts of a fused layer agree, and decides which kernel family ru
 
 - ``ROUTE_OURS``: this project's kernels from ``autoround.backends`` (CPU, and any layer the engine's own
   kernels cannot run);
-- ``ROUTE_GPTQ_MARLIN``: on CUDA, the engine's own GPTQ-Marlin kernels (symmetric 4/8-bit, GPTQ layout);
-- ``ROUTE_GPTQ``: on CUDA, the engine's own GPTQ/ExLlama kernels (2/3/4/8-bit, GPTQ layout).
+- ``ROUTE_ENGINE``: on CUDA, the engine's own GPTQ kernels (Marlin/Machete/ExLlama; symmetric 4/8-bit).
 """
 
 from __future__ import annotations
@@ -35,8 +34,7 @@ CLAIMED_METHODS = ("auto-round", "auto_round")  # quant_method values claimed wi
 ASKABLE_METHODS = ("gptq",)  # quant_method values claimed when the user asks for quantization="auto-round"
 
 ROUTE_OURS = "autoround"
-ROUTE_GPTQ_MARLIN = "gptq_marlin"
-ROUTE_GPTQ = "gptq"
+ROUTE_ENGINE = "engine_gptq"
 
 # fused engine layers and the checkpoint layers they are made of, for models whose class does not say
 DEFAULT_PACKED_MODULES: dict[str, list[str]] = {
@@ -45,9 +43,9 @@ DEFAULT_PACKED_MODULES: dict[str, list[str]] = {
 }
 # names of the projections inside one MoE expert, by model family
 EXPERT_PROJECTIONS = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
-# Marlin's tile limits (GPTQ-Marlin): output features a multiple of 64, input features of 128
-_MARLIN_GROUPS = (-1, 32, 64, 128)
-_MARLIN_BITS = (4, 8)
+# what the engines' GPTQ kernels (Marlin and friends) take
+_ENGINE_GROUPS = (-1, 32, 64, 128)
+_ENGINE_BITS = (4, 8)
 
 
 def normalize_quant_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -250,32 +248,30 @@ def cuda_route(
     in_features: int,
     out_features: int,
     capability: int | None,
-    gptq_available: bool = True,
 ) -> tuple[str, str]:
     """Which kernel family runs a quantized layer on CUDA, and why (``(route, reason)``).
 
     ``capability`` is the GPU's compute capability as an int (80 = sm_80); ``in/out_features`` are the
-    per-rank partition sizes.  GPTQ-Marlin takes symmetric 4/8-bit GPTQ-layout weights with group
-    -1/32/64/128 on sm_75+, when the shapes fit its tiles; ExLlama/GPTQ takes the GPTQ layout with the
-    ``zp - 1`` convention; everything else runs on this project's kernels.
+    per-rank partition sizes.  The engine's GPTQ machinery (Marlin, Machete, ExLlama, chosen by the engine
+    per GPU) takes symmetric 4/8-bit weights in the GPTQ layout with group -1/32/64/128 dividing the input
+    features (it ignores the stored zero points, so either zero-point convention works); every other layer
+    (2/3-bit, asymmetric, ragged or per-tensor groups) runs on this project's kernels.
     """
     reasons = []
-    if packing_format != PACKING_GPTQ:
-        reasons.append(f"packing {packing_format!r} stores raw zero points (engine kernels expect zp - 1)")
     if not scheme.sym:
         reasons.append("asymmetric weights")
-    if scheme.bits not in _MARLIN_BITS:
+    if scheme.bits not in _ENGINE_BITS:
         reasons.append(f"{scheme.bits}-bit")
-    if scheme.group_size not in _MARLIN_GROUPS:
+    if scheme.group_size not in _ENGINE_GROUPS:
         reasons.append(f"group_size {scheme.group_size}")
+    elif scheme.group_size > 0 and in_features % scheme.group_size:
+        reasons.append(f"group_size {scheme.group_size} leaves a ragged last group of {in_features} inputs")
     if capability is None or capability < 75:
         reasons.append(f"compute capability {capability} < 75")
     if out_features % 64 or in_features % 128:
-        reasons.append(f"shape [{out_features} x {in_features}] does not fit Marlin tiles (64 x 128)")
+        reasons.append(f"shape [{out_features} x {in_features}] does not fit the engine's tiles (64 x 128)")
     if not reasons:
-        return ROUTE_GPTQ_MARLIN, "gptq_marlin fits"
-    if packing_format == PACKING_GPTQ and gptq_available and scheme.group_size != 0 and in_features % 32 == 0:
-        return ROUTE_GPTQ, "gptq/exllama (marlin rejected: " + "; ".join(reasons) + ")"
+        return ROUTE_ENGINE, "engine GPTQ kernels (Marlin/Machete/ExLlama) fit"
     return ROUTE_OURS, "autoround kernels (engine kernels rejected: " + "; ".join(reasons) + ")"
 
 

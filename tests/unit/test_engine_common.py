@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from autoround.engine_common import (
-    ROUTE_GPTQ,
-    ROUTE_GPTQ_MARLIN,
+    ROUTE_ENGINE,
     ROUTE_OURS,
     EnginePlanner,
     build_kernel,
@@ -161,16 +160,18 @@ def test_claims():
 
 def test_cuda_route():
     w4 = QuantScheme(4, 128, True)
-    assert cuda_route(w4, "auto_round:auto_gptq", 4096, 4096, 90)[0] == ROUTE_GPTQ_MARLIN
-    # old GPU or odd shape: the engine's GPTQ/ExLlama kernels
+    assert cuda_route(w4, "auto_round:auto_gptq", 4096, 4096, 90)[0] == ROUTE_ENGINE
+    assert cuda_route(QuantScheme(8, -1, True), "auto_round", 4096, 4096, 80)[0] == ROUTE_ENGINE
     route, why = cuda_route(w4, "auto_round:auto_gptq", 4096, 4096, 70)
-    assert route == ROUTE_GPTQ and "compute capability" in why
-    assert cuda_route(w4, "auto_round:auto_gptq", 576, 192, 90)[0] == ROUTE_GPTQ
-    assert cuda_route(QuantScheme(3, 128, True), "auto_round:auto_gptq", 4096, 4096, 90)[0] == ROUTE_GPTQ
-    # raw zero points (asym) and per-tensor groups only run on our kernels
+    assert route == ROUTE_OURS and "compute capability 70" in why
+    # SmolLM2: 576 inputs leave a ragged group of 128, and 192 outputs do not fit the tiles
+    route, why = cuda_route(w4, "auto_round:auto_gptq", 576, 192, 90)
+    assert route == ROUTE_OURS and "ragged" in why and "tiles" in why
+    assert cuda_route(QuantScheme(3, 128, True), "auto_round:auto_gptq", 4096, 4096, 90)[0] == ROUTE_OURS
     route, why = cuda_route(QuantScheme(4, 128, False), "auto_round", 4096, 4096, 90)
-    assert route == ROUTE_OURS and "raw zero points" in why and "asymmetric" in why
+    assert route == ROUTE_OURS and "asymmetric" in why
     assert cuda_route(QuantScheme(4, 0, True), "auto_round:auto_gptq", 4096, 4096, 90)[0] == ROUTE_OURS
+    assert cuda_route(w4, "auto_round:auto_gptq", 4096, 4096, None)[0] == ROUTE_OURS  # CPU
 
 
 def test_kernel_through_selector_matches_reference():
