@@ -49,8 +49,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_GREEDY_CACHE: dict = {}
+
+
 def transformers_greedy(ckpt, ids_file, dtype: str = "float32") -> list[list[int]]:
     """Greedy continuations through transformers with this project's loader (EOS ignored, one prompt at a time)."""
+    key = (str(ckpt), Path(ids_file).read_text(), dtype)
+    if key not in _GREEDY_CACHE:
+        _GREEDY_CACHE[key] = _transformers_greedy(ckpt, ids_file, dtype)
+    return [list(t) for t in _GREEDY_CACHE[key]]
+
+
+def _transformers_greedy(ckpt, ids_file, dtype: str) -> list[list[int]]:
     import torch
     from transformers import AutoModelForCausalLM
 

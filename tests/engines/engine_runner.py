@@ -51,6 +51,7 @@ def _vllm(args):
         enforce_eager=True,
         seed=0,
         max_num_seqs=8,
+        skip_tokenizer_init=args.skip_tokenizer,
     )
 
 
@@ -139,6 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--max_tokens", type=int, default=32)
+    ap.add_argument("--skip_tokenizer", action="store_true", help="checkpoint without a tokenizer (token ids only)")
     args = ap.parse_args(argv)
     return {"vllm-generate": vllm_generate, "vllm-load": vllm_load, "sglang-generate": sglang_generate}[args.cmd](args)
 

@@ -112,6 +112,49 @@ def test_vllm_openai_server(vllm_python, ours_w4a16, prompt_ids, tmp_path):
         log.close()
 
 
+def _tiny_checkpoint_with_quantized_lm_head(folder):
+    """A tiny Llama (random weights, untied head) with every block linear W4 g32 and a W4 g32 lm_head."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from arhelpers import tiny_llama
+    from autoround import AutoRound
+    from autoround.quantizer.formats import QuantizedLayer
+    from autoround.quantizer.formats.auto_round import AutoRoundFormat
+    from autoround.quantizer.qmath import quantize_weight
+    from autoround.quantizer.schemes import QuantScheme
+
+    model = tiny_llama(hidden=256, inter=512, layers=2, vocab=512, seed=3)
+    head = model.lm_head.weight.detach().clone()
+    AutoRound(model, scheme="W4A16", group_size=32, iters=0, disable_opt_rtn=True).quantize_and_save(
+        str(folder), format="auto_round")
+    scheme = QuantScheme(4, 32, True)
+    layer = QuantizedLayer("lm_head", scheme, quantize_weight(head, 4, 32, True), None, 256, 512)
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    del tensors["lm_head.weight"]
+    for key, val in AutoRoundFormat().layer_tensors(layer, "auto_round:auto_gptq").items():
+        tensors[f"lm_head.{key}"] = val
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"].setdefault("extra_config", {})["lm_head"] = {"bits": 4, "group_size": 32, "sym": True}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert torch.equal(tensors["lm_head.scales"].float(), layer.weight.scale.t().half().float())
+    return folder
+
+
+def test_vllm_quantized_lm_head(vllm_python, tmp_path):
+    ckpt = _tiny_checkpoint_with_quantized_lm_head(tmp_path / "tiny-qhead")
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps([[1, 17, 300, 42, 7], [1, 5, 6, 7, 8, 9, 10], [1, 400], [1, 256, 128, 64]]))
+    out = tmp_path / "out.json"
+    run_engine(vllm_python, "vllm-generate", "--model", ckpt, "--ids", ids, "--out", out, "--skip_tokenizer")
+    result = json.loads(out.read_text())
+    ours = sum(v for k, v in result["kernels"].items() if k.startswith("AutoRoundLinearMethod["))
+    assert ours == 2 * 4 + 1, result["kernels"]  # the lm_head runs on our kernel too
+    assert_same_tokens(result["tokens"], transformers_greedy(ckpt, ids), "vLLM, quantized lm_head")
+
+
 # --- bad checkpoints -----------------------------------------------------------------------------------
 def _copy(ckpt, tmp_path, name):
     dst = tmp_path / name
@@ -151,7 +194,7 @@ def test_vllm_bad_checkpoints_fail_at_load(vllm_python, ours_w4a16, tmp_path):
     cfg["quantization_config"]["bits"] = 5
     (bits / "config.json").write_text(json.dumps(cfg))
     out = _load_fails(vllm_python, bits)
-    assert "SchemeError" in out and "5-bit" in out and "2, 3, 4, 8" in out
+    assert "default scheme is 5-bit" in out and "2, 3, 4, 8-bit" in out
 
     fused = _copy(ours_w4a16, tmp_path, "fused")
     cfg = json.loads((fused / "config.json").read_text())
