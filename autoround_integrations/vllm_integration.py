@@ -374,6 +374,23 @@ def _load_head(layer: torch.nn.Module, param: torch.nn.Parameter, loaded: torch.
     param.data[:, : part.shape[1]].copy_(part)
 
 
+def layer_report(model: torch.nn.Module) -> dict[str, int]:
+    """How many layers of a loaded vLLM model each quantization method runs; this project's layers are
+    reported with their kernel, e.g. ``{"AutoRoundLinearMethod[torch]": 120, ...}``.  Use it through
+    ``LLM.apply_model(layer_report)`` (the model lives in vLLM's worker processes)."""
+    counts: dict[str, int] = {}
+    for _, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        if method is None:
+            continue
+        key = type(method).__name__
+        kernel = getattr(module, "_ar_kernel_name", None)
+        if kernel:
+            key += f"[{kernel}]"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 _REGISTERED = False
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -61,10 +60,8 @@ def _one(args: argparse.Namespace) -> int:
 def _run_child(model: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "autoround.bench.vllm", "--_one", "--model", model, "--dtype", args.dtype,
            "--prompts", str(args.prompts), "--max_tokens", str(args.max_tokens)]
-    env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    with tempfile.TemporaryDirectory() as cwd:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
+    with tempfile.TemporaryDirectory() as cwd:  # children inherit the environment (e.g. VLLM_CPU_KVCACHE_SPACE)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH-RESULT "):
             return json.loads(line[len("BENCH-RESULT "):])

@@ -26,21 +26,6 @@ os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # lets apply_model() inspect the model
 
 
-def layer_methods(model) -> dict:
-    """How many layers each quantization method / autoround kernel runs (executed inside the engine)."""
-    counts: dict = {}
-    for _, module in model.named_modules():
-        method = getattr(module, "quant_method", None)
-        if method is None:
-            continue
-        key = type(method).__name__
-        kernel = getattr(module, "_ar_kernel_name", None)
-        if kernel:
-            key += f"[{kernel}]"
-        counts[key] = counts.get(key, 0) + 1
-    return counts
-
-
 def _vllm(args):
     from vllm import LLM
 
@@ -57,8 +42,10 @@ def _vllm(args):
 
 def _vllm_kernels(llm) -> tuple[str, dict]:
     """Quantization method and kernel counts, read from the engine's model when it lives in this process."""
+    from autoround.vllm_integration import layer_report  # importable in the workers, unlike this script
+
     method = str(llm.llm_engine.vllm_config.model_config.quantization)
-    kernels = llm.apply_model(layer_methods)[0]
+    kernels = llm.apply_model(layer_report)[0]
     return method, kernels
 
 
