@@ -1,0 +1,205 @@
+"""vLLM (CPU build, its own virtualenv from AR_TEST_VLLM_PYTHON) serves AutoRound checkpoints through the
+``auto-round`` method that this project's entry point registers: greedy output equals transformers with our
+loader token for token, the OpenAI-compatible server answers, bad checkpoints fail at load with clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from engine_helpers import assert_same_tokens, engine_python, free_port, run_engine, transformers_greedy
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def vllm_python():
+    return engine_python("AR_TEST_VLLM_PYTHON")
+
+
+def _vllm_greedy(vllm_python, ckpt, prompt_ids, tmp_path, dtype="float32"):
+    out = tmp_path / f"vllm-{dtype}.json"
+    proc = run_engine(vllm_python, "vllm-generate", "--model", ckpt, "--ids", prompt_ids, "--out", out,
+                      "--dtype", dtype)
+    print(proc.stdout[-500:])
+    return json.loads(out.read_text())
+
+
+def _check_ours_ran(result):
+    assert result["quant_method"] == "auto-round"
+    kernels = result["kernels"]
+    ours = {k: v for k, v in kernels.items() if k.startswith("AutoRoundLinearMethod[")}
+    # SmolLM2: 30 blocks x (qkv, o, gate_up, down) all run on this project's kernels on CPU
+    assert sum(ours.values()) == 120, kernels
+
+
+def test_vllm_serves_our_checkpoint_like_transformers(vllm_python, ours_w4a16, prompt_ids, tmp_path):
+    result = _vllm_greedy(vllm_python, ours_w4a16, prompt_ids, tmp_path)
+    _check_ours_ran(result)
+    assert_same_tokens(result["tokens"], transformers_greedy(ours_w4a16, prompt_ids), "vLLM, our checkpoint")
+
+
+@pytest.mark.peer
+def test_vllm_serves_intel_checkpoint_like_transformers(vllm_python, intel_w4a16, prompt_ids, tmp_path):
+    result = _vllm_greedy(vllm_python, intel_w4a16, prompt_ids, tmp_path)
+    _check_ours_ran(result)
+    assert_same_tokens(result["tokens"], transformers_greedy(intel_w4a16, prompt_ids), "vLLM, Intel's checkpoint")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_vllm_half_dtypes(vllm_python, ours_w4a16, prompt_ids, tmp_path, dtype):
+    """16-bit activations run (numerics differ from fp32, so the check is that the text stays sensible)."""
+    result = _vllm_greedy(vllm_python, ours_w4a16, prompt_ids, tmp_path, dtype=dtype)
+    _check_ours_ran(result)
+    reference = transformers_greedy(ours_w4a16, prompt_ids)
+    # the first tokens of a greedy continuation are stable under 16-bit rounding
+    agree = sum(a[:4] == b[:4] for a, b in zip(result["tokens"], reference))
+    assert agree >= 3, (result["tokens"], reference)
+    assert "Paris" in result["texts"][0]
+
+
+def test_vllm_openai_server(vllm_python, ours_w4a16, prompt_ids, tmp_path):
+    port = free_port()
+    log = open(tmp_path / "server.log", "w")
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop("PYTHONPATH", None)
+    server = subprocess.Popen(
+        [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ours_w4a16), "--host",
+         "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
+         "--served-model-name", "smollm2-w4a16"],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 900
+        while True:
+            if server.poll() is not None:
+                raise AssertionError("server exited:\n" + (tmp_path / "server.log").read_text()[-6000:])
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise AssertionError("server not ready:\n" + (tmp_path / "server.log").read_text()[-6000:])
+            time.sleep(3)
+        ids = json.loads(prompt_ids.read_text())[0]
+        body = {"model": "smollm2-w4a16", "prompt": ids, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        req = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as r:
+            answer = json.loads(r.read())
+        text = answer["choices"][0]["text"]
+        assert answer["usage"]["completion_tokens"] == 8
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(ours_w4a16))
+        expected = tok.decode(transformers_greedy(ours_w4a16, prompt_ids)[0][:8])
+        assert text == expected, (text, expected)
+    finally:
+        server.terminate()
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def _tiny_checkpoint_with_quantized_lm_head(folder):
+    """A tiny Llama (random weights, untied head) with every block linear W4 g32 and a W4 g32 lm_head."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from arhelpers import tiny_llama
+    from autoround import AutoRound
+    from autoround.quantizer.formats import QuantizedLayer
+    from autoround.quantizer.formats.auto_round import AutoRoundFormat
+    from autoround.quantizer.qmath import quantize_weight
+    from autoround.quantizer.schemes import QuantScheme
+
+    model = tiny_llama(hidden=256, inter=512, layers=2, vocab=512, seed=3)
+    head = model.lm_head.weight.detach().clone()
+    AutoRound(model, scheme="W4A16", group_size=32, iters=0, disable_opt_rtn=True).quantize_and_save(
+        str(folder), format="auto_round")
+    scheme = QuantScheme(4, 32, True)
+    layer = QuantizedLayer("lm_head", scheme, quantize_weight(head, 4, 32, True), None, 256, 512)
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    del tensors["lm_head.weight"]
+    for key, val in AutoRoundFormat().layer_tensors(layer, "auto_round:auto_gptq").items():
+        tensors[f"lm_head.{key}"] = val
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"].setdefault("extra_config", {})["lm_head"] = {"bits": 4, "group_size": 32, "sym": True}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert torch.equal(tensors["lm_head.scales"].float(), layer.weight.scale.t().half().float())
+    return folder
+
+
+def test_vllm_quantized_lm_head(vllm_python, tmp_path):
+    ckpt = _tiny_checkpoint_with_quantized_lm_head(tmp_path / "tiny-qhead")
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps([[1, 17, 300, 42, 7], [1, 5, 6, 7, 8, 9, 10], [1, 400], [1, 256, 128, 64]]))
+    out = tmp_path / "out.json"
+    run_engine(vllm_python, "vllm-generate", "--model", ckpt, "--ids", ids, "--out", out, "--skip_tokenizer")
+    result = json.loads(out.read_text())
+    ours = sum(v for k, v in result["kernels"].items() if k.startswith("AutoRoundLinearMethod["))
+    assert ours == 2 * 4 + 1, result["kernels"]  # the lm_head runs on our kernel too
+    assert_same_tokens(result["tokens"], transformers_greedy(ckpt, ids), "vLLM, quantized lm_head")
+
+
+# --- bad checkpoints -----------------------------------------------------------------------------------
+def _copy(ckpt, tmp_path, name):
+    dst = tmp_path / name
+    shutil.copytree(ckpt, dst)
+    return dst
+
+
+def _rewrite_tensors(folder, change):
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _load_fails(vllm_python, folder):
+    proc = run_engine(vllm_python, "vllm-load", "--model", folder, check=False, timeout=900)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    return proc.stdout + proc.stderr
+
+
+def test_vllm_bad_checkpoints_fail_at_load(vllm_python, ours_w4a16, tmp_path):
+    missing = _copy(ours_w4a16, tmp_path, "missing")
+    _rewrite_tensors(missing, lambda t: t.pop("model.layers.3.self_attn.k_proj.qzeros"))
+    out = _load_fails(vllm_python, missing)
+    assert "ModelLoadError" in out and "model.layers.3.self_attn.k_proj.qzeros" in out and "missing" in out
+
+    shapes = _copy(ours_w4a16, tmp_path, "shapes")
+    _rewrite_tensors(shapes, lambda t: t.update(
+        {"model.layers.2.mlp.down_proj.scales": t["model.layers.2.mlp.down_proj.scales"][:-1].clone()}))
+    out = _load_fails(vllm_python, shapes)
+    assert "model.layers.2.mlp.down_proj.scales has shape (11, 576)" in out and "(12, 576)" in out
+
+    bits = _copy(ours_w4a16, tmp_path, "bits")
+    cfg = json.loads((bits / "config.json").read_text())
+    cfg["quantization_config"]["bits"] = 5
+    (bits / "config.json").write_text(json.dumps(cfg))
+    out = _load_fails(vllm_python, bits)
+    assert "default scheme is 5-bit" in out and "2, 3, 4, 8-bit" in out
+
+    fused = _copy(ours_w4a16, tmp_path, "fused")
+    cfg = json.loads((fused / "config.json").read_text())
+    cfg["quantization_config"]["extra_config"] = {"model.layers.1.self_attn.v_proj": {"bits": 8}}
+    (fused / "config.json").write_text(json.dumps(cfg))
+    out = _load_fails(vllm_python, fused)
+    assert "fused layer model.layers.1.self_attn.qkv_proj" in out and "model.layers.1.self_attn.v_proj: W8A16" in out
+

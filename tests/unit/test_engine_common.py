@@ -1,0 +1,206 @@
+"""The engine-independent part of the vLLM/SGLang adapters: config parsing, fused-layer checks, routing.
+
+No engine is installed in the main virtualenv; these tests also prove the package imports without one.
+"""
+
+import sys
+
+import pytest
+import torch
+
+from autoround.engine_common import (
+    ROUTE_ENGINE,
+    ROUTE_OURS,
+    EnginePlanner,
+    build_kernel,
+    choose_kernel,
+    claims,
+    cuda_route,
+    expected_shapes,
+    parse_checkpoint_config,
+    shard_layer_names,
+)
+from autoround.quantizer.errors import BackendError, ModelLoadError, SchemeError
+from autoround.quantizer.schemes import FLOAT, QuantScheme
+
+BASE = {
+    "quant_method": "auto-round",
+    "packing_format": "auto_round:auto_gptq",
+    "bits": 4,
+    "group_size": 128,
+    "sym": True,
+    "data_type": "int",
+    "block_name_to_quantize": "model.layers",
+}
+
+
+def planner(extra=None, names=None, **changes):
+    cfg = dict(BASE, **changes)
+    if extra is not None:
+        cfg["extra_config"] = extra
+    return EnginePlanner(parse_checkpoint_config(cfg), names)
+
+
+def test_engines_are_not_imported():
+    import autoround  # noqa: F401
+    import autoround.engine_common  # noqa: F401
+
+    assert "vllm" not in sys.modules and "sglang" not in sys.modules
+
+
+def test_shard_names_of_fused_layers():
+    assert shard_layer_names("model.layers.3.self_attn.qkv_proj", None) == [
+        "model.layers.3.self_attn.q_proj",
+        "model.layers.3.self_attn.k_proj",
+        "model.layers.3.self_attn.v_proj",
+    ]
+    assert shard_layer_names("model.layers.0.mlp.gate_up_proj", {"gate_up_proj": ["w1", "w3"]}) == [
+        "model.layers.0.mlp.w1",
+        "model.layers.0.mlp.w3",
+    ]
+    assert shard_layer_names("model.layers.0.mlp.down_proj", None) == ["model.layers.0.mlp.down_proj"]
+
+
+def test_plan_uses_default_extra_config_and_blocks():
+    p = planner(extra={"model.layers.1.mlp.down_proj": {"bits": 8}, r".*\.0\.self_attn\.o_proj": {"bits": 16}})
+    assert p.plan("model.layers.0.self_attn.qkv_proj").scheme == QuantScheme(4, 128, True)
+    assert p.plan("model.layers.1.mlp.down_proj").scheme.bits == 8
+    assert p.plan("model.layers.0.self_attn.o_proj").scheme is FLOAT  # regex override to float
+    assert not p.plan("lm_head").quantized  # outside block_name_to_quantize
+    assert p.plan("model.layers.0.self_attn.qkv_proj").parts[0] == "model.layers.0.self_attn.q_proj"
+
+
+def test_quantized_lm_head_from_extra_config():
+    p = planner(extra={"lm_head": {"bits": 8, "group_size": 64}})
+    plan = p.plan("lm_head")
+    assert plan.quantized and plan.scheme.bits == 8 and plan.scheme.group_size == 64
+
+
+def test_fused_layer_with_different_parts_fails_naming_them():
+    p = planner(extra={"model.layers.2.self_attn.k_proj": {"bits": 8}})
+    with pytest.raises(SchemeError) as err:
+        p.plan("model.layers.2.self_attn.qkv_proj")
+    msg = str(err.value)
+    assert "model.layers.2.self_attn.qkv_proj" in msg
+    assert "model.layers.2.self_attn.k_proj: W8A16" in msg
+    assert "model.layers.2.self_attn.q_proj" in msg and "model.layers.2.self_attn.v_proj" in msg
+    # another layer is fine
+    assert p.plan("model.layers.3.self_attn.qkv_proj").scheme.bits == 4
+
+
+def test_fused_gate_up_half_float_fails():
+    p = planner(extra={"model.layers.0.mlp.up_proj": {"bits": 16}})
+    with pytest.raises(SchemeError, match=r"gate_up_proj.*up_proj: float"):
+        p.plan("model.layers.0.mlp.gate_up_proj")
+
+
+def test_part_stored_as_float_weight_counts_as_float():
+    names = {"model.layers.0.mlp.gate_proj.qweight", "model.layers.0.mlp.up_proj.weight"}
+    p = planner(names=names)
+    with pytest.raises(SchemeError, match="up_proj: float"):
+        p.plan("model.layers.0.mlp.gate_up_proj")
+    both_float = planner(names={"model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"})
+    assert not both_float.plan("model.layers.0.mlp.gate_up_proj").quantized
+
+
+def test_moe_experts_must_agree():
+    prefix = "model.layers.0.mlp.experts"
+    p = planner()
+    plan = p.plan_experts(prefix, 4)
+    assert plan.quantized and len(plan.parts) == 12
+    bad = planner(extra={f"{prefix}.2.down_proj": {"bits": 2}})
+    with pytest.raises(SchemeError, match=r"fused MoE layer .*experts.*experts\.2\.down_proj: W2A16"):
+        bad.plan_experts(prefix, 4)
+    mixtral = planner(names={f"{prefix}.0.w1.qweight"})
+    assert mixtral.expert_parts(prefix, 1) == [f"{prefix}.0.w1", f"{prefix}.0.w3", f"{prefix}.0.w2"]
+
+
+def test_missing_tensors_listed():
+    names = {"model.layers.0.self_attn.q_proj.qweight", "model.layers.0.self_attn.q_proj.scales"}
+    p = planner(names=names)
+    plan = p.plan("model.layers.0.self_attn.qkv_proj")
+    missing = p.missing_tensors(plan)
+    assert "model.layers.0.self_attn.q_proj.qzeros" in missing
+    assert "model.layers.0.self_attn.k_proj.qweight" in missing
+    assert "model.layers.0.self_attn.q_proj.qweight" not in missing
+
+
+@pytest.mark.parametrize("bits", [5, 6, 7])
+def test_unsupported_bits_fail_at_parse(bits):
+    with pytest.raises(SchemeError, match=f"{bits}-bit.*2, 3, 4, 8"):
+        parse_checkpoint_config(dict(BASE, bits=bits))
+
+
+def test_unsupported_bits_in_extra_config_fail_at_plan():
+    p = planner(extra={"model.layers.0.mlp.down_proj": {"bits": 6}})
+    with pytest.raises(SchemeError, match="layer model.layers.0.mlp.down_proj is 6-bit"):
+        p.plan("model.layers.0.mlp.down_proj")
+
+
+def test_bad_configs():
+    with pytest.raises(SchemeError, match="act-order"):
+        parse_checkpoint_config({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True})
+    with pytest.raises(SchemeError, match="'awq' cannot be served"):
+        parse_checkpoint_config({"quant_method": "awq", "bits": 4})
+    with pytest.raises(SchemeError, match="data_type 'mx_fp'"):
+        parse_checkpoint_config(dict(BASE, data_type="mx_fp"))
+    with pytest.raises(SchemeError, match="packing_format"):
+        parse_checkpoint_config(dict(BASE, packing_format="auto_round:llm_compressor"))
+    gptq = parse_checkpoint_config({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True})
+    assert gptq.zero_offset == 1
+
+
+def test_claims():
+    assert claims({"quant_method": "auto-round"}, None)
+    assert not claims({"quant_method": "gptq"}, None)  # the engine's own gptq method keeps it
+    assert claims({"quant_method": "gptq"}, "auto-round")  # unless the user asks for ours
+    assert not claims({"quant_method": "auto-round"}, "gptq")
+    assert not claims(None, "auto-round")
+
+
+def test_cuda_route():
+    w4 = QuantScheme(4, 128, True)
+    assert cuda_route(w4, "auto_round:auto_gptq", 4096, 4096, 90)[0] == ROUTE_ENGINE
+    assert cuda_route(QuantScheme(8, -1, True), "auto_round", 4096, 4096, 80)[0] == ROUTE_ENGINE
+    route, why = cuda_route(w4, "auto_round:auto_gptq", 4096, 4096, 70)
+    assert route == ROUTE_OURS and "compute capability 70" in why
+    # SmolLM2: 576 inputs leave a ragged group of 128, and 192 outputs do not fit the tiles
+    route, why = cuda_route(w4, "auto_round:auto_gptq", 576, 192, 90)
+    assert route == ROUTE_OURS and "ragged" in why and "tiles" in why
+    assert cuda_route(QuantScheme(3, 128, True), "auto_round:auto_gptq", 4096, 4096, 90)[0] == ROUTE_OURS
+    route, why = cuda_route(QuantScheme(4, 128, False), "auto_round", 4096, 4096, 90)
+    assert route == ROUTE_OURS and "asymmetric" in why
+    assert cuda_route(QuantScheme(4, 0, True), "auto_round:auto_gptq", 4096, 4096, 90)[0] == ROUTE_OURS
+    assert cuda_route(w4, "auto_round:auto_gptq", 4096, 4096, None)[0] == ROUTE_OURS  # CPU
+
+
+def test_kernel_through_selector_matches_reference():
+    from autoround.quantizer.formats.packing import pack_gptq_qweight, pack_gptq_qzeros, unpack_gptq_qweight
+
+    torch.manual_seed(0)
+    scheme = QuantScheme(4, 32, True)
+    info = choose_kernel(scheme, "auto_round:auto_gptq", 64, 96, "cpu", torch.float32)
+    assert info.name  # whichever kernel the selector prefers on this machine
+    with pytest.raises(BackendError, match="no kernel"):
+        choose_kernel(QuantScheme(4, 32, True), "auto_round:auto_gptq", 64, 96, "hpu", torch.float32)
+
+    shapes = expected_shapes(scheme, 64, 96)
+    q = torch.randint(0, 16, (96, 64), dtype=torch.uint8)
+    qweight = pack_gptq_qweight(q, 4)
+    zeros = torch.full((2, 96), 7, dtype=torch.int32)
+    tensors = {
+        "qweight": qweight,
+        "qzeros": pack_gptq_qzeros(zeros, 4),
+        "scales": (torch.rand(2, 96) * 0.01 + 0.001).half(),
+    }
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == shapes
+    bias = torch.randn(96)
+    module = build_kernel(info, scheme, 1, tensors, 64, 96, bias, torch.float32, "cpu", "x")
+    x = torch.randn(3, 64)
+    g = torch.arange(64) // 32
+    w = (unpack_gptq_qweight(qweight, 4, 64).float() - 8) * tensors["scales"].float().t()[:, g]
+    torch.testing.assert_close(module(x), x @ w.t() + bias, rtol=1e-4, atol=1e-4)
+
+    bad = dict(tensors, scales=tensors["scales"][:1])
+    with pytest.raises(ModelLoadError, match=r"x\.scales has shape \(1, 96\).*needs \(2, 96\)"):
+        build_kernel(info, scheme, 1, bad, 64, 96, None, torch.float32, "cpu", "x")
