@@ -13,11 +13,11 @@ import torch
 
 from autoround.quantizer import compressor
 from autoround.quantizer.data import DEFAULT_DATASET, calibration_batch
-from autoround.quantizer.errors import AutoRoundError
+from autoround.quantizer.errors import AutoRoundError, SchemeError
 from autoround.quantizer.formats import parse_formats
 from autoround.quantizer.formats.writer import check_output_dir
 from autoround.quantizer.model_io import find_block_names, load_model, quantizable_linears
-from autoround.quantizer.schemes import QuantScheme, resolve_scheme
+from autoround.quantizer.schemes import QuantScheme, gguf_type_of, resolve_scheme
 
 from . import envs
 from .log import logger
@@ -110,10 +110,22 @@ class AutoRound:
     def quantize(self, formats: "str | list | None" = None) -> tuple[Any, dict[str, Any]]:
         """Quantize in memory (weights become their fake-quantized values); returns (model, layer_config)."""
         fmts = parse_formats(formats or "auto_round")
+        self._adapt_scheme(fmts)
+        if self.scheme.is_float and all(getattr(f, "float_model_ok", False) for f in fmts):
+            # e.g. gguf:bf16: a float file, nothing to quantize
+            self.plan = compressor.LayerPlan(keep_float=list(self.linears))
+            self.layers, self.quantized = {}, True
+            return self.model, self._layer_config()
         self.plan = self._plan(fmts)
         torch.manual_seed(self.seed)
         start = time.time()
         if self.iters > 0:
+            if any(gguf_type_of(s) is not None for s in self.plan.quantize.values()):
+                raise SchemeError(
+                    "SignRound tuning (iters > 0) of GGUF block types is not supported yet; use iters=0 "
+                    "(--iters 0), which quantizes the GGUF types with llama.cpp's importance-weighted "
+                    "scale search, or an integer scheme such as W4A16 with format auto_round"
+                )
             self._signround()
             self.quantized = True
             return self.model, self._layer_config()
@@ -137,6 +149,13 @@ class AutoRound:
             len(self.plan.keep_float),
         )
         return self.model, self._layer_config()
+
+    def _adapt_scheme(self, fmts: list) -> None:
+        """Formats that fix the scheme (gguf:q4_k_m needs GGUF:Q4_K_M) adapt it before any work."""
+        for fmt in fmts:
+            adapt = getattr(fmt, "adapt_scheme", None)
+            if adapt is not None:
+                self.scheme = adapt(self.scheme)
 
     def _layer_config(self) -> dict[str, Any]:
         layer_config: dict[str, Any] = {n: layer.scheme.to_dict() for n, layer in self.layers.items()}
@@ -193,6 +212,11 @@ class AutoRound:
         if not self.quantized:
             raise AutoRoundError("call quantize() before save_quantized(), or use quantize_and_save()")
         for fmt in fmts:  # formats chosen after quantize() must still hold the schemes used
+            adapt = getattr(fmt, "adapt_scheme", None)
+            if adapt is not None:
+                adapt(self.scheme, switch=False)
+            if self.plan is not None and not self.plan.quantize and getattr(fmt, "float_model_ok", False):
+                continue
             compressor.plan_layers(self.linears, self.scheme, self.layer_config, [fmt], self.ignore_layers)
         paths = []
         for fmt in fmts:

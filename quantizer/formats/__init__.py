@@ -72,6 +72,7 @@ def register_format(cls: type) -> type:
 
 def _load_builtin() -> None:
     from . import auto_round  # noqa: F401  (registers itself)
+    from . import gguf  # noqa: F401  (registers gguf:q4_0 ... gguf:q6_k, gguf:bf16, gguf:f16)
 
 
 def list_formats() -> dict[str, str]:

@@ -27,7 +27,7 @@ from . import ExportJob, QuantizedLayer, register_format
 from .writer import atomic_output_dir, float_state_dict
 from .. import gguf_quant as gq
 from ..errors import FormatError
-from ..schemes import QuantScheme, gguf_type_of
+from ..schemes import FLOAT, QuantScheme, gguf_file_type_of, gguf_scheme, gguf_type_of
 from ...log import logger
 
 # transformers model_type -> llama.cpp architecture
@@ -243,6 +243,30 @@ class GGUFFormat:
     name = "gguf"
     description = "llama.cpp GGUF file"
     ftype = "q4_0"
+
+    @property
+    def float_model_ok(self) -> bool:
+        """A float file type: a model with no quantized layer is a valid export."""
+        return self.ftype in ("bf16", "f16")
+
+    def adapt_scheme(self, scheme: QuantScheme, switch: bool = True) -> QuantScheme:
+        """The scheme this file type needs.  An integer or float scheme is replaced (with a warning) by the
+        file type's GGUF scheme; a GGUF scheme of another file type is an error."""
+        wanted = FLOAT if self.float_model_ok else gguf_scheme(self.ftype)
+        if scheme == wanted:
+            return scheme
+        ft = gguf_file_type_of(scheme) or gguf_type_of(scheme)
+        if ft is not None or not switch:
+            raise FormatError(
+                f"format {self.name} writes a {self.ftype.upper()} file but the scheme is {scheme.describe()}; "
+                f"use --scheme {'BF16' if self.float_model_ok else 'GGUF:' + self.ftype.upper()} with this format, "
+                f"or the format gguf:{ft} with this scheme"
+                if ft is not None
+                else f"format {self.name} cannot hold {scheme.describe()}; quantize with --scheme "
+                f"{'BF16' if self.float_model_ok else 'GGUF:' + self.ftype.upper()}"
+            )
+        logger.warning("format %s: using scheme %s instead of %s", self.name, wanted.describe(), scheme.describe())
+        return wanted
 
     # -- the ExportFormat protocol -------------------------------------------------------------------
     def scheme_error(self, scheme: QuantScheme) -> str | None:
