@@ -519,11 +519,14 @@ def quantize_iq4_nl(x, qw=None, sigma2=None, ntry: int = 7):
     zero = amax < GROUP_MAX_EPS
     mx = torch.where(zero, torch.ones_like(mx), mx)
 
+    mids = ((values[1:] + values[:-1]) / 2).tolist()  # half-integers, exact
+
     def best_index(v):
-        idx = torch.bucketize(v, values).clamp(1, 15)  # values[idx-1] < v <= values[idx]
-        lo, hi = values[idx - 1], values[idx]
-        idx = torch.where(v - lo < hi - v, idx - 1, idx)
-        return torch.where(v <= values[0], 0, torch.where(v >= values[-1], 15, idx))
+        """Index of the nearest table value; a tie goes to the larger one (llama.cpp's best_index_int8)."""
+        idx = torch.zeros(v.shape, dtype=torch.int64)
+        for m in mids:
+            idx += v >= m
+        return idx
 
     def fit(idv):
         l = best_index(idv * x)

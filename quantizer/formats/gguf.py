@@ -135,7 +135,7 @@ def write_architecture(writer: Any, arch: str, config: Any) -> None:
     else:
         writer.add_rope_freq_base(_rope_theta(config, 10_000.0))
         writer.add_rope_dimension_count(int(head_dim))
-        if head_dim != hidden // n_head:
+        if getattr(config, "head_dim", None) is not None or head_dim != hidden // n_head:
             writer.add_key_length(int(head_dim))
             writer.add_value_length(int(head_dim))
 
