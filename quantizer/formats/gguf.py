@@ -147,8 +147,8 @@ _LLAMA3_PATTERN = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\
 
 def _pre_tokenizer_name(tj: Mapping[str, Any], arch: str) -> str:
     """llama.cpp's name for the pre-tokenizer (the regex it splits text with before BPE)."""
-    text = json.dumps(tj.get("pre_tokenizer"))
-    if _LLAMA3_PATTERN in json.loads(json.dumps(text)) or json.dumps(_LLAMA3_PATTERN)[1:-1] in text:
+    text = json.dumps(tj.get("pre_tokenizer"))  # the regex appears JSON-escaped in it
+    if json.dumps(_LLAMA3_PATTERN)[1:-1] in text:
         return "llama-bpe"
     if json.dumps(_QWEN2_PATTERN)[1:-1] in text or arch in ("qwen2", "qwen3"):
         return "qwen2"
