@@ -156,6 +156,8 @@ def _pre_tokenizer_name(tj: Mapping[str, Any], arch: str) -> str:
     kinds = [p.get("type") for p in pre.get("pretokenizers", [])] if pre.get("type") == "Sequence" else [pre.get("type")]
     if kinds == ["Digits", "ByteLevel"]:
         return "smollm"
+    if kinds == ["ByteLevel"] and pre.get("use_regex", True):
+        return "gpt-2"  # GPT-2's split regex
     return "default"
 
 
