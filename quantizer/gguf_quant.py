@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 QK_K = 256
@@ -119,7 +120,8 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
 
 
 # k-quant types whose 256-wide super-block does not fit a row fall back as llama.cpp does
-_INCOMPATIBLE_FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+# (llama.cpp's tensor_type_fallback: q2_k/q3_k -> q4_0, q4_k -> q5_0, q5_k -> q5_1, q6_k -> q8_0)
+_INCOMPATIBLE_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 
 def fit_row(qtype: str, row_len: int) -> str:
@@ -222,6 +224,14 @@ def _signed_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mx.abs(), mx
 
 
+def _f32(*terms: float) -> float:
+    """``a + b*c ...`` evaluated as C does in float32: ``_f32(a, (b, c))`` = f32(a) + f32(f32(b) * f32(c))."""
+    acc = np.float32(0)
+    for t in terms:
+        acc = np.float32(acc + (np.float32(t[0]) * np.float32(t[1]) if isinstance(t, tuple) else np.float32(t)))
+    return float(acc)
+
+
 def _u8(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.int32).to(torch.uint8)
 
@@ -254,7 +264,7 @@ def make_qx_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor | None, rms
     for step in range(-9, 10):
         if step == 0:
             continue
-        l, sumlx, suml2 = trial(-(nmax + 0.1 * step) / mx)
+        l, sumlx, suml2 = trial(-_f32(nmax, (0.1, step)) / mx)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
         best_l = torch.where(better, l, best_l)
         scale = torch.where(better, sumlx / torch.where(suml2 > 0, suml2, 1.0), scale)
@@ -286,7 +296,8 @@ def make_qkx_quants(
     best_l = _nearest(iscale * (x - mn)).clamp(0, nmax)
     best_mad = err(scale, mn, best_l)
     for step in range(nstep + 1):
-        iscale = (rmin + rdelta * step + nmax) / rng
+        rng = torch.where(flat, torch.ones_like(mx), mx - mn)  # min moves with the best candidate, as in C
+        iscale = _f32(rmin, (rdelta, step), nmax) / rng
         l = _nearest(iscale * (x - mn)).clamp(0, nmax)
         sum_l = (weights * l).sum(-1, keepdim=True)
         sum_l2 = (weights * l * l).sum(-1, keepdim=True)
@@ -324,7 +335,7 @@ def make_qp_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor) -> tuple[t
     for step in range(-4, 5):
         if step == 0:
             continue
-        isc = (0.1 * step + nmax) / mx
+        isc = _f32((0.1, step), nmax) / mx
         li = _nearest(isc * x).clamp(max=nmax)
         mse = (weights * (x - (1 / isc) * li) ** 2).sum(-1, keepdim=True)
         better = mse < best_mse
@@ -648,9 +659,8 @@ def quantize_q6_k(x, qw=None, sigma2=None):
     xs = x.reshape(nb, 16, 16)
     if qw is None:
         w = None
-    else:
-        sig = 2 * (x * x).sum(-1, keepdim=True).unsqueeze(-1) / QK_K
-        w = _imatrix_weights(xs, qw.reshape(nb, 16, 16), sig)
+    else:  # llama.cpp's q6_k uses the importance alone as weights
+        w = qw.reshape(nb, 16, 16)
     scales, _ = make_qx_quants(xs, 32, w)
     scales = scales.squeeze(-1)
     amax, max_scale = _signed_absmax(scales)

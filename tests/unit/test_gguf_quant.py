@@ -205,7 +205,7 @@ def test_rows_that_do_not_fit_super_blocks_fall_back_as_llama_cpp():
     # SmolLM2: 576 = 2.25 x 256
     assert gq.tensor_type("q4_k_m", "attn_q", 576) == "q5_0"
     assert gq.tensor_type("q5_k_m", "attn_q", 576) == "q5_1"
-    assert gq.tensor_type("q3_k_m", "attn_q", 576) == "iq4_nl"
+    assert gq.tensor_type("q3_k_m", "attn_q", 576) == "q4_0"
     assert gq.tensor_type("q4_k_m", "attn_v", 576, 0, 30) == "q8_0"  # q6_k -> q8_0
     assert gq.tensor_type("q4_k_m", "ffn_down", 1536, 0, 30) == "q6_k"
     assert gq.tensor_type("q4_0", "token_embd", 576, tied_output=True) == "q8_0"  # q6_k would not fit
