@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((fmt, t1 - t0, t2 - t1, size, ppl))
     print(f"| format | quantize (s) | export (s) | file size (MiB) | bits/weight (whole file) | ppl |")
     print("| --- | --- | --- | --- | --- | --- |")
-    n_params = sum(p.numel() for p in model.parameters() if p is not model.get_output_embeddings().weight or not model.config.tie_word_embeddings)
+    n_params = sum(p.numel() for p in model.parameters())  # tied weights count once
     for fmt, tq, te, size, ppl in rows:
         ppl_s = f"{ppl:.3f}" if ppl is not None else "-"
         print(f"| {fmt} | {tq:.1f} | {te:.1f} | {size / 2**20:.1f} | {8 * size / n_params:.2f} | {ppl_s} |")
