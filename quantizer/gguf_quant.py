@@ -522,7 +522,7 @@ def quantize_q8_0(x, qw=None, sigma2=None):
 
 
 def quantize_iq4_nl(x, qw=None, sigma2=None, ntry: int = 7):
-    """Non-linear 4-bit (the fallback of q2_k/q3_k for rows that are not a multiple of 256)."""
+    """Non-linear 4-bit, a 16-value table (llama.cpp falls back to it from the i-quants; kept for layer_config)."""
     values = torch.tensor(KVALUES_IQ4NL, dtype=torch.float32)
     sig = 2 * (x * x).sum(-1, keepdim=True) / x.shape[-1]
     w = _imatrix_weights(x, qw, sig) if qw is not None else x * x
