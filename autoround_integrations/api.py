@@ -13,7 +13,7 @@ import torch
 
 from autoround.quantizer import compressor
 from autoround.quantizer.data import DEFAULT_DATASET, calibration_batch
-from autoround.quantizer.errors import AutoRoundError, FormatError
+from autoround.quantizer.errors import AutoRoundError, FormatError, SchemeError
 from autoround.quantizer.formats import parse_formats
 from autoround.quantizer.formats.writer import check_output_dir
 from autoround.quantizer.model_io import (
@@ -23,7 +23,7 @@ from autoround.quantizer.model_io import (
     load_model,
     quantizable_linears,
 )
-from autoround.quantizer.schemes import QuantScheme, resolve_scheme
+from autoround.quantizer.schemes import QuantScheme, gguf_type_of, resolve_scheme
 
 from . import envs
 from .log import logger
@@ -148,6 +148,13 @@ class AutoRound:
     def quantize(self, formats: "str | list | None" = None) -> tuple[Any, dict[str, Any]]:
         """Quantize in memory (weights become their fake-quantized values); returns (model, layer_config)."""
         fmts = parse_formats(formats or "auto_round")
+        self._adapt_scheme(fmts)
+        if self.scheme.is_float and all(getattr(f, "float_model_ok", False) for f in fmts):
+            # e.g. gguf:bf16: a float file, nothing to quantize
+            self.plan = compressor.LayerPlan(keep_float=list(self.linears))
+            self.layers = {}
+            self._finish()
+            return self.model, self._layer_config()
         self.plan = self._plan(fmts)
         self._untie_lm_head()
         torch.manual_seed(self.seed)
@@ -155,6 +162,12 @@ class AutoRound:
             torch.use_deterministic_algorithms(True, warn_only=False)
         start = time.time()
         if self.iters > 0:
+            if any(gguf_type_of(s) is not None for s in self.plan.quantize.values()):
+                raise SchemeError(
+                    "SignRound tuning (iters > 0) of GGUF block types is not supported yet; use iters=0 "
+                    "(--iters 0), which quantizes the GGUF types with llama.cpp's importance-weighted "
+                    "scale search, or an integer scheme such as W4A16 with format auto_round"
+                )
             self._signround()
             self._quantize_outside_blocks()
             self._finish()
@@ -194,6 +207,13 @@ class AutoRound:
         if rest:
             sub = compressor.LayerPlan(quantize={n: self.plan.quantize[n] for n in rest})
             self.layers.update(compressor.quantize_layers(self.linears, sub, None, envs.AR_SEARCH_SCALE_RATIO))
+
+    def _adapt_scheme(self, fmts: list) -> None:
+        """Formats that fix the scheme (gguf:q4_k_m needs GGUF:Q4_K_M) adapt it before any work."""
+        for fmt in fmts:
+            adapt = getattr(fmt, "adapt_scheme", None)
+            if adapt is not None:
+                self.scheme = adapt(self.scheme)
 
     def _layer_config(self) -> dict[str, Any]:
         layer_config: dict[str, Any] = {n: layer.scheme.to_dict() for n, layer in self.layers.items()}
@@ -274,6 +294,11 @@ class AutoRound:
         if not self.quantized:
             raise AutoRoundError("call quantize() before save_quantized(), or use quantize_and_save()")
         for fmt in fmts:  # formats chosen after quantize() must still hold the schemes and shapes used
+            adapt = getattr(fmt, "adapt_scheme", None)
+            if adapt is not None:
+                adapt(self.scheme, switch=False)
+            if self.plan is not None and not self.plan.quantize and getattr(fmt, "float_model_ok", False):
+                continue
             packable = self._plan([fmt]).quantize
             lost = [n for n in self.layers if n not in packable]
             if lost:

@@ -195,8 +195,12 @@ def run(args: argparse.Namespace) -> int:
         import torch
         from transformers import AutoModelForCausalLM
 
+        from pathlib import Path
+
         for folder in folders:
-            loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            gguf_files = sorted(Path(folder).glob("*.gguf"))
+            gguf_kw = {"gguf_file": gguf_files[0].name} if gguf_files else {}
+            loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **gguf_kw)
             q_ppl = text_perplexity(loaded.eval(), ar.tokenizer, eval_text, args.eval_seqlen, args.eval_windows)
             print(f"quantized perplexity ({folder}): {q_ppl:.4f}  (float {fp_ppl:.4f}, x{q_ppl / fp_ppl:.3f})")
     return 0

@@ -19,7 +19,8 @@ from .formats import ExportFormat, ExportJob, QuantizedLayer, formats_supporting
 from .model_io import decoder_body
 from .qmath import quantize_weight
 from .rtn import optimized_rtn_quantize
-from .schemes import QuantScheme, resolve_scheme
+from .gguf_quant import GGUFWeight, quantize_tensor
+from .schemes import QuantScheme, gguf_file_type_of, gguf_scheme, gguf_type_of, resolve_scheme
 from ..log import logger
 
 
@@ -81,8 +82,11 @@ def plan_layers(
     ``lm_head``: the name of the output projection when it is to be quantized (it is in ``linears``);
     ``lm_head_tied``: whether the model ties it to the input embedding."""
     plan = LayerPlan()
+    gguf_bases = _gguf_layer_schemes(linears, default)
     for name, module in linears.items():
-        scheme = scheme_for_layer(name, default, layer_config)
+        scheme = scheme_for_layer(name, gguf_bases.get(name, default), layer_config)
+        if gguf_type_of(scheme) is not None and not scheme.is_float:
+            scheme = _gguf_fit(name, scheme, module.in_features)
         if ignore_layers and any(_match(k, name) for k in ignore_layers):
             scheme = resolve_scheme("BF16")
         if scheme.is_float:
@@ -136,6 +140,29 @@ def _check_lm_head(formats: list[ExportFormat], tied: bool) -> None:
             )
 
 
+def _gguf_layer_schemes(linears: Mapping[str, nn.Linear], default: QuantScheme) -> dict[str, QuantScheme]:
+    """For a GGUF file-type scheme (e.g. GGUF:Q4_K_M): each layer's block type by llama.cpp's rules."""
+    if gguf_type_of(default) is None or default.is_float:
+        return {}
+    from .formats.gguf import plan_types
+
+    shapes = {n: (m.out_features, m.in_features) for n, m in linears.items()}
+    ftype = gguf_file_type_of(default) or gguf_type_of(default)
+    return {n: gguf_scheme(t) for n, t in plan_types(shapes, ftype).items()}
+
+
+def _gguf_fit(name: str, scheme: QuantScheme, in_features: int) -> QuantScheme:
+    """A block type whose block does not divide the rows falls back as llama.cpp does (q4_k -> q5_0 ...)."""
+    from .gguf_quant import fit_row
+
+    qtype = gguf_type_of(scheme)
+    new = fit_row(qtype, in_features)
+    if new == qtype:
+        return scheme
+    logger.info("%s: %d input features do not fit %s blocks; using %s as llama.cpp does", name, in_features, qtype, new)
+    return gguf_scheme(new)
+
+
 @torch.no_grad()
 def collect_importance(
     model: nn.Module, linears: Mapping[str, nn.Linear], calib: torch.Tensor, batch_size: int
@@ -179,7 +206,11 @@ def quantize_layers(
     for name in tqdm(list(plan.quantize), desc="quantizing layers", leave=False):
         module, scheme = linears[name], plan.quantize[name]
         w = module.weight.data
-        if importance is None or name not in importance:
+        qtype = gguf_type_of(scheme)
+        if qtype is not None:
+            imp = None if importance is None or name not in importance else importance[name]
+            qw = GGUFWeight(quantize_tensor(w, qtype, imp), qtype, (module.out_features, module.in_features))
+        elif importance is None or name not in importance:
             qw = quantize_weight(w, scheme.bits, scheme.group_size, scheme.sym)
         else:
             qw = optimized_rtn_quantize(
