@@ -37,17 +37,19 @@ class TorchQuantLinear(nn.Module):
         self.zero_offset = zero_offset
         _, n_groups = group_layout(in_features, group_size)
         self.n_groups = n_groups
-        self.register_buffer(
-            "qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32, device=device)
-        )
-        self.register_buffer(
-            "qzeros", torch.zeros(n_groups, out_features * bits // 32, dtype=torch.int32, device=device)
-        )
+        qweight_shape, qzeros_shape = self.packed_shapes(in_features, out_features, bits, n_groups)
+        self.register_buffer("qweight", torch.zeros(qweight_shape, dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.zeros(qzeros_shape, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=scale_dtype, device=device))
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device))
         else:
             self.bias = None
+
+    @staticmethod
+    def packed_shapes(in_features: int, out_features: int, bits: int, n_groups: int) -> tuple[tuple, tuple]:
+        """Shapes of ``qweight`` and ``qzeros`` in this kernel's checkpoint layout (GPTQ here)."""
+        return (in_features * bits // 32, out_features), (n_groups, out_features * bits // 32)
 
     def extra_repr(self) -> str:
         return (
