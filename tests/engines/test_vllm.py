@@ -61,7 +61,6 @@ def test_vllm_half_dtypes(vllm_python, ours_w4a16, prompt_ids, tmp_path, dtype):
     # the first tokens of a greedy continuation are stable under 16-bit rounding
     agree = sum(a[:4] == b[:4] for a, b in zip(result["tokens"], reference))
     assert agree >= 3, (result["tokens"], reference)
-    assert "Paris" in result["texts"][0]
 
 
 def test_vllm_openai_server(vllm_python, ours_w4a16, prompt_ids, tmp_path):
