@@ -105,20 +105,10 @@ class AutoRoundConfig(_HfAutoRoundConfig):
 
 def _checkpoint_tensor_names(model: nn.Module) -> set[str] | None:
     """Names of the tensors in the checkpoint being loaded, when it is a local folder; else None."""
-    path = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
-    if not path or not os.path.isdir(path):
-        return None
-    folder = Path(path)
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        return set(json.loads(index.read_text())["weight_map"])
-    single = folder / "model.safetensors"
-    if single.exists():
-        from safetensors import safe_open
+    from .engine_common import checkpoint_tensor_names
 
-        with safe_open(str(single), framework="pt") as f:
-            return set(f.keys())
-    return None
+    path = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return checkpoint_tensor_names(path)
 
 
 def _shorten(names: list[str], shown: int = 5) -> str:
