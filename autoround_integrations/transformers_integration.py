@@ -8,10 +8,8 @@ lets ``from_pretrained(..., quantization_config=AutoRoundConfig())`` load GPTQ c
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import torch
