@@ -8,7 +8,6 @@ lets ``from_pretrained(..., quantization_config=AutoRoundConfig())`` load GPTQ c
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from typing import Any
 
