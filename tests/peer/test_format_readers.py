@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from autoround import AutoRound, AutoRoundConfig
-from autoround.backends import TorchAWQQuantLinear, TorchQuantLinear
+from autoround.backends import TorchQuantLinear
 from autoround.quantizer.data import wikipedia_text
 
 
@@ -96,9 +96,8 @@ def test_gptqmodel_reads_our_gptq_and_awq(tiny):
     assert_close(ref, torch.load(root / "awq.pt")["logits"], "auto_awq via GPTQModel")
 
 
-@pytest.mark.parametrize("method,backend,kernel", [("gptq", "gptq_torch", TorchQuantLinear),
-                                                    ("awq", "awq_torch", TorchAWQQuantLinear)])
-def test_gptqmodel_checkpoints_load_through_ours(tiny, method, backend, kernel):
+@pytest.mark.parametrize("method,backend", [("gptq", "gptq_torch"), ("awq", "awq_torch")])
+def test_gptqmodel_checkpoints_load_through_ours(tiny, method, backend):
     root, _, ids = tiny
     ckpt = root / f"gptqmodel-{method}"
     gptqmodel("quantize", root / "float", method, ckpt)
@@ -106,7 +105,9 @@ def test_gptqmodel_checkpoints_load_through_ours(tiny, method, backend, kernel):
     gptqmodel("logits", ckpt, backend, root / "ids.pt", root / f"theirs-{method}.pt")
     model = AutoModelForCausalLM.from_pretrained(str(ckpt), quantization_config=AutoRoundConfig(),
                                                  dtype=torch.float32)
-    assert isinstance(model.model.layers[0].mlp.up_proj, kernel)
+    layer = model.model.layers[0].mlp.up_proj
+    # whichever kernel auto picks on this machine, it reads the checkpoint's packing layout
+    assert isinstance(layer, TorchQuantLinear) and layer.kernel_name.endswith("awq") == (method == "awq")
     with torch.no_grad():
         ours = model(ids).logits
     assert_close(ours, torch.load(root / f"theirs-{method}.pt")["logits"], f"GPTQModel {method} via our loader")
