@@ -207,7 +207,7 @@ class AutoRoundQuantizer(HfQuantizer):
                 )
             if present is not None and f"{name}.g_idx" in present:
                 # GPTQ group index: loaded, then checked to be the trivial i // group_size (no act-order)
-                qlinear.register_buffer("g_idx", torch.empty(module.in_features, dtype=torch.int32, device="meta"))
+                qlinear.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, device="meta"))
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, qlinear)
