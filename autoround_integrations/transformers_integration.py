@@ -23,6 +23,7 @@ from autoround.quantizer.errors import AutoRoundError, ModelLoadError, SchemeErr
 from autoround.quantizer.model_io import linear_dims
 
 from .checkpoint_config import CheckpointQuantConfig
+from .engine_common import checkpoint_tensor_names, layer_spec
 from .log import logger
 
 BACKENDS = ("auto", "torch")
@@ -102,8 +103,6 @@ class AutoRoundConfig(_HfAutoRoundConfig):
 
 def _checkpoint_tensor_names(model: nn.Module) -> set[str] | None:
     """Names of the tensors in the checkpoint being loaded, when it is a local folder; else None."""
-    from .engine_common import checkpoint_tensor_names
-
     path = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
     return checkpoint_tensor_names(path)
 
@@ -183,16 +182,7 @@ class AutoRoundQuantizer(HfQuantizer):
                     continue  # the writer kept this layer in float (e.g. its shape cannot be packed)
                 wanted = ["qweight", "qzeros", "scales"] + (["bias"] if module.bias is not None else [])
                 missing += [f"{name}.{t}" for t in wanted if f"{name}.{t}" not in present]
-            spec = LayerSpec(
-                device=self.device_type,
-                bits=scheme.bits,
-                group_size=scheme.group_size,
-                sym=scheme.sym,
-                packing_format=ckpt.packing_format,
-                in_features=in_features,
-                out_features=out_features,
-                act_dtype=dtype,
-            )
+            spec = layer_spec(scheme, ckpt.packing_format, in_features, out_features, self.device_type, dtype)
             kernel = select_kernel(spec, backend, advice)
             with torch.device("meta"):
                 qlinear = kernel.factory(
