@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import torch
 
 from autoround.quantizer import compressor
+from autoround.quantizer.blockwise import peak_rss_gib
 from autoround.quantizer.data import DEFAULT_DATASET, calibration_batch
 from autoround.quantizer.errors import AutoRoundError, FormatError, SchemeError
 from autoround.quantizer.formats import parse_formats
@@ -338,14 +339,8 @@ class AutoRound:
         paths = self.save_quantized(output_dir, format)
         if self._resume_store is not None:
             self._resume_store.discard()
-        logger.info("quantize_and_save finished in %.1fs; peak RSS %.2f GiB", time.time() - start, _peak_rss_gib())
+        logger.info("quantize_and_save finished in %.1fs; peak RSS %.2f GiB", time.time() - start, peak_rss_gib())
         return self.model, paths
-
-
-def _peak_rss_gib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 class AutoScheme:

@@ -59,7 +59,8 @@ def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _peak_rss_gib() -> float:
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far, in GiB."""
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
@@ -155,7 +156,7 @@ def signround_blocks(
         result[lm_head[0]] = _tune_lm_head(lm_head, schemes[lm_head[0]], fp_in, q_in, options, loss_mask, bs, device)
     logger.info(
         "SignRound tuned %d layers in %d blocks in %.1fs; peak RSS %.2f GiB%s",
-        len(result), len(blocks), time.time() - start, _peak_rss_gib(),
+        len(result), len(blocks), time.time() - start, peak_rss_gib(),
         f", peak accelerator memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
         if torch.cuda.is_available() and torch.cuda.max_memory_allocated() else "",
     )
