@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .qmath import QuantizedWeight, fake_quantize, group_layout, quantize_weight
+from .qmath import QuantizedWeight, fake_quantize, group_layout, group_minmax, quantize_weight, to_groups
 from .schemes import QuantScheme
 
 
@@ -88,6 +88,9 @@ class _TunedLinear(nn.Module):
         rows = 1 if scheme.group_size == 0 else w.shape[0]
         n_groups = 1 if scheme.group_size == 0 else n_groups
         self.v = nn.Parameter(torch.zeros(w.shape, dtype=torch.float32, device=w.device))
+        with torch.no_grad():  # the weight is frozen: group it and take its min/max once, not every step
+            wg = to_groups(w.detach().to(torch.float32), scheme.group_size)
+            self._grouped = (wg, group_minmax(wg))
         if minmax:
             self.alpha = nn.Parameter(torch.ones(rows, n_groups, 1, device=w.device))
             self.beta = nn.Parameter(torch.ones(rows, n_groups, 1, device=w.device))
@@ -99,7 +102,7 @@ class _TunedLinear(nn.Module):
         return fake_quantize(
             self.linear.weight, s.bits, s.group_size, s.sym, v=self.v,
             alpha=self.alpha if self.alpha is not None else 1.0,
-            beta=self.beta if self.beta is not None else 1.0,
+            beta=self.beta if self.beta is not None else 1.0, grouped=self._grouped,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
 import torch
+import pytest
 
 from autoround.quantizer.qmath import (
     compute_params, dequantize, fake_quantize, group_layout, quantize_weight, round_ste, to_groups,
@@ -97,3 +98,29 @@ def test_dequantize_function_shapes():
     q = torch.full((2, 6), 8, dtype=torch.uint8)
     out = dequantize(q, torch.ones(2, 2), torch.full((2, 2), 8), 4)
     assert out.shape == (2, 6) and out.abs().sum() == 0
+
+
+@pytest.mark.parametrize("bits,group_size,sym", [(4, 32, True), (2, 32, False), (3, 24, True), (8, -1, False), (4, 0, True)])
+def test_fused_fake_quantize_matches_autograd_of_the_composed_ops(bits, group_size, sym):
+    """The few-pass custom function (used when v is a tensor) gives the values and the gradients that autograd
+    through round_ste/clamp/mul gives; a ragged last group (40 features, group 24) included."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 40)
+    g = torch.randn(16, 40)
+    v0 = (torch.rand(16, 40) - 0.5) * 0.9  # offsets that push some weights past the clamp range
+    ab = torch.rand(16, 1 if group_size in (-1, 0) else -(-40 // group_size), 1) * 0.5 + 0.5
+    if group_size == 0:
+        ab = ab[:1, :1]
+    results = []
+    for fused in (True, False):
+        v = v0.clone().requires_grad_(True)
+        alpha, beta = ab.clone().requires_grad_(True), (ab.flip(0) if group_size else ab).clone().requires_grad_(True)
+        wq = fake_quantize(w.requires_grad_(not fused), bits, group_size, sym, v=v, alpha=alpha, beta=beta)
+        (wq * g).sum().backward()
+        results.append((wq.detach(), v.grad, alpha.grad, beta.grad))
+        w = w.detach()
+    (f_wq, f_v, f_a, f_b), (a_wq, a_v, a_a, a_b) = results
+    assert torch.equal(f_wq, a_wq)
+    assert torch.equal(f_v, a_v)
+    assert torch.allclose(f_a, a_a, rtol=1e-4, atol=1e-5) and torch.allclose(f_b, a_b, rtol=1e-4, atol=1e-5)
+    assert f_v.abs().sum() > 0 and (f_a.abs().sum() + f_b.abs().sum()) > 0
