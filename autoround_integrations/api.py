@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -18,10 +19,12 @@ from autoround.quantizer.errors import AutoRoundError, FormatError, SchemeError
 from autoround.quantizer.formats import parse_formats
 from autoround.quantizer.formats.writer import check_output_dir
 from autoround.quantizer.model_io import (
+    check_safetensors,
     conv1d_to_linear,
     find_block_names,
     linear_to_conv1d,
     load_model,
+    load_tokenizer,
     quantizable_linears,
 )
 from autoround.quantizer.schemes import QuantScheme, gguf_type_of, resolve_scheme
@@ -47,7 +50,13 @@ TUNING_OPTIONS = {
     "act_bits": None,
     "nblocks": 1,
     "scale_dtype": "fp16",
+    # plain RTN of a local folder streams the weights without loading the model (see quantize_and_save);
+    # True loads the model and quantizes it in memory instead
+    "disable_model_free": False,
 }
+
+# set by _load(); until then (a folder whose plain RTN may take the model-free route) they load the model on use
+_LAZY_ATTRS = ("model", "tokenizer", "block_names", "conv1d_names", "linears", "lm_head_name", "lm_head_tied")
 
 
 class AutoRound:
@@ -97,26 +106,90 @@ class AutoRound:
         self.low_gpu_mem_usage, self.enable_torch_compile = low_gpu_mem_usage, enable_torch_compile
         self.options = {**TUNING_OPTIONS, **kwargs}
         self.device_map = device_map
-        self.model, self.tokenizer = load_model(model, tokenizer, device_map=device_map)
-        self.model.eval()
+        ignore = self.options["ignore_layers"]
+        self.ignore_layers = [x for x in ignore.split(",") if x] if isinstance(ignore, str) else list(ignore or [])
+        self.resume_dir: str | None = None  # set by quantize_and_save(resume=...)
+        self.resume = False
+        self._resume_store = None
+        self.layers: dict[str, compressor.QuantizedLayer] = {}
+        self.plan: compressor.LayerPlan | None = None
+        self.quantized = False
+        self._model_src = model
+        # plain RTN of a local folder may never need the model (quantize_and_save streams the weights): its
+        # load waits until something asks for it (ar.model, quantize(), a format that needs it)
+        self._deferred_folder = self._model_free_folder(model)
+        if tokenizer is not None or self._deferred_folder is None:
+            self.tokenizer = tokenizer
+        if self._deferred_folder is None:
+            self._load()
+
+    def _model_free_folder(self, model: Any) -> str | None:
+        """The folder whose load may be deferred (plain RTN of a local folder), after checking its files."""
+        if self._model_free_reason(model) is not None:
+            return None
+        path = Path(str(model)).expanduser()
+        if not path.is_dir() or not (path / "config.json").is_file():
+            return None  # the normal load reports what is wrong
+        check_safetensors(path)  # a corrupt file fails now, as it does when the model is loaded here
+        return str(path)
+
+    def _model_free_reason(self, model: Any, fmts: list | None = None) -> str | None:
+        """Why the model-free route cannot write this run's checkpoint, or None when it can."""
+        if self.options["disable_model_free"]:
+            return "disable_model_free=True"
+        if self.iters > 0:
+            return "SignRound (iters > 0) runs the model"
+        if not self.disable_opt_rtn:
+            return "optimized RTN runs the model on calibration data (disable_opt_rtn=True does not)"
+        if not isinstance(model, (str, os.PathLike)):
+            return "the model was passed already loaded"
+        path = Path(str(model)).expanduser()
+        if path.suffix.lower() == ".gguf":
+            return "the model is a GGUF file"
+        if not path.is_dir():
+            return "the model is not a local folder"
+        if self.options["quant_lm_head"]:
+            return "quant_lm_head is set"
+        if self.device_map not in (None, "cpu"):
+            return f"device_map={self.device_map!r} places the model"
+        for fmt in fmts or []:
+            if not getattr(fmt, "model_free", False):
+                return f"format {fmt.name!r} is written from the loaded model"
+        if fmts is not None and (self.scheme.is_float or gguf_type_of(self.scheme) is not None):
+            return f"scheme {self.scheme.describe()} is not plain integer RTN"
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for attributes not set yet: those of a model whose load was deferred
+        if name in _LAZY_ATTRS and self.__dict__.get("_deferred_folder") is not None:
+            if name == "tokenizer":  # the tokenizer alone does not need the model
+                self.tokenizer = load_tokenizer(self._deferred_folder)
+            else:
+                logger.info("loading the model from %s", self._deferred_folder)
+                self._load()
+            return self.__dict__[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _block_names_option(self) -> list[str] | None:
         blocks = self.options["to_quant_block_names"]
-        self.block_names = (
-            [b for b in blocks.split(",") if b] if isinstance(blocks, str) else list(blocks)
-        ) if blocks else find_block_names(self.model)
+        if not blocks:
+            return None
+        return [b for b in blocks.split(",") if b] if isinstance(blocks, str) else list(blocks)
+
+    def _load(self) -> None:
+        """Load the model and find what to quantize in it."""
+        self.model, self.tokenizer = load_model(
+            self._model_src, self.__dict__.get("tokenizer"), device_map=self.device_map
+        )
+        self._deferred_folder = None
+        self.model.eval()
+        self.block_names = self._block_names_option() or find_block_names(self.model)
         # GPT-2-style Conv1D layers become nn.Linear while quantizing, and are restored afterwards
         self.conv1d_names = conv1d_to_linear(self.model, self.block_names)
         self.linears = quantizable_linears(self.model, self.block_names)
         self.lm_head_name, self.lm_head_tied = self._find_lm_head() if self.options["quant_lm_head"] else (None, False)
         if self.lm_head_name is not None:
             self.linears[self.lm_head_name] = self.model.get_submodule(self.lm_head_name)
-        self.resume_dir: str | None = None  # set by quantize_and_save(resume=...)
-        self.resume = False
-        self._resume_store = None
-        ignore = self.options["ignore_layers"]
-        self.ignore_layers = [x for x in ignore.split(",") if x] if isinstance(ignore, str) else list(ignore or [])
-        self.layers: dict[str, compressor.QuantizedLayer] = {}
-        self.plan: compressor.LayerPlan | None = None
-        self.quantized = False
 
     # -- quantization -------------------------------------------------------------------------------
     def _find_lm_head(self) -> tuple[str | None, bool]:
@@ -330,9 +403,30 @@ class AutoRound:
 
         SignRound runs (iters > 0) keep every finished block in a hidden sibling of ``output_dir``; after an
         interruption, the same call with ``resume=True`` continues from the last finished block and writes the
-        same checkpoint an uninterrupted run would.  The state is removed once the checkpoint is saved."""
+        same checkpoint an uninterrupted run would.  The state is removed once the checkpoint is saved.
+
+        Plain RTN (``iters=0, disable_opt_rtn=True``) of a local model folder takes the model-free route when
+        the format allows it (auto_round, auto_gptq, auto_awq, llm_compressor): the weights are streamed from
+        the folder tensor by tensor and the model is never loaded, so the returned model is None (``ar.model``
+        loads the float model).  The checkpoint is the same as the in-memory route's; ``disable_model_free=True``
+        forces the in-memory route."""
         check_output_dir(output_dir)
         start = time.time()
+        fmts = parse_formats(format)
+        if self.__dict__.get("_deferred_folder") is not None:
+            reason = self._model_free_reason(self._model_src, fmts)
+            if reason is None:
+                paths = self._save_model_free(output_dir, fmts)
+                if paths is not None:
+                    logger.info(
+                        "quantize_and_save finished in %.1fs; peak RSS %.2f GiB", time.time() - start, peak_rss_gib()
+                    )
+                    return None, paths
+            else:
+                logger.info("in-memory route: loading the model (%s)", reason)
+        else:
+            reason = self._model_free_reason(self._model_src) or "the model is already loaded"
+            logger.info("in-memory route (%s)", reason)
         self.resume_dir, self.resume = str(output_dir), resume
         self._resume_store = None
         self.quantize(format)
@@ -341,6 +435,31 @@ class AutoRound:
             self._resume_store.discard()
         logger.info("quantize_and_save finished in %.1fs; peak RSS %.2f GiB", time.time() - start, peak_rss_gib())
         return self.model, paths
+
+    def _save_model_free(self, output_dir: str | os.PathLike, fmts: list) -> list[str] | None:
+        """Plain RTN streamed from the model folder (``quantizer/model_free.py``), or None when that route
+        declines this model (the caller then loads it)."""
+        from autoround.quantizer import model_free
+
+        folder = self._deferred_folder
+        try:
+            src = model_free.open_model(folder, self._block_names_option())
+        except model_free.Declined as exc:
+            logger.info("in-memory route: loading the model (the model-free route cannot reproduce it: %s)", exc)
+            return None
+        logger.info(
+            "model-free route: plain RTN streamed tensor by tensor from %s without loading the model "
+            "(disable_model_free=True loads it instead)", folder,
+        )
+        self._adapt_scheme(fmts)
+        plan = compressor.plan_layers(src.linears, self.scheme, self.layer_config, fmts, self.ignore_layers)
+        tokenizer = self.tokenizer
+        paths = []
+        for fmt in fmts:
+            out = str(output_dir) if len(fmts) == 1 else os.path.join(str(output_dir), fmt.name)
+            paths.append(model_free.export(fmt, src, plan, self.scheme, out, tokenizer, self._settings()))
+        self.plan = plan
+        return paths
 
 
 class AutoScheme:

@@ -65,6 +65,9 @@ def build_parser(prog: str = "auto-round", recipe: str = "default") -> argparse.
     g.add_argument("--minmax_lr", type=float, default=None, help="learning rate of the min/max scales (default lr)")
     g.add_argument("--disable_opt_rtn", action="store_true",
                    help="with --iters 0: plain RTN, no activation-weighted scale search and no calibration data")
+    g.add_argument("--disable_model_free", action="store_true",
+                   help="with --iters 0 --disable_opt_rtn: load the model and quantize it in memory instead of "
+                        "streaming the folder's weights tensor by tensor (same checkpoint, more memory)")
     g.add_argument("--seed", type=int, default=42, help="random seed (default %(default)s)")
     g.add_argument("--low_gpu_mem_usage", action="store_true", help="keep cached activations off the accelerator")
     g.add_argument("--enable_torch_compile", action="store_true", help="torch.compile the tuning step")
@@ -181,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
         enable_quanted_input=not args.disable_quanted_input,
         not_use_best_mse=args.not_use_best_mse,
         enable_deterministic_algorithms=args.enable_deterministic_algorithms,
+        disable_model_free=args.disable_model_free,
     )
     fp_ppl = None
     if eval_text is not None:

@@ -233,7 +233,11 @@ def export(
     output_dir: str,
     tokenizer: Any,
     settings: dict[str, Any],
+    float_tensors: Mapping[str, torch.Tensor] | None = None,
+    max_shard_bytes: int | None = None,
 ) -> str:
+    """Write one format's checkpoint.  ``float_tensors``/``max_shard_bytes``: the model-free route's streamed
+    source tensors and shard size (``model`` is then its meta-device skeleton)."""
     job = ExportJob(
         model=model,
         layers=layers,
@@ -242,5 +246,7 @@ def export(
         float_layers=plan.keep_float,
         tokenizer=tokenizer,
         settings=settings,
+        float_tensors=float_tensors,
+        max_shard_bytes=max_shard_bytes,
     )
     return fmt.save(job, output_dir)

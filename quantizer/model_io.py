@@ -15,7 +15,7 @@ from ..log import logger
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _check_safetensors(folder: Path) -> None:
+def check_safetensors(folder: Path) -> None:
     """Open every safetensors file's header so a corrupt file fails with its name, before a long load."""
     from safetensors import SafetensorError, safe_open
 
@@ -59,7 +59,7 @@ def load_model(
     device_map: Any = None,
 ) -> tuple[nn.Module, Any]:
     """Return ``(model, tokenizer)`` for a local folder, a hub id, a GGUF file path or a loaded model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+    from transformers import AutoModelForCausalLM, PreTrainedModel
 
     if isinstance(model, nn.Module):
         if not isinstance(model, PreTrainedModel):
@@ -82,21 +82,29 @@ def load_model(
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelLoadError(f"model folder {path} has no config.json; is it a transformers model folder?")
-        _check_safetensors(path)
+        check_safetensors(path)
         try:
             m = AutoModelForCausalLM.from_pretrained(str(path), **load_kw)
         except Exception as exc:
             raise ModelLoadError(f"could not load the model in {path}: {exc}") from None
         if tokenizer is None:
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(str(path))
-            except Exception as exc:
-                logger.warning("no tokenizer found in %s (%s); pass tokenizer=... for text calibration data", path, exc)
+            tokenizer = load_tokenizer(path)
         return m, tokenizer
     looks_local = str(model).startswith((".", "/", "~")) or path.parent != Path(".") and path.parent.exists()
     if looks_local or not _HUB_ID.match(str(model)):
         raise ModelLoadError(f"model folder {path} does not exist; pass an existing folder, a .gguf file or a hub id")
     return _from_hub(str(model), tokenizer, load_kw)
+
+
+def load_tokenizer(folder: "str | Path") -> Any:
+    """The tokenizer saved in a model folder, or None (with a warning) when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:
+        logger.warning("no tokenizer found in %s (%s); pass tokenizer=... for text calibration data", folder, exc)
+        return None
 
 
 def _from_hub(repo_id: str, tokenizer: Any, load_kw: dict[str, Any]) -> tuple[nn.Module, Any]:

@@ -40,6 +40,10 @@ class ExportJob:
     tokenizer: Any = None
     settings: dict[str, Any] = field(default_factory=dict)  # tuning settings worth recording
     dtype: torch.dtype | None = None  # dtype of the float tensors in the checkpoint
+    # the model-free route (``quantizer/model_free.py``): ``model`` is a meta-device skeleton, the float tensors
+    # are read from the source files only when the writer reaches them, and so is each layer's weight
+    float_tensors: Mapping[str, torch.Tensor] | None = None
+    max_shard_bytes: int | None = None  # None: the writer's default
 
 
 class ExportFormat(Protocol):
@@ -51,6 +55,9 @@ class ExportFormat(Protocol):
     tied_lm_head: ClassVar[bool]
     # True: every quantized layer must share one scheme (no per-layer overrides other than float)
     uniform: ClassVar[bool]
+    # True: the format can be written by the model-free route (plain RTN streamed from the source files,
+    # ``quantizer/model_free.py``); it then sees a meta-device skeleton as ``job.model``
+    model_free: ClassVar[bool]
 
     def scheme_error(self, scheme: QuantScheme) -> str | None:
         """Why this format cannot hold ``scheme`` at all (checked before any work), or None."""

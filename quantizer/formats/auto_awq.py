@@ -23,6 +23,7 @@ class AutoAWQFormat:
     lm_head = False
     tied_lm_head = False
     uniform = True
+    model_free = True
 
     def scheme_error(self, scheme: QuantScheme) -> str | None:
         if scheme.is_float:

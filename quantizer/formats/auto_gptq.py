@@ -31,6 +31,7 @@ class AutoGPTQFormat:
     lm_head = True
     tied_lm_head = False
     uniform = False
+    model_free = True
 
     def scheme_error(self, scheme: QuantScheme) -> str | None:
         return AutoRoundFormat().scheme_error(scheme)  # same integer layout, same limits

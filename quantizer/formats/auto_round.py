@@ -61,6 +61,7 @@ class AutoRoundFormat:
     lm_head = True
     tied_lm_head = True
     uniform = False
+    model_free = True
 
     def scheme_error(self, scheme: QuantScheme) -> str | None:
         if scheme.is_float:

@@ -20,6 +20,7 @@ class FakeFormat:
     lm_head = True
     tied_lm_head = True
     uniform = False
+    model_free = False
 
     def scheme_error(self, scheme: QuantScheme) -> str | None:
         return None

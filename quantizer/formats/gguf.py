@@ -245,6 +245,7 @@ class GGUFFormat:
     name = "gguf"
     description = "llama.cpp GGUF file"
     ftype = "q4_0"
+    model_free = False  # written from the loaded model (token embedding and output projection are quantized too)
 
     @property
     def float_model_ok(self) -> bool:

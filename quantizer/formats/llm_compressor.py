@@ -49,6 +49,7 @@ class LLMCompressorFormat:
     lm_head = True
     tied_lm_head = False
     uniform = False
+    model_free = True
 
     def scheme_error(self, scheme: QuantScheme) -> str | None:
         if scheme.is_float:

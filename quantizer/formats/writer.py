@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -83,27 +83,49 @@ def float_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_safetensors(folder: Path, tensors: Mapping[str, torch.Tensor], max_shard_bytes: int) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def write_safetensors(
+    folder: Path,
+    tensors: "Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]",
+    max_shard_bytes: int,
+) -> None:
+    """Write ``model.safetensors``, or numbered shards and their index when the tensors exceed
+    ``max_shard_bytes``.  Each shard is written as soon as it is full, so a lazy iterable of (name, tensor)
+    pairs (the model-free route) has at most one shard's tensors in memory."""
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    written: list[tuple[Path, dict[str, int]]] = []  # (file, name -> bytes) per shard
+    shard: dict[str, torch.Tensor] = {}
     size = 0
-    for name, t in tensors.items():
+
+    def flush() -> None:
+        path = folder / f".shard-{len(written) + 1:05d}.safetensors"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        written.append((path, {n: t.numel() * t.element_size() for n, t in shard.items()}))
+
+    seen: set[str] = set()
+    for name, t in items:
+        if name in seen:
+            raise RuntimeError(f"internal error: tensor {name} written twice")
+        seen.add(name)
         nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t.detach().to("cpu").contiguous()
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+            shard, size = {}, 0
+        shard[name] = t.detach().to("cpu").contiguous()
         size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if shard or not written:
+        flush()
+    shard = {}
+    if len(written) == 1:
+        os.rename(written[0][0], folder / "model.safetensors")
         return
     weight_map = {}
     total = 0
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / fname), metadata={"format": "pt"})
-        for name, t in shard.items():
+    for i, (path, sizes) in enumerate(written, 1):
+        fname = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+        os.rename(path, folder / fname)
+        for name, nbytes in sizes.items():
             weight_map[name] = fname
-            total += t.numel() * t.element_size()
+            total += nbytes
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
 
@@ -112,7 +134,7 @@ def write_checkpoint(
     output_dir: str | os.PathLike,
     *,
     model: Any,
-    tensors: Mapping[str, torch.Tensor],
+    tensors: "Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]",
     quantization_config: dict[str, Any] | None,
     tokenizer: Any = None,
     extra_json: Mapping[str, dict[str, Any]] | None = None,
@@ -145,25 +167,29 @@ def write_checkpoint(
     return Path(output_dir).absolute()
 
 
-def checkpoint_tensors(job: Any, layer_tensors: Any) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint: the model's float tensors (cast to ``job.dtype``) with each quantized
-    layer's ``weight`` replaced by what ``layer_tensors(layer)`` returns (suffix -> tensor), plus its bias.
+def checkpoint_tensors(job: Any, layer_tensors: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a checkpoint, as (name, tensor) pairs: the model's float tensors (cast to ``job.dtype``)
+    with each quantized layer's ``weight`` replaced by what ``layer_tensors(layer)`` returns (suffix -> tensor),
+    plus its bias.
 
-    One function for every format, so the formats differ only in how one layer is packed."""
-    tensors: dict[str, torch.Tensor] = {}
-    for name, tensor in float_state_dict(job.model).items():
+    One function for every format, so the formats differ only in how one layer is packed.  The float tensors
+    are ``job.model``'s, or ``job.float_tensors`` when the model-free route reads them from the source files
+    (then each one is read only when it is reached, and so is each quantized layer's weight)."""
+    floats = job.float_tensors if job.float_tensors is not None else float_state_dict(job.model)
+    for name in floats:
         layer_name, _, suffix = name.rpartition(".")
         if layer_name in job.layers and suffix in ("weight", "bias"):
             continue
+        tensor = floats[name]
         if job.dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(job.dtype)
-        tensors[name] = tensor
+        yield name, tensor
     for name, layer in job.layers.items():
         for suffix, t in layer_tensors(layer).items():
-            tensors[f"{name}.{suffix}"] = t
-        if layer.bias is not None:
-            tensors[f"{name}.bias"] = layer.bias.to(job.dtype or layer.bias.dtype)
-    return tensors
+            yield f"{name}.{suffix}", t
+        bias = layer.bias
+        if bias is not None:
+            yield f"{name}.bias", bias.to(job.dtype or bias.dtype)
 
 
 def save_format(
@@ -189,6 +215,7 @@ def save_format(
             tokenizer=job.tokenizer,
             extra_json=extra_json,
             config_updates=updates,
+            max_shard_bytes=job.max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
         )
     )
 
