@@ -4,7 +4,7 @@ Conventions (see shared/reference/checkpoint-formats.md):
 - a weight ``w`` is ``[out_features, in_features]``; groups are ``group_size`` consecutive input channels of
   one output row; ``-1`` = one group per row, ``0`` = one group for the whole tensor; a ragged last group is
   zero-padded (zeros never change the min/max because both already include 0).
-- symmetric: ``maxq = 2**(bits-1)``; the side of larger magnitude maps to ``-maxq`` so the scale may be
+- symmetric: ``maxq = 2**(bits-1)``; the side of larger magnitude (on a tie, the max) maps to ``-maxq`` so the scale may be
   negative (full range); ``q = clamp(round(w/s + v), -maxq, maxq-1)``; stored integer ``q + maxq``.
 - asymmetric: ``maxq = 2**bits - 1``; ``s = (wmax - wmin)/maxq``; ``zp = round(-wmin/s)``;
   ``q = clamp(round(w/s + v) + zp, 0, maxq)``.
@@ -84,7 +84,7 @@ def compute_params(
     if sym:
         maxq = 2 ** (bits - 1)
         # the side of larger magnitude maps to -maxq: a positive max gives a negative scale
-        use_min = wmin.abs() >= wmax.abs()
+        use_min = wmin.abs() > wmax.abs()  # a tie maps the max to -maxq (negative scale), as the reference does
         scale = torch.where(use_min, wmin, wmax) / -maxq
         sign = torch.where(use_min, torch.ones_like(scale), -torch.ones_like(scale))
         scale = sign * scale.abs().clamp(min=SCALE_EPS)

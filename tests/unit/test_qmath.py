@@ -124,3 +124,13 @@ def test_fused_fake_quantize_matches_autograd_of_the_composed_ops(bits, group_si
     assert torch.equal(f_v, a_v)
     assert torch.allclose(f_a, a_a, rtol=1e-4, atol=1e-5) and torch.allclose(f_b, a_b, rtol=1e-4, atol=1e-5)
     assert f_v.abs().sum() > 0 and (f_a.abs().sum() + f_b.abs().sum()) > 0
+
+
+def test_symmetric_tie_maps_the_max_to_minus_maxq():
+    """|min| == |max| (common when the weights already lie on a symmetric grid): the reference tool maps the
+    max to -maxq, so the scale is negative and the min is the value that gets clipped to -(maxq-1) * s."""
+    w = torch.tensor([[-0.4, 0.1, 0.4, 0.2]])
+    qw = quantize_weight(w, 2, 4, True)
+    assert qw.scale.item() == pytest.approx(-0.2, rel=1e-3)
+    assert qw.dequantize()[0, 2].item() == pytest.approx(0.4, rel=1e-3)  # the max is exact
+    assert qw.dequantize()[0, 0].item() == pytest.approx(-0.2, rel=1e-3)  # the min is clipped
