@@ -453,7 +453,9 @@ class AutoRound:
         )
         self._adapt_scheme(fmts)
         plan = compressor.plan_layers(src.linears, self.scheme, self.layer_config, fmts, self.ignore_layers)
-        tokenizer = self.tokenizer
+        # a tokenizer the user did not pass is loaded only when it is written, after the tensors, so it is not in
+        # memory while they stream (about 80 MB for SmolLM2's)
+        tokenizer = self.__dict__.get("tokenizer") or model_free.FolderTokenizer(folder)
         paths = []
         for fmt in fmts:
             out = str(output_dir) if len(fmts) == 1 else os.path.join(str(output_dir), fmt.name)

@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import ModelLoadError
+from .formats.writer import FileSlice
 from .model_io import find_block_names, linear_dims
 from .qmath import QuantizedWeight, quantize_weight
 from .schemes import QuantScheme
@@ -163,10 +164,37 @@ class SourceTensors(Mapping[str, torch.Tensor]):
             self.progress.update(1)
         return tensor
 
+    def as_stored(self, name: str, cast_floats_to: torch.dtype | None) -> FileSlice | None:
+        """The tensor's bytes in the source file when they are exactly what would be written (same dtype after
+        the in-memory route's casts), so the writer copies them without loading the tensor; else None."""
+        e = self._entries[name]
+        dtype = self._dtypes[name]
+        if cast_floats_to is not None and dtype.is_floating_point:
+            dtype = cast_floats_to
+        if dtype != e.dtype:
+            return None
+        if self.progress is not None:
+            self.progress.update(1)
+        return FileSlice(e.path, e.offset, e.nbytes, e.dtype, e.shape)
+
     def close(self) -> None:
         for f in self._files.values():
             f.close()
         self._files.clear()
+
+
+class FolderTokenizer:
+    """The source folder's tokenizer, loaded only when the checkpoint writer saves it (after the tensors)."""
+
+    def __init__(self, folder: "str | Path") -> None:
+        self.folder = folder
+
+    def save_pretrained(self, path: str) -> None:
+        from .model_io import load_tokenizer
+
+        tokenizer = load_tokenizer(self.folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
 
 
 class StreamedLayer:

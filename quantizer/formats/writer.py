@@ -12,11 +12,11 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import torch
-from safetensors.torch import save_file
 
 from ..errors import OutputError
 from ...log import logger
@@ -83,38 +83,102 @@ def float_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+}
+
+
+@dataclass(frozen=True)
+class FileSlice:
+    """A tensor's bytes inside a file, written to a checkpoint as they are, in chunks, without being loaded
+    (the model-free route passes float tensors through this way)."""
+
+    path: Path
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def _nbytes(t: "torch.Tensor | FileSlice") -> int:
+    return t.nbytes if isinstance(t, FileSlice) else t.numel() * t.element_size()
+
+
+class _ShardWriter:
+    """One safetensors file written tensor by tensor: the bytes go to a scratch file as they come, and the
+    header (which must come first and holds every offset) is written in front of them at the end, so no more
+    than one tensor is ever held in memory (``safetensors.torch.save_file`` needs the whole shard)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.scratch = path.with_name(path.name + ".data")
+        self.file = open(self.scratch, "wb")
+        self.header: dict[str, Any] = {}
+        self.sizes: dict[str, int] = {}
+        self.size = 0
+
+    def add(self, name: str, tensor: "torch.Tensor | FileSlice") -> None:
+        t = tensor if isinstance(tensor, FileSlice) else tensor.detach().to("cpu").contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise OutputError(f"cannot write tensor {name}: dtype {t.dtype} has no safetensors name")
+        nbytes = _nbytes(t)
+        if isinstance(t, FileSlice):
+            with open(t.path, "rb") as src:
+                src.seek(t.offset)
+                left = nbytes
+                while left:
+                    chunk = src.read(min(left, 16 * 2**20))
+                    if not chunk:
+                        raise OutputError(f"cannot copy tensor {name}: {t.path} ends early")
+                    self.file.write(chunk)
+                    left -= len(chunk)
+        elif nbytes:
+            self.file.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self.header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [self.size, self.size + nbytes]}
+        self.sizes[name] = nbytes
+        self.size += nbytes
+
+    def finish(self) -> tuple[Path, dict[str, int]]:
+        self.file.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+        with open(self.path, "wb") as out, open(self.scratch, "rb") as data:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(data, out, 16 * 2**20)
+        os.remove(self.scratch)
+        return self.path, self.sizes
+
+
 def write_safetensors(
     folder: Path,
     tensors: "Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]",
     max_shard_bytes: int,
 ) -> None:
     """Write ``model.safetensors``, or numbered shards and their index when the tensors exceed
-    ``max_shard_bytes``.  Each shard is written as soon as it is full, so a lazy iterable of (name, tensor)
-    pairs (the model-free route) has at most one shard's tensors in memory."""
+    ``max_shard_bytes``.  Tensors are written as they come, so a lazy iterable of (name, tensor) pairs (the
+    model-free route) never has more than one tensor in memory."""
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     written: list[tuple[Path, dict[str, int]]] = []  # (file, name -> bytes) per shard
-    shard: dict[str, torch.Tensor] = {}
-    size = 0
-
-    def flush() -> None:
-        path = folder / f".shard-{len(written) + 1:05d}.safetensors"
-        save_file(shard, str(path), metadata={"format": "pt"})
-        written.append((path, {n: t.numel() * t.element_size() for n, t in shard.items()}))
-
+    shard: _ShardWriter | None = None
     seen: set[str] = set()
     for name, t in items:
         if name in seen:
             raise RuntimeError(f"internal error: tensor {name} written twice")
         seen.add(name)
-        nbytes = t.numel() * t.element_size()
-        if shard and size + nbytes > max_shard_bytes:
-            flush()
-            shard, size = {}, 0
-        shard[name] = t.detach().to("cpu").contiguous()
-        size += nbytes
-    if shard or not written:
-        flush()
-    shard = {}
+        nbytes = _nbytes(t)
+        if shard is not None and shard.sizes and shard.size + nbytes > max_shard_bytes:
+            written.append(shard.finish())
+            shard = None
+        if shard is None:
+            shard = _ShardWriter(folder / f".shard-{len(written) + 1:05d}.safetensors")
+        shard.add(name, t)
+        del t
+    if shard is not None or not written:
+        written.append((shard or _ShardWriter(folder / ".shard-00001.safetensors")).finish())
     if len(written) == 1:
         os.rename(written[0][0], folder / "model.safetensors")
         return
@@ -176,9 +240,14 @@ def checkpoint_tensors(job: Any, layer_tensors: Any) -> Iterator[tuple[str, torc
     are ``job.model``'s, or ``job.float_tensors`` when the model-free route reads them from the source files
     (then each one is read only when it is reached, and so is each quantized layer's weight)."""
     floats = job.float_tensors if job.float_tensors is not None else float_state_dict(job.model)
+    as_stored = getattr(floats, "as_stored", None)  # the model-free route: bytes copied as they are when possible
     for name in floats:
         layer_name, _, suffix = name.rpartition(".")
         if layer_name in job.layers and suffix in ("weight", "bias"):
+            continue
+        raw = as_stored(name, job.dtype) if as_stored is not None else None
+        if raw is not None:
+            yield name, raw
             continue
         tensor = floats[name]
         if job.dtype is not None and tensor.is_floating_point():

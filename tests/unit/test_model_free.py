@@ -202,6 +202,27 @@ def test_write_safetensors_shards_incrementally(tmp_path):
     assert index["metadata"]["total_size"] == 5 * 1024
 
 
+def test_streamed_shard_every_dtype_reads_back(tmp_path):
+    """The tensor-by-tensor writer produces files the safetensors library (and so transformers) reads: every
+    dtype a checkpoint holds, a scalar, an empty tensor and a non-contiguous one, values bit for bit."""
+    from safetensors import safe_open
+
+    items = {
+        "f32": torch.randn(3, 5), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 3).bfloat16(),
+        "i32": torch.randint(-2**31, 2**31 - 1, (4, 2), dtype=torch.int32), "u8": torch.randint(0, 255, (9,), dtype=torch.uint8),
+        "i64": torch.arange(3), "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(1.5),
+        "empty": torch.zeros(0, 4), "strided": torch.randn(4, 6).t(),
+    }
+    write_safetensors(tmp_path, iter(items.items()), max_shard_bytes=2**20)
+    got = load_file(str(tmp_path / "model.safetensors"))
+    assert set(got) == set(items)
+    for name, t in items.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape and torch.equal(got[name], t), name
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    assert not list(tmp_path.glob(".*"))  # no scratch files left
+
+
 def test_cli_takes_the_route(tmp_path, caplog):
     from autoround.quantizer.cli import main
 
