@@ -15,7 +15,7 @@ import torch
 from autoround.quantizer import compressor
 from autoround.quantizer.blockwise import peak_rss_gib
 from autoround.quantizer.data import DEFAULT_DATASET, calibration_batch
-from autoround.quantizer.errors import AutoRoundError, FormatError, SchemeError
+from autoround.quantizer.errors import AutoRoundError, FormatError
 from autoround.quantizer.formats import parse_formats
 from autoround.quantizer.formats.writer import check_output_dir
 from autoround.quantizer.model_io import (
@@ -27,7 +27,7 @@ from autoround.quantizer.model_io import (
     load_tokenizer,
     quantizable_linears,
 )
-from autoround.quantizer.schemes import QuantScheme, gguf_type_of, resolve_scheme
+from autoround.quantizer.schemes import QuantScheme, resolve_scheme
 
 from . import envs
 from .log import logger
@@ -236,12 +236,6 @@ class AutoRound:
             torch.use_deterministic_algorithms(True, warn_only=False)
         start = time.time()
         if self.iters > 0:
-            if any(gguf_type_of(s) is not None for s in self.plan.quantize.values()):
-                raise SchemeError(
-                    "SignRound tuning (iters > 0) of GGUF block types is not supported yet; use iters=0 "
-                    "(--iters 0), which quantizes the GGUF types with llama.cpp's importance-weighted "
-                    "scale search, or an integer scheme such as W4A16 with format auto_round"
-                )
             self._signround()
             self._quantize_outside_blocks()
             self._finish()

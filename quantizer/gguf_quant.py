@@ -461,6 +461,86 @@ def unpack_q3_scales(b: torch.Tensor) -> torch.Tensor:
     return (low | (hi << 4)) - 32
 
 
+def _f16_col(d: torch.Tensor) -> torch.Tensor:
+    return _f16_bytes(d.reshape(-1, 1))
+
+
+# one packer per block type: (scales as float / integer-valued tensors, weight integers) -> uint8 [nb, type_size].
+# d/dmin/m: [nb] or [nb, 1] floats (stored as fp16); sc/m (k-quants): [nb, n_sub] integers; q/L: [nb, block]
+# stored (unsigned) integers, except q8_0's signed int8 values.
+
+
+def pack_q4_0(d: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """q in 0..15 (value = d * (q - 8))."""
+    return torch.cat([_f16_col(d), pack_nibbles(q)], dim=-1)
+
+
+def pack_q5_0(d: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """q in 0..31 (value = d * (q - 16))."""
+    q = q.to(torch.int32)
+    return torch.cat([_f16_col(d), pack_q5_high(q), pack_nibbles(q & 15)], dim=-1)
+
+
+def pack_q4_1(d: torch.Tensor, m: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """q in 0..15 (value = d * q + m)."""
+    return torch.cat([_f16_col(d), _f16_col(m), pack_nibbles(q)], dim=-1)
+
+
+def pack_q5_1(d: torch.Tensor, m: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """q in 0..31 (value = d * q + m)."""
+    q = q.to(torch.int32)
+    return torch.cat([_f16_col(d), _f16_col(m), pack_q5_high(q), pack_nibbles(q & 15)], dim=-1)
+
+
+def pack_q8_0(d: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """q in -128..127 (value = d * q)."""
+    return torch.cat([_f16_col(d), q.to(torch.int8).view(torch.uint8)], dim=-1)
+
+
+def pack_q2_k(d: torch.Tensor, dmin: torch.Tensor, sc: torch.Tensor, m: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """16 sub-blocks: sc, m in 0..15; L in 0..3 (value = d*sc*L - dmin*m)."""
+    scales = _u8(sc.to(torch.int32) | (m.to(torch.int32) << 4))
+    return torch.cat([scales, pack_2bit_planes(L), _f16_col(d), _f16_col(dmin)], dim=-1)
+
+
+def pack_q3_k(d: torch.Tensor, l: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """16 sub-blocks: l = sc + 32 in 0..63; L = q + 4 in 0..7 (value = d*(l-32)*(L-4))."""
+    nb = L.shape[0]
+    L = L.to(torch.int32)
+    # hmask: element j sets bit j // 32 of byte j % 32 when L >= 4
+    high = (L >> 2).reshape(nb, 8, 32)
+    hmask = _u8((high << torch.arange(8, dtype=torch.int32).reshape(1, 8, 1)).sum(1))
+    return torch.cat([hmask, pack_2bit_planes(L & 3), pack_q3_scales(l), _f16_col(d)], dim=-1)
+
+
+def pack_q4_k(d: torch.Tensor, dmin: torch.Tensor, sc: torch.Tensor, m: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """8 sub-blocks: sc, m in 0..63; L in 0..15 (value = d*sc*L - dmin*m)."""
+    L = L.to(torch.int32).reshape(-1, 4, 2, 32)
+    qs = _u8(L[:, :, 0] | (L[:, :, 1] << 4)).reshape(-1, 128)
+    return torch.cat([_f16_col(d), _f16_col(dmin), pack_kscales(sc, m), qs], dim=-1)
+
+
+def pack_q5_k(d: torch.Tensor, dmin: torch.Tensor, sc: torch.Tensor, m: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """8 sub-blocks: sc, m in 0..63; L in 0..31 (value = d*sc*L - dmin*m)."""
+    L = L.to(torch.int32)
+    hbits = (L >> 4).reshape(-1, 8, 32)  # sub-block i -> bit i of qh[l]
+    qh = _u8((hbits << torch.arange(8, dtype=torch.int32).reshape(1, 8, 1)).sum(1))
+    lo = (L & 15).reshape(-1, 4, 2, 32)
+    qs = _u8(lo[:, :, 0] | (lo[:, :, 1] << 4)).reshape(-1, 128)
+    return torch.cat([_f16_col(d), _f16_col(dmin), pack_kscales(sc, m), qh, qs], dim=-1)
+
+
+def pack_q6_k(d: torch.Tensor, sc: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """16 sub-blocks: sc in -128..127; L = q + 32 in 0..63 (value = d*sc*(L-32))."""
+    nb = L.shape[0]
+    L = L.to(torch.int32).reshape(nb, 2, 4, 32)
+    ql = torch.cat([(L[:, :, 0] & 15) | ((L[:, :, 2] & 15) << 4), (L[:, :, 1] & 15) | ((L[:, :, 3] & 15) << 4)], -1)
+    ql = _u8(ql.reshape(nb, 2, 2, 32)).reshape(nb, 128)
+    qh = (L[:, :, 0] >> 4) | ((L[:, :, 1] >> 4) << 2) | ((L[:, :, 2] >> 4) << 4) | ((L[:, :, 3] >> 4) << 6)
+    qh = _u8(qh).reshape(nb, 64)
+    return torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), _f16_col(d)], dim=-1)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # quantizers: x [nb, block_size] float32, qw (importance per element) [nb, block_size] or None,
 # sigma2 [nb, 1] (mean square of the whole row, for the 32-blocks types) -> uint8 [nb, type_size]
@@ -493,32 +573,29 @@ def _q_1(x: torch.Tensor, qw: torch.Tensor | None, sigma2: torch.Tensor | None, 
 
 def quantize_q4_0(x, qw=None, sigma2=None):
     d, q = _q_0(x, qw, sigma2, 8)
-    return torch.cat([_f16_bytes(d), pack_nibbles(q)], dim=-1)
+    return pack_q4_0(d, q)
 
 
 def quantize_q5_0(x, qw=None, sigma2=None):
     d, q = _q_0(x, qw, sigma2, 16)
-    q = q.to(torch.int32)
-    return torch.cat([_f16_bytes(d), pack_q5_high(q), pack_nibbles(q & 15)], dim=-1)
+    return pack_q5_0(d, q)
 
 
 def quantize_q4_1(x, qw=None, sigma2=None):
     d, m, q = _q_1(x, qw, sigma2, 15)
-    return torch.cat([_f16_bytes(d), _f16_bytes(m), pack_nibbles(q)], dim=-1)
+    return pack_q4_1(d, m, q)
 
 
 def quantize_q5_1(x, qw=None, sigma2=None):
     d, m, q = _q_1(x, qw, sigma2, 31)
-    q = q.to(torch.int32)
-    return torch.cat([_f16_bytes(d), _f16_bytes(m), pack_q5_high(q), pack_nibbles(q & 15)], dim=-1)
+    return pack_q5_1(d, m, q)
 
 
 def quantize_q8_0(x, qw=None, sigma2=None):
     """q8_0 has no importance-weighted variant in llama.cpp: absmax / 127, round half away from zero."""
     d = x.abs().amax(-1, keepdim=True) / 127
     idv = torch.where(d == 0, torch.zeros_like(d), 1 / torch.where(d == 0, torch.ones_like(d), d))
-    q = _roundf(x * idv)
-    return torch.cat([_f16_bytes(d), q.to(torch.int8).view(torch.uint8)], dim=-1)
+    return pack_q8_0(d, _roundf(x * idv))
 
 
 def quantize_iq4_nl(x, qw=None, sigma2=None, ntry: int = 7):
@@ -603,25 +680,17 @@ def _k_asym(x, qw, nmax, sub, rmin, rdelta, nstep, use_mad, scale_bits):
 
 def quantize_q2_k(x, qw=None, sigma2=None):
     d, dmin, ls, lm, L, _ = _k_asym(x, qw, 3, 16, -0.5, 0.1, 15, True, 4)
-    scales = _u8(ls.to(torch.int32) | (lm.to(torch.int32) << 4))
-    return torch.cat([scales, pack_2bit_planes(L), _f16_bytes(d), _f16_bytes(dmin)], dim=-1)
+    return pack_q2_k(d, dmin, ls, lm, L)
 
 
 def quantize_q4_k(x, qw=None, sigma2=None):
     d, dmin, ls, lm, L, _ = _k_asym(x, qw, 15, 32, -1.0, 0.1, 20, False, 6)
-    L = L.to(torch.int32).reshape(-1, 4, 2, 32)
-    qs = _u8(L[:, :, 0] | (L[:, :, 1] << 4)).reshape(-1, 128)
-    return torch.cat([_f16_bytes(d), _f16_bytes(dmin), pack_kscales(ls, lm), qs], dim=-1)
+    return pack_q4_k(d, dmin, ls, lm, L)
 
 
 def quantize_q5_k(x, qw=None, sigma2=None):
     d, dmin, ls, lm, L, _ = _k_asym(x, qw, 31, 32, -0.5, 0.1, 15, False, 6)
-    L = L.to(torch.int32)
-    hbits = (L >> 4).reshape(-1, 8, 32)  # sub-block i -> bit i of qh[l]
-    qh = _u8((hbits << torch.arange(8, dtype=torch.int32).reshape(1, 8, 1)).sum(1))
-    lo = (L & 15).reshape(-1, 4, 2, 32)
-    qs = _u8(lo[:, :, 0] | (lo[:, :, 1] << 4)).reshape(-1, 128)
-    return torch.cat([_f16_bytes(d), _f16_bytes(dmin), pack_kscales(ls, lm), qh, qs], dim=-1)
+    return pack_q5_k(d, dmin, ls, lm, L)
 
 
 def quantize_q3_k(x, qw=None, sigma2=None):
@@ -647,11 +716,8 @@ def quantize_q3_k(x, qw=None, sigma2=None):
     dl = (_f16(d) * sc)  # [nb, 16]
     nz = dl != 0
     L = _nearest(xs / torch.where(nz, dl, 1.0).unsqueeze(-1)).clamp(-4, 3) + 4
-    L = torch.where(nz.unsqueeze(-1), L, torch.zeros_like(L)).reshape(nb, QK_K).to(torch.int32)
-    # hmask: element j sets bit j // 32 of byte j % 32 when L >= 4
-    high = (L >> 2).reshape(nb, 8, 32)
-    hmask = _u8((high << torch.arange(8, dtype=torch.int32).reshape(1, 8, 1)).sum(1))
-    return torch.cat([hmask, pack_2bit_planes(L & 3), pack_q3_scales(l), _f16_bytes(d)], dim=-1)
+    L = torch.where(nz.unsqueeze(-1), L, torch.zeros_like(L)).reshape(nb, QK_K)
+    return pack_q3_k(d, l, L)
 
 
 def quantize_q6_k(x, qw=None, sigma2=None):
@@ -671,12 +737,8 @@ def quantize_q6_k(x, qw=None, sigma2=None):
     dl = _f16(d) * sc
     nz = dl != 0
     L = _nearest(xs / torch.where(nz, dl, 1.0).unsqueeze(-1)).clamp(-32, 31) + 32
-    L = torch.where(nz.unsqueeze(-1), L, torch.zeros_like(L)).reshape(nb, 2, 4, 32).to(torch.int32)
-    ql = torch.cat([(L[:, :, 0] & 15) | ((L[:, :, 2] & 15) << 4), (L[:, :, 1] & 15) | ((L[:, :, 3] & 15) << 4)], -1)
-    ql = _u8(ql.reshape(nb, 2, 2, 32)).reshape(nb, 128)
-    qh = (L[:, :, 0] >> 4) | ((L[:, :, 1] >> 4) << 2) | ((L[:, :, 2] >> 4) << 4) | ((L[:, :, 3] >> 4) << 6)
-    qh = _u8(qh).reshape(nb, 64)
-    return torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), _f16_bytes(d)], dim=-1)
+    L = torch.where(nz.unsqueeze(-1), L, torch.zeros_like(L)).reshape(nb, QK_K)
+    return pack_q6_k(d, sc, L)
 
 
 QUANTIZERS = {

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import AutoRoundError
+from .gguf_quant import GGUFWeight
 from .qmath import QuantizedWeight
 
 STATE_FILE = "state.json"
@@ -100,13 +101,20 @@ class ResumeStore:
     def has(self, block_name: str) -> bool:
         return block_name in self.finished
 
-    def save_block(self, block_name: str, weights: Mapping[str, QuantizedWeight], losses: tuple[float, float]) -> None:
+    def save_block(
+        self, block_name: str, weights: Mapping[str, QuantizedWeight | GGUFWeight], losses: tuple[float, float]
+    ) -> None:
         tensors: dict[str, torch.Tensor] = {}
+        meta: dict[str, str] = {}
         for rel, qw in weights.items():
+            if isinstance(qw, GGUFWeight):  # the llama.cpp blocks as they are
+                tensors[f"{rel}.blocks"] = qw.data.contiguous()
+                meta[f"{rel}.meta"] = json.dumps(["gguf", qw.qtype, *qw.shape])
+                continue
             tensors[f"{rel}.qweight"] = qw.qweight.contiguous()
             tensors[f"{rel}.scale"] = qw.scale.contiguous()
             tensors[f"{rel}.zero"] = qw.zero.contiguous()
-        meta = {f"{rel}.meta": json.dumps([qw.bits, qw.group_size, qw.sym]) for rel, qw in weights.items()}
+            meta[f"{rel}.meta"] = json.dumps([qw.bits, qw.group_size, qw.sym])
         meta["losses"] = json.dumps(list(losses))
         target = self.path / _block_file(block_name)
         tmp = target.with_suffix(".tmp")
@@ -115,7 +123,7 @@ class ResumeStore:
         self.finished.append(block_name)
         self._write_state()
 
-    def load_block(self, block_name: str) -> tuple[dict[str, QuantizedWeight], tuple[float, float]]:
+    def load_block(self, block_name: str) -> tuple[dict[str, QuantizedWeight | GGUFWeight], tuple[float, float]]:
         from safetensors import safe_open
 
         file = self.path / _block_file(block_name)
@@ -127,7 +135,12 @@ class ResumeStore:
             if not key.endswith(".meta"):
                 continue
             rel = key[: -len(".meta")]
-            bits, group_size, sym = json.loads(val)
+            fields = json.loads(val)
+            if fields[0] == "gguf":
+                _, qtype, rows, cols = fields
+                out[rel] = GGUFWeight(tensors[f"{rel}.blocks"], qtype, (rows, cols))
+                continue
+            bits, group_size, sym = fields
             out[rel] = QuantizedWeight(
                 tensors[f"{rel}.qweight"], tensors[f"{rel}.scale"], tensors[f"{rel}.zero"], bits, group_size, sym
             )

@@ -7,6 +7,10 @@ Per linear layer it learns ``v`` (one rounding offset per weight, init 0, kept i
 tuning, ``alpha``/``beta`` (one per group, init 1, kept in [0, 1]).  The loss is the MSE between the block with
 fake-quantized weights and the targets; the learning rate decays linearly to 0; the best iteration's parameters
 are kept unless ``not_use_best_mse``.
+
+Layers of llama.cpp block types (``GGUF:*`` schemes) are tuned in their block structure instead (``gguf_tune``):
+v acts on the block integers, alpha/beta are factors (kept in [0.5, 1.5]) on the (sub-)block scales and offsets
+of the iters-0 result the tuning starts from, and the result is the GGUF blocks themselves (``GGUFWeight``).
 """
 
 from __future__ import annotations
@@ -18,8 +22,11 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from . import gguf_tune
+from .gguf_quant import GGUFWeight, quantize_tensor
 from .qmath import QuantizedWeight, fake_quantize, group_layout, group_minmax, quantize_weight, to_groups
-from .schemes import QuantScheme
+from .schemes import QuantScheme, gguf_type_of
+from ..log import logger
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,9 @@ def masked_mse(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | Non
 class _TunedLinear(nn.Module):
     """Wraps a linear layer: its weight is fake-quantized with learnable v / alpha / beta at every call."""
 
+    factor_range = (0.0, 1.0)  # alpha / beta shrink the min / max
+    default_factor_lr_scale = 1.0  # without minmax_lr, alpha / beta move at this times the rounding lr
+
     def __init__(self, linear: nn.Linear, scheme: QuantScheme, minmax: bool) -> None:
         super().__init__()
         self.linear, self.scheme = linear, scheme
@@ -97,12 +107,18 @@ class _TunedLinear(nn.Module):
         else:
             self.alpha = self.beta = None
 
+    def factors(self) -> list[nn.Parameter]:
+        """The min/max tuning parameters this layer has."""
+        return [p for p in (self.alpha, self.beta) if p is not None]
+
+    def _factor(self, p: nn.Parameter | None) -> torch.Tensor | float:
+        return p if p is not None else 1.0
+
     def qdq_weight(self) -> torch.Tensor:
         s = self.scheme
         return fake_quantize(
             self.linear.weight, s.bits, s.group_size, s.sym, v=self.v,
-            alpha=self.alpha if self.alpha is not None else 1.0,
-            beta=self.beta if self.beta is not None else 1.0, grouped=self._grouped,
+            alpha=self._factor(self.alpha), beta=self._factor(self.beta), grouped=self._grouped,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,22 +128,21 @@ class _TunedLinear(nn.Module):
     @torch.no_grad()
     def clamp_(self) -> None:
         self.v.clamp_(-0.5, 0.5)
-        if self.alpha is not None:
-            self.alpha.clamp_(0.0, 1.0)
-            self.beta.clamp_(0.0, 1.0)
+        for p in self.factors():
+            p.clamp_(*self.factor_range)
 
     def state(self) -> dict[str, torch.Tensor]:
         out = {"v": self.v.detach().clone()}
-        if self.alpha is not None:
-            out.update(alpha=self.alpha.detach().clone(), beta=self.beta.detach().clone())
+        for name in ("alpha", "beta"):
+            p = getattr(self, name)
+            if p is not None:
+                out[name] = p.detach().clone()
         return out
 
     def load(self, state: Mapping[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            self.v.copy_(state["v"])
-            if self.alpha is not None:
-                self.alpha.copy_(state["alpha"])
-                self.beta.copy_(state["beta"])
+            for name, val in state.items():
+                getattr(self, name).copy_(val)
 
     def quantized(self) -> QuantizedWeight:
         s = self.scheme
@@ -138,6 +153,34 @@ class _TunedLinear(nn.Module):
         )
 
 
+class _TunedGGUFLinear(_TunedLinear):
+    """A linear layer of a llama.cpp block type, tuned in that type's block structure (``gguf_tune``): v acts
+    on the weight integers, alpha on the (sub-)block scales, beta on the (sub-)block offsets/mins of the
+    asymmetric types; tuning starts from the iters-0 quantizer's result with ``importance``."""
+
+    factor_range = (gguf_tune.FACTOR_MIN, gguf_tune.FACTOR_MAX)  # factors on the iters-0 scales / offsets
+    default_factor_lr_scale = gguf_tune.FACTOR_LR_SCALE  # they start at a searched optimum: smaller steps
+
+    def __init__(self, linear: nn.Linear, scheme: QuantScheme, minmax: bool, importance: torch.Tensor | None) -> None:
+        nn.Module.__init__(self)
+        self.linear, self.scheme = linear, scheme
+        qtype = gguf_type_of(scheme)
+        w = linear.weight
+        self.init = gguf_tune.initial_params(w.detach(), qtype, importance)
+        self.v = nn.Parameter(torch.zeros(w.shape, dtype=torch.float32, device=w.device))
+        shape = (*self.init.scale.shape, 1)
+        self.alpha = nn.Parameter(torch.ones(shape, device=w.device)) if minmax else None
+        self.beta = nn.Parameter(torch.ones(shape, device=w.device)) if minmax and gguf_tune.has_offset(qtype) else None
+
+    def qdq_weight(self) -> torch.Tensor:
+        return gguf_tune.fake_quantize(
+            self.linear.weight, self.init, self.v, self._factor(self.alpha), self._factor(self.beta)
+        )
+
+    def quantized(self) -> GGUFWeight:
+        return gguf_tune.encode(self.linear.weight, self.init, self.v, self._factor(self.alpha), self._factor(self.beta))
+
+
 def _swap(block: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(block.get_submodule(parent_name) if parent_name else block, child, new)
@@ -145,7 +188,7 @@ def _swap(block: nn.Module, name: str, new: nn.Module) -> None:
 
 @dataclass
 class TuneResult:
-    weights: dict[str, QuantizedWeight]
+    weights: dict[str, QuantizedWeight | GGUFWeight]
     loss_before: float  # MSE of plain RTN (v = 0, alpha = beta = 1) on the first batch
     loss_best: float
 
@@ -159,6 +202,7 @@ def tune_block(
     forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
     progress: Callable[[int, float, float], Any] | None = None,
     loss_mask: torch.Tensor | None = None,
+    importance: Mapping[str, torch.Tensor] | None = None,
 ) -> TuneResult:
     """Tune ``layers`` (names relative to ``block``) so that ``forward(block, inputs[i])`` matches ``targets[i]``.
 
@@ -168,16 +212,93 @@ def tune_block(
     that many batches make one step.  ``loss_mask`` (``[n_samples, seq]`` bool) excludes positions from the loss.
     ``forward`` defaults to ``block(x)``; pass one that adds the block's keyword arguments (masks, positions).
     The block's weights are left unchanged; the result holds the quantized weights.
+
+    Layers with a llama.cpp block type (``GGUF:*`` schemes) are tuned in that type's block structure
+    (``gguf_tune``) from the iters-0 quantizer's result, importance-weighted by ``importance`` (layer name ->
+    per-input-channel mean squared activation; by default measured on ``inputs``); their results are
+    ``GGUFWeight``s.  Block types SignRound cannot tune (iq4_nl) get the iters-0 quantizer, and are named in
+    an info log.
     """
     forward = forward or (lambda b, x: b(x))
-    wrappers = {n: _TunedLinear(block.get_submodule(n), s, options.enable_minmax_tuning) for n, s in layers.items()}
+    gguf_layers = [n for n, s in layers.items() if gguf_type_of(s) is not None]
+    if gguf_layers and importance is None:
+        importance = input_importance(block, gguf_layers, inputs, forward, options.batch_size)
+    fixed: dict[str, GGUFWeight] = {}
+    wrappers: dict[str, _TunedLinear] = {}
+    for name, scheme in layers.items():
+        linear = block.get_submodule(name)
+        qtype = gguf_type_of(scheme)
+        if qtype is None:
+            wrappers[name] = _TunedLinear(linear, scheme, options.enable_minmax_tuning)
+        elif gguf_tune.tunable(qtype):
+            imp = importance.get(name) if importance else None
+            wrappers[name] = _TunedGGUFLinear(linear, scheme, options.enable_minmax_tuning, imp)
+        else:
+            imp = importance.get(name) if importance else None
+            shape = (linear.out_features, linear.in_features)
+            fixed[name] = GGUFWeight(quantize_tensor(linear.weight, qtype, imp), qtype, shape)
+    if fixed:
+        logger.info(
+            "SignRound does not tune %s; quantized with the iters-0 (importance-weighted llama.cpp) quantizer: %s",
+            "/".join(sorted({w.qtype for w in fixed.values()})), ", ".join(fixed),
+        )
+    originals = {n: block.get_submodule(n).weight.detach().clone() for n in fixed}
+    with torch.no_grad():  # the other layers are tuned against these layers' quantized weights
+        for name, qw in fixed.items():
+            weight = block.get_submodule(name).weight
+            weight.copy_(qw.dequantize().to(weight.device, weight.dtype))
     for name, wrapper in wrappers.items():
         _swap(block, name, wrapper)
     try:
-        return _tune(block, wrappers, inputs, targets, options, forward, progress, loss_mask)
+        if not wrappers:  # nothing to tune: report the loss of the quantized block on one batch
+            idx = torch.arange(min(options.batch_size, len(inputs)))
+            target = targets(idx) if callable(targets) else targets[idx]
+            with torch.no_grad():
+                out = forward(block, inputs[idx].to(next(block.parameters()).device))
+                loss = masked_mse(out, target.to(out.device), loss_mask[idx].to(out.device) if loss_mask is not None else None).item()
+            return TuneResult(dict(fixed), loss, loss)
+        result = _tune(block, wrappers, inputs, targets, options, forward, progress, loss_mask)
+        result.weights.update(fixed)
+        return result
     finally:
         for name, wrapper in wrappers.items():
             _swap(block, name, wrapper.linear)
+        with torch.no_grad():
+            for name, w in originals.items():
+                block.get_submodule(name).weight.copy_(w)
+
+
+@torch.no_grad()
+def input_importance(
+    block: nn.Module,
+    names: list[str],
+    inputs: torch.Tensor,
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    batch_size: int,
+) -> dict[str, torch.Tensor]:
+    """Per-input-channel mean of squared activations entering each named linear layer of ``block`` over all
+    ``inputs`` (llama.cpp's importance matrix), in float32 on the CPU."""
+    sums: dict[str, torch.Tensor] = {}
+    counts = dict.fromkeys(names, 0)
+
+    def make_hook(name: str):
+        def hook(_mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            total = x.pow(2).sum(0).to("cpu", torch.float64)
+            sums[name] = sums[name] + total if name in sums else total
+            counts[name] += x.shape[0]
+
+        return hook
+
+    hooks = [block.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
+    device = next(block.parameters()).device
+    try:
+        for i in range(0, len(inputs), batch_size):
+            forward(block, inputs[i : i + batch_size].to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: (sums[n] / max(counts[n], 1)).to(torch.float32) for n in names if n in sums}
 
 
 def _tune(block, wrappers, inputs, targets, options, forward, progress, loss_mask) -> TuneResult:
@@ -186,14 +307,19 @@ def _tune(block, wrappers, inputs, targets, options, forward, progress, loss_mas
     for p in frozen:
         p.requires_grad_(False)
     rounding = [w.v for w in wrappers.values()]
-    minmax = [p for w in wrappers.values() if w.alpha is not None for p in (w.alpha, w.beta)]
+    minmax = [p for w in wrappers.values() for p in w.factors()]
     lr = options.learning_rate
-    mm_lr = options.minmax_lr if options.minmax_lr is not None else lr
+    # (parameters, base learning rate): the rounding offsets, then the min/max factors of each kind of layer
+    groups: list[tuple[list[nn.Parameter], float]] = [(rounding, lr)]
+    for scale in sorted({w.default_factor_lr_scale for w in wrappers.values()}):
+        params = [p for w in wrappers.values() if w.default_factor_lr_scale == scale for p in w.factors()]
+        if params:
+            groups.append((params, options.minmax_lr if options.minmax_lr is not None else lr * scale))
     for p in rounding + minmax:
         p.requires_grad_(True)
     adam = None
     if options.enable_adam:
-        adam = torch.optim.AdamW([{"params": rounding, "lr": lr}, {"params": minmax, "lr": mm_lr}], weight_decay=0)
+        adam = torch.optim.AdamW([{"params": ps, "lr": base} for ps, base in groups], weight_decay=0)
     n = inputs.shape[0]
     bs = min(options.batch_size, n)
     steps = options.gradient_accumulate_steps
@@ -223,15 +349,16 @@ def _tune(block, wrappers, inputs, targets, options, forward, progress, loss_mas
             decay = 1.0 - it / options.iters  # linear decay to 0
             with torch.no_grad():
                 if adam is not None:
-                    for g, base in zip(adam.param_groups, (lr, mm_lr)):
+                    for g, (_, base) in zip(adam.param_groups, groups):
                         g["lr"] = base * decay
                     adam.step()
                     adam.zero_grad(set_to_none=True)
                 else:
-                    for p, step in [(p, lr) for p in rounding] + [(p, mm_lr) for p in minmax]:
-                        if p.grad is not None:
-                            p.add_(p.grad.sign(), alpha=-step * decay)
-                            p.grad = None
+                    for params, step in groups:
+                        for p in params:
+                            if p.grad is not None:
+                                p.add_(p.grad.sign(), alpha=-step * decay)
+                                p.grad = None
                 for w in wrappers.values():
                     w.clamp_()
             if progress is not None:

@@ -76,3 +76,21 @@ def test_transformers_reads_our_gguf_and_tokenizer(smollm2_folder, text_ids, tmp
     fake = perplexity(ar.model, held, seqlen=SEQLEN, n_windows=6, progress=False)
     back = perplexity(loaded, held, seqlen=SEQLEN, n_windows=6, progress=False)
     assert abs(back / fake - 1) < 0.01  # only the q8_0 (tied) embedding differs
+
+
+def test_signround_q4_k_m_beats_iters0_in_llama_cpp(smollm2_folder, text_ids, tmp_path):
+    """SignRound on the GGUF types themselves (iters 50) gives a Q4_K_M file with lower held-out perplexity in
+    llama.cpp than the iters-0 (importance-weighted llama.cpp) quantizer on the same calibration data."""
+    if not LLAMACPP:
+        pytest.skip("AR_TEST_LLAMACPP_PYTHON is not set: no virtualenv with llama-cpp-python (.ci/run builds one)")
+    tok, calib, held = text_ids
+    wins = windows(held, SEQLEN, N_WINDOWS)
+    ppl = {}
+    for iters in (0, 50):
+        model = AutoModelForCausalLM.from_pretrained(str(smollm2_folder), dtype=torch.float32).eval()
+        ar = AutoRound(model, tok, scheme="GGUF:Q4_K_M", iters=iters, dataset=calib, nsamples=16, seqlen=256)
+        _, (out,) = ar.quantize_and_save(str(tmp_path / f"iters{iters}"), format="gguf:q4_k_m")
+        (gguf_file,) = glob.glob(os.path.join(out, "*.gguf"))
+        ppl[iters] = llamacpp_ppl(gguf_file, wins, tmp_path)
+    print(f"Q4_K_M llama.cpp perplexity: iters 0 {ppl[0]:.4f}  SignRound iters 50 {ppl[50]:.4f}")
+    assert ppl[50] < ppl[0]

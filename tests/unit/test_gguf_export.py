@@ -12,7 +12,7 @@ import gguf
 from arhelpers import tiny_llama
 from autoround import AutoRound
 from autoround.quantizer import gguf_quant as gq
-from autoround.quantizer.errors import AutoRoundError, FormatError, SchemeError
+from autoround.quantizer.errors import FormatError, SchemeError
 from autoround.quantizer.formats import get_format, list_formats
 from autoround.quantizer.formats.gguf import permute_qk
 from autoround.quantizer.schemes import QuantScheme, resolve_scheme
@@ -191,13 +191,6 @@ def test_gguf_scheme_with_another_format_fails_before_work(tmp_path):
     with pytest.raises(FormatError, match="gguf:q4_k_m writes a Q4_K_M file but the scheme is GGUF Q4_0"):
         ar.quantize_and_save(str(tmp_path / "b"), format="gguf:q4_k_m")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-
-
-def test_signround_on_gguf_types_is_a_clear_error(tmp_path):
-    ar = AutoRound(tiny_llama(hidden=64, inter=96, layers=1), scheme="GGUF:Q4_K_M", iters=2, dataset=_calib(),
-                   nsamples=4, seqlen=32)
-    with pytest.raises(AutoRoundError, match="SignRound tuning .* of GGUF block types is not supported yet"):
-        ar.quantize_and_save(str(tmp_path / "s"), format="gguf:q4_k_m")
 
 
 def test_layer_config_can_pick_a_gguf_type_per_layer(tmp_path):
