@@ -27,7 +27,7 @@ from autoround.quantizer.model_io import (
     load_tokenizer,
     quantizable_linears,
 )
-from autoround.quantizer.schemes import QuantScheme, resolve_scheme
+from autoround.quantizer.schemes import QuantScheme, gguf_type_of, resolve_scheme
 
 from . import envs
 from .log import logger
