@@ -45,6 +45,16 @@ def mixed_ckpt(smollm2_folder, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def awq_ckpt(smollm2_folder, tmp_path_factory):
+    from autoround import AutoRound
+
+    out = tmp_path_factory.mktemp("engines-sglang") / "ours-awq"
+    AutoRound(str(smollm2_folder), scheme="W4A16", sym=False, group_size=64, iters=0,
+              disable_opt_rtn=True).quantize_and_save(str(out), format="auto_round")
+    return out
+
+
 def _config(sglang_python, ckpt, tmp_path, prefixes):
     out = tmp_path / "config.json"
     run_engine(sglang_python, "sglang-config", "--model", ckpt, "--prefixes", ",".join(prefixes), "--out", out,
@@ -151,6 +161,16 @@ def test_sglang_mixed_bits_layers_match_transformers(sglang_python, mixed_ckpt, 
     report = _compare(sglang_python, mixed_ckpt, MIXED_LAYER, tmp_path)
     assert report["methods"]["o_proj"] == "UnquantizedLinearMethod"  # bits 16 in extra_config: float
     assert report["methods"]["down_proj"] == "AutoRoundLinearMethod"
+
+
+def test_sglang_awq_packed_layers_match_transformers(sglang_python, awq_ckpt, tmp_path):
+    qcfg = json.loads((awq_ckpt / "config.json").read_text())["quantization_config"]
+    assert qcfg["packing_format"] == "auto_round:auto_awq" and qcfg["sym"] is False
+    report = _compare(sglang_python, awq_ckpt, LAYER, tmp_path)
+    assert set(report["methods"].values()) == {"AutoRoundLinearMethod"}, report["methods"]
+    # AWQ layout: qweight packed along the output dimension, no g_idx
+    assert report["params"]["gate_up_proj"] == {
+        "qweight": "PackedvLLMParameter", "qzeros": "PackedColumnParameter", "scales": "ChannelQuantScaleParameter"}
 
 
 # --- bad checkpoints -------------------------------------------------------------------------------------
