@@ -23,7 +23,7 @@ import torch
 
 from autoround.backends import KernelInfo, LayerSpec, select_kernel
 from autoround.quantizer.errors import ModelLoadError, SchemeError
-from autoround.quantizer.formats.auto_round import PACKING_GPTQ
+from autoround.quantizer.formats.auto_round import PACKING_ALIASES, PACKING_AWQ, PACKING_GPTQ
 from autoround.quantizer.formats.packing import PACK_BITS
 from autoround.quantizer.schemes import FLOAT, QuantScheme
 
@@ -91,6 +91,20 @@ def check_servable(scheme: QuantScheme, where: str) -> None:
             f"{where} is {scheme.bits}-bit: the AutoRound engine method serves {', '.join(map(str, PACK_BITS))}-bit "
             "integer weights (or 16 = float); requantize with one of those"
         )
+
+
+def resolve_backend(requested: str | None) -> str:
+    """This project's kernel name (or ``auto``) for a checkpoint's or user's ``backend`` setting."""
+    backend = str(requested or "auto")
+    if backend.startswith(("auto_round", "gptq")):  # Intel's backend spellings: pick ours
+        return "auto"
+    if backend not in ("auto", "torch"):
+        from autoround.backends import kernels
+
+        valid = ("auto",) + tuple(k.name for k in kernels())
+        if backend not in valid:
+            raise SchemeError(f"backend={backend!r} is not known; valid backends: {', '.join(valid)}")
+    return backend
 
 
 def claims(hf_quant_cfg: Mapping[str, Any] | None, user_quant: str | None) -> bool:
@@ -342,14 +356,157 @@ def build_kernel(
     return module
 
 
-def expected_shapes(scheme: QuantScheme, in_features: int, out_features: int) -> dict[str, tuple[int, int]]:
-    """Shapes of the packed tensors of one layer (GPTQ layout)."""
+def is_awq_layout(packing_format: str) -> bool:
+    """Whether a packing stores ``qweight`` in the AWQ layout (``[in, out/8]``) rather than GPTQ's."""
+    return PACKING_ALIASES.get(packing_format, packing_format) == PACKING_AWQ
+
+
+def expected_shapes(
+    scheme: QuantScheme, in_features: int, out_features: int, packing_format: str = PACKING_GPTQ
+) -> dict[str, tuple[int, int]]:
+    """Shapes of the packed tensors of one layer (GPTQ layout, or AWQ layout for the AWQ packing)."""
     from autoround.quantizer.qmath import group_layout
 
     _, n_groups = group_layout(in_features, scheme.group_size)
+    if is_awq_layout(packing_format):
+        return {
+            "qweight": (in_features, out_features * scheme.bits // 32),
+            "qzeros": (n_groups, out_features * scheme.bits // 32),
+            "scales": (n_groups, out_features),
+        }
     return {
         "qweight": (in_features * scheme.bits // 32, out_features),
         "qzeros": (n_groups, out_features * scheme.bits // 32),
         "scales": (n_groups, out_features),
     }
+
+
+# --- loading packed tensors into an engine's (possibly fused) layer -----------------------------------
+# Both engines create one parameter per packed tensor for a whole fused layer and load each checkpoint
+# part into its slice through their weight loaders, with a shard id: "q"/"k"/"v" for QKV layers, 0, 1, ...
+# for merged column layers, None for a plain layer.  These helpers name the checkpoint tensors behind a
+# shard, check shapes before the engine copies (the engines' own asserts do not name the tensor, and
+# SGLang's CPU path pads a short tensor silently) and list the tensors that never arrived.
+
+PACKED_TENSORS = ("qweight", "qzeros", "scales")
+QKV_INDEX = {"q": 0, "k": 1, "v": 2}
+
+
+def shard_index(shard_id: Any) -> int | None:
+    """Position of a shard in a fused layer's output sizes (None for a plain layer or an unknown id)."""
+    if shard_id is None:
+        return None
+    if isinstance(shard_id, str):
+        return QKV_INDEX.get(shard_id)
+    if isinstance(shard_id, int):
+        return shard_id
+    return None
+
+
+def expected_shard_ids(num_outputs: int, qkv: bool) -> list:
+    """The shard ids an engine loads a layer with ``num_outputs`` output sizes through."""
+    if num_outputs == 1:
+        return [None]
+    if qkv:
+        return ["q", "k", "v"][:num_outputs]
+    return list(range(num_outputs))
+
+
+def part_name(plan: LayerPlan, shard_id: Any) -> str:
+    """The checkpoint layer behind one shard of an engine layer."""
+    if shard_id is None:
+        return plan.prefix if len(plan.parts) != 1 else plan.parts[0]
+    idx = shard_index(shard_id)
+    return plan.parts[idx] if idx is not None and idx < len(plan.parts) else f"{plan.prefix}[{shard_id}]"
+
+
+def checkpoint_shape(
+    key: str,
+    scheme: QuantScheme,
+    in_features: int,
+    out_sizes: Sequence[int],
+    shard_id: Any,
+    packing_format: str = PACKING_GPTQ,
+) -> tuple[int, ...] | None:
+    """The shape one checkpoint tensor (``qweight``/``qzeros``/``scales``/``g_idx`` of one part) must have
+    when the model runs on one rank; ``in_features`` and ``out_sizes`` are the full layer's sizes.  None
+    when the shard id is not one the layer knows (the engine reports that)."""
+    if shard_id is None:
+        out = sum(out_sizes)
+    else:
+        idx = shard_index(shard_id)
+        if idx is None or idx >= len(out_sizes):
+            return None
+        out = out_sizes[idx]
+    if key == "g_idx":
+        return (in_features,)
+    shapes = expected_shapes(scheme, in_features, out, packing_format)
+    return shapes.get(key)
+
+
+def shape_error(name: str, got: Sequence[int], scheme: QuantScheme, want: Sequence[int]) -> ModelLoadError:
+    return ModelLoadError(
+        f"checkpoint tensor {name} has shape {tuple(got)} but its quantization_config "
+        f"({scheme.describe()}) and the model's layer size need {tuple(want)}: the checkpoint does not "
+        "match its config (re-export it)"
+    )
+
+
+def load_error(
+    name: str, got: Sequence[int], key: str, param_shape: Sequence[int], scheme: QuantScheme, exc: Exception
+) -> ModelLoadError:
+    return ModelLoadError(
+        f"checkpoint tensor {name} with shape {tuple(got)} does not fit the layer's {key} of shape "
+        f"{tuple(param_shape)} ({scheme.describe()}): {exc}"
+    )
+
+
+def missing_after_load(
+    plan: LayerPlan, shard_ids: Sequence[Any], loaded: set, keys: Sequence[str] = PACKED_TENSORS
+) -> ModelLoadError | None:
+    """The error for packed tensors that no weight loader call delivered (``loaded`` holds ``(key,
+    shard_id)`` pairs; a ``(key, None)`` pair covers every shard: a checkpoint that stores the fused layer)."""
+    missing = [
+        f"{part_name(plan, shard)}.{key}" for key in keys for shard in shard_ids
+        if (key, shard) not in loaded and (key, None) not in loaded
+    ]
+    if not missing:
+        return None
+    return ModelLoadError(
+        f"the checkpoint is missing quantized tensors: {_short(missing)}; it does not match its "
+        "quantization_config (re-export it)"
+    )
+
+
+def check_partition(plan: LayerPlan, in_partition: int, input_size: int, out_partition: int) -> None:
+    """Checks that a layer's tensor-parallel shard can hold packed weights (before any weight is read)."""
+    scheme = plan.scheme
+    row_parallel = input_size != in_partition
+    if row_parallel and scheme.group_size > 0 and in_partition % scheme.group_size:
+        raise SchemeError(
+            f"{plan.prefix}: group_size {scheme.group_size} does not divide this tensor-parallel "
+            f"shard of {in_partition} input features; use a smaller tensor_parallel_size"
+        )
+    if row_parallel and scheme.group_size <= 0:
+        raise SchemeError(f"{plan.prefix}: group_size {scheme.group_size} cannot be split across ranks")
+    for what, n in (("input", in_partition), ("output", out_partition)):
+        if (n * scheme.bits) % 32:
+            raise SchemeError(
+                f"{plan.prefix}: {n} {what} features at {scheme.bits}-bit do not fill whole int32 words"
+            )
+
+
+def plain_g_idx(in_features: int, group_size: int) -> torch.Tensor:
+    """The GPTQ ``g_idx`` of a layer without act-order: input channel ``i`` is in group ``i // group_size``."""
+    return torch.arange(in_features, dtype=torch.int32) // (group_size if group_size > 0 else max(in_features, 1))
+
+
+def check_g_idx(name: str, g_idx: torch.Tensor, group_size: int) -> None:
+    """A GPTQ ``g_idx`` must be the plain ``i // group_size`` order: act-order checkpoints are refused."""
+    expected = plain_g_idx(g_idx.numel(), group_size).to(torch.int64)
+    if not torch.equal(g_idx.to(torch.int64).cpu(), expected):
+        raise ModelLoadError(
+            f"{name}.g_idx is not the plain group order i // {group_size} (an act-order / desc_act "
+            "checkpoint): the AutoRound method cannot serve it; use the engine's own 'gptq' method"
+        )
 

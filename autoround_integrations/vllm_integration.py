@@ -42,9 +42,6 @@ from autoround.quantizer.qmath import group_layout
 from . import engine_common as ec
 from .log import logger
 
-_QKV_INDEX = {"q": 0, "k": 1, "v": 2}
-_TENSORS = ("qweight", "qzeros", "scales")
-
 
 def _tp_size() -> int:
     try:
@@ -69,15 +66,7 @@ class AutoRoundVllmConfig(QuantizationConfig):
         self.full_config = dict(full_config)
         self.ckpt = ec.parse_checkpoint_config(full_config)
         self.planner = ec.EnginePlanner(self.ckpt)
-        self.backend = str(full_config.get("backend") or "auto")
-        if self.backend not in ("auto", "torch") and not self.backend.startswith(("auto_round", "gptq")):
-            from autoround.backends import kernels
-
-            valid = ("auto",) + tuple(k.name for k in kernels())
-            if self.backend not in valid:
-                raise SchemeError(f"backend={self.backend!r} is not known; valid backends: {', '.join(valid)}")
-        if self.backend.startswith(("auto_round", "gptq")):  # Intel's backend spellings: pick ours
-            self.backend = "auto"
+        self.backend = ec.resolve_backend(full_config.get("backend"))
 
     def __repr__(self) -> str:
         return f"AutoRoundVllmConfig({self.ckpt.default.describe()}, packing={self.ckpt.packing_format})"
@@ -206,26 +195,14 @@ class AutoRoundLinearMethod(LinearMethodBase):
         out_features = sum(output_partition_sizes)
         in_features = input_size_per_partition
         row_parallel = input_size != input_size_per_partition
-        if row_parallel and scheme.group_size > 0 and input_size_per_partition % scheme.group_size:
-            raise SchemeError(
-                f"{self.plan.prefix}: group_size {scheme.group_size} does not divide this tensor-parallel "
-                f"shard of {input_size_per_partition} input features; use a smaller tensor_parallel_size"
-            )
-        if row_parallel and scheme.group_size <= 0:
-            raise SchemeError(f"{self.plan.prefix}: group_size {scheme.group_size} cannot be split across ranks")
-        for what, n in (("input", in_features), ("output", out_features)):
-            if (n * scheme.bits) % 32:
-                raise SchemeError(
-                    f"{self.plan.prefix}: {n} {what} features at {scheme.bits}-bit do not fill whole int32 words"
-                )
+        ec.check_partition(self.plan, in_features, input_size, out_features)
         # the kernel is chosen now, so an impossible layer fails before any weight is read
         device = current_platform.device_type or "cpu"
         self.kernel = ec.choose_kernel(
             scheme, self.config.ckpt.packing_format, in_features, out_features, device, params_dtype,
             self.config.backend,
         )
-        gs, n_groups = group_layout(in_features, scheme.group_size)
-        full_gs, full_groups = group_layout(input_size, scheme.group_size)
+        _, n_groups = group_layout(in_features, scheme.group_size)
         factor = Fraction(32, scheme.bits)
         if factor.denominator == 1:
             factor = int(factor)
@@ -252,31 +229,24 @@ class AutoRoundLinearMethod(LinearMethodBase):
         layer._ar_shapes = {
             "in_features": input_size,
             "out_sizes": list(output_partition_sizes),
-            "full_groups": full_groups,
             "params_dtype": params_dtype,
         }
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if getattr(layer, "_ar_kernel", None) is not None:
             return
-        shards = _expected_shards(layer)
-        missing = [
-            f"{_part_name(self.plan, shard)}.{t}" for t in _TENSORS for shard in shards
-            if (t, shard) not in layer._ar_loaded and (t, None) not in layer._ar_loaded
-        ]
-        if missing:
-            raise ModelLoadError(
-                f"the checkpoint is missing quantized tensors: {ec._short(missing)}; it does not match its "
-                "quantization_config (re-export it)"
-            )
-        tensors = {t: getattr(layer, t).data for t in _TENSORS}
+        shards = ec.expected_shard_ids(len(layer._ar_shapes["out_sizes"]), "QKV" in type(layer).__name__)
+        error = ec.missing_after_load(self.plan, shards, layer._ar_loaded)
+        if error is not None:
+            raise error
+        tensors = {t: getattr(layer, t).data for t in ec.PACKED_TENSORS}
         out_features = tensors["scales"].shape[1]
         in_features = layer._ar_in_partition
         kernel = ec.build_kernel(
             self.kernel, self.plan.scheme, self.config.ckpt.zero_offset, tensors, in_features, out_features,
             None, layer._ar_shapes["params_dtype"], tensors["qweight"].device, self.plan.prefix,
         )
-        for t in _TENSORS:
+        for t in ec.PACKED_TENSORS:
             delattr(layer, t)
         # a plain attribute, not a submodule: vLLM must not see the kernel's buffers as model weights
         object.__setattr__(layer, "_ar_kernel", kernel)
@@ -293,39 +263,21 @@ class AutoRoundLinearMethod(LinearMethodBase):
         raise SchemeError(f"{self.plan.prefix} is quantized and cannot be used as an input embedding")
 
 
-def _expected_shards(layer: torch.nn.Module) -> list:
-    n = len(layer._ar_shapes["out_sizes"])
-    if n == 1:
-        return [None]
-    if type(layer).__name__.startswith("QKV") or "QKV" in type(layer).__name__:
-        return ["q", "k", "v"][:n]
-    return list(range(n))
-
-
-def _part_name(plan: ec.LayerPlan, shard: Any) -> str:
-    if shard is None:
-        return plan.prefix if len(plan.parts) != 1 else plan.parts[0]
-    idx = _QKV_INDEX.get(shard, shard) if isinstance(shard, str) else int(shard)
-    return plan.parts[idx] if idx < len(plan.parts) else f"{plan.prefix}[{shard}]"
-
-
 def _checked_loader(layer: torch.nn.Module, method: AutoRoundLinearMethod, delegate):
     """vLLM's weight loader with a shape check that names the checkpoint tensor, and load bookkeeping."""
 
     def load(param: torch.nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
         key = param._ar_tensor
         scheme = method.plan.scheme
-        name = f"{_part_name(method.plan, shard_id)}.{key}"
+        name = f"{ec.part_name(method.plan, shard_id)}.{key}"
         shapes = layer._ar_shapes
-        if method.lm_head:  # the checkpoint holds the unpadded vocabulary
-            shapes = dict(shapes, out_sizes=[layer.org_vocab_size])
-        want = _full_shape(key, scheme, shapes, shard_id) if _tp_size() == 1 else None
+        out_sizes = [layer.org_vocab_size] if method.lm_head else shapes["out_sizes"]  # unpadded vocabulary
+        want = (
+            ec.checkpoint_shape(key, scheme, shapes["in_features"], out_sizes, shard_id)
+            if _tp_size() == 1 else None
+        )
         if want is not None and tuple(loaded_weight.shape) != want:
-            raise ModelLoadError(
-                f"checkpoint tensor {name} has shape {tuple(loaded_weight.shape)} but its quantization_config "
-                f"({scheme.describe()}) and the model's layer size need {want}: the checkpoint does not "
-                "match its config (re-export it)"
-            )
+            raise ec.shape_error(name, loaded_weight.shape, scheme, want)
         try:
             if method.lm_head:
                 _load_head(layer, param, loaded_weight)
@@ -334,31 +286,10 @@ def _checked_loader(layer: torch.nn.Module, method: AutoRoundLinearMethod, deleg
             else:
                 delegate(param, loaded_weight, shard_id)
         except (AssertionError, RuntimeError) as exc:
-            raise ModelLoadError(
-                f"checkpoint tensor {name} with shape {tuple(loaded_weight.shape)} does not fit the layer's "
-                f"{key} of shape {tuple(param.shape)} ({scheme.describe()}): {exc}"
-            ) from exc
+            raise ec.load_error(name, loaded_weight.shape, key, param.shape, scheme, exc) from exc
         layer._ar_loaded.add((key, shard_id))
 
     return load
-
-
-def _full_shape(key: str, scheme, shapes: dict, shard_id: Any) -> tuple[int, int] | None:
-    """The checkpoint shape of one (part) tensor when the model runs on one rank."""
-    sizes = shapes["out_sizes"]
-    if shard_id is None:
-        out = sum(sizes)
-    else:
-        idx = _QKV_INDEX.get(shard_id, shard_id) if isinstance(shard_id, str) else shard_id
-        if not isinstance(idx, int) or idx >= len(sizes):
-            return None
-        out = sizes[idx]
-    in_features = shapes["in_features"]
-    if key == "qweight":
-        return (in_features * scheme.bits // 32, out)
-    if key == "qzeros":
-        return (shapes["full_groups"], out * scheme.bits // 32)
-    return (shapes["full_groups"], out)
 
 
 def _load_head(layer: torch.nn.Module, param: torch.nn.Parameter, loaded: torch.Tensor) -> None:

@@ -204,3 +204,54 @@ def test_kernel_through_selector_matches_reference():
     bad = dict(tensors, scales=tensors["scales"][:1])
     with pytest.raises(ModelLoadError, match=r"x\.scales has shape \(1, 96\).*needs \(2, 96\)"):
         build_kernel(info, scheme, 1, bad, 64, 96, None, torch.float32, "cpu", "x")
+
+
+# --- loading helpers shared by the vLLM and SGLang methods ----------------------------------------------
+def test_checkpoint_shapes_per_shard_and_packing():
+    from autoround.engine_common import checkpoint_shape, is_awq_layout
+
+    s4 = QuantScheme(4, 128, True)
+    sizes = [576, 192, 192]  # q, k, v of SmolLM2
+    assert checkpoint_shape("qweight", s4, 576, sizes, "k") == (72, 192)
+    assert checkpoint_shape("qzeros", s4, 576, sizes, "q") == (5, 72)  # ragged last group counts
+    assert checkpoint_shape("scales", s4, 576, sizes, None) == (5, 960)  # a checkpoint that stores qkv fused
+    assert checkpoint_shape("g_idx", s4, 576, sizes, "v") == (576,)
+    assert checkpoint_shape("qweight", s4, 576, sizes, "x") is None
+    assert checkpoint_shape("qweight", s4, 1536, [576], None, "auto_round:auto_awq") == (1536, 72)
+    assert checkpoint_shape("qweight", QuantScheme(3, 64, True), 576, [1536, 1536], 1) == (54, 1536)
+    assert is_awq_layout("awq") and is_awq_layout("auto_round:auto_awq") and not is_awq_layout("auto_round")
+
+
+def test_part_names_and_missing_after_load():
+    from autoround.engine_common import expected_shard_ids, missing_after_load, part_name
+
+    p = planner()
+    qkv = p.plan("model.layers.0.self_attn.qkv_proj")
+    assert expected_shard_ids(3, qkv=True) == ["q", "k", "v"]
+    assert expected_shard_ids(2, qkv=False) == [0, 1]
+    assert expected_shard_ids(1, qkv=False) == [None]
+    assert part_name(qkv, "k") == "model.layers.0.self_attn.k_proj"
+    assert part_name(qkv, None) == "model.layers.0.self_attn.qkv_proj"
+    loaded = {(t, s) for t in ("qweight", "qzeros", "scales") for s in "qkv"} - {("qzeros", "v")}
+    err = missing_after_load(qkv, ["q", "k", "v"], loaded)
+    assert isinstance(err, ModelLoadError) and "model.layers.0.self_attn.v_proj.qzeros" in str(err)
+    assert missing_after_load(qkv, ["q", "k", "v"], loaded | {("qzeros", None)}) is None  # fused on disk
+
+
+def test_g_idx_and_partition_checks():
+    from autoround.engine_common import check_g_idx, check_partition, plain_g_idx, resolve_backend
+
+    assert plain_g_idx(6, 2).tolist() == [0, 0, 1, 1, 2, 2]
+    assert plain_g_idx(4, -1).tolist() == [0, 0, 0, 0]
+    check_g_idx("x", plain_g_idx(256, 128), 128)
+    with pytest.raises(ModelLoadError, match="act-order"):
+        check_g_idx("x", plain_g_idx(256, 128).flip(0), 128)
+    plan = planner(extra={"model.layers.0.mlp.down_proj": {"bits": 3}}).plan("model.layers.0.mlp.down_proj")
+    check_partition(plan, 1536, 1536, 576)
+    with pytest.raises(SchemeError, match="does not divide"):
+        check_partition(plan, 100, 200, 576)
+    with pytest.raises(SchemeError, match="whole int32 words"):
+        check_partition(plan, 1536, 1536, 100)
+    assert resolve_backend(None) == "auto" and resolve_backend("auto_round:gptq") == "auto"
+    with pytest.raises(SchemeError, match="valid backends"):
+        resolve_backend("nope")

@@ -1,0 +1,250 @@
+"""SGLang (its own virtualenv from AR_TEST_SGLANG_PYTHON) serves AutoRound checkpoints through the
+``auto-round`` method that this project's ``sglang.srt.plugins`` entry point registers.
+
+What runs here is SGLang's own code: its plugin loader, ``ModelConfig`` (which picks the method from the
+checkpoint), ``get_quant_config`` (which builds our config from ``quantization_config``), its fused linear
+layers and parameter classes, and their weight loaders.  The layers' outputs must equal transformers with this
+project's loader.  SGLang's CPU engine itself needs the CPU build of sgl-kernel, which PyPI does not ship: the
+generation test says so when it skips."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from engine_helpers import assert_same_tokens, engine_python, run_engine, transformers_greedy
+
+pytestmark = pytest.mark.slow
+
+LAYER = 3
+MIXED_LAYER = 1
+# the mixed-bits checkpoint: block 1 has 8-bit g64 attention inputs, a float o_proj, 3-bit gate/up, 2-bit down
+MIXED = {
+    **{f"model.layers.{MIXED_LAYER}.self_attn.{p}": {"bits": 8, "group_size": 64} for p in ("q_proj", "k_proj", "v_proj")},
+    f"model.layers.{MIXED_LAYER}.self_attn.o_proj": {"bits": 16},
+    **{f"model.layers.{MIXED_LAYER}.mlp.{p}": {"bits": 3, "group_size": 64} for p in ("gate_proj", "up_proj")},
+    f"model.layers.{MIXED_LAYER}.mlp.down_proj": {"bits": 2, "group_size": 32},
+}
+
+
+@pytest.fixture(scope="module")
+def sglang_python():
+    return engine_python("AR_TEST_SGLANG_PYTHON")
+
+
+@pytest.fixture(scope="module")
+def mixed_ckpt(smollm2_folder, tmp_path_factory):
+    from autoround import AutoRound
+
+    out = tmp_path_factory.mktemp("engines-sglang") / "ours-mixed"
+    AutoRound(str(smollm2_folder), scheme="W4A16", iters=0, disable_opt_rtn=True, layer_config=MIXED).quantize_and_save(
+        str(out), format="auto_round")
+    return out
+
+
+@pytest.fixture(scope="module")
+def awq_ckpt(smollm2_folder, tmp_path_factory):
+    from autoround import AutoRound
+
+    out = tmp_path_factory.mktemp("engines-sglang") / "ours-awq"
+    AutoRound(str(smollm2_folder), scheme="W4A16", sym=False, group_size=64, iters=0,
+              disable_opt_rtn=True).quantize_and_save(str(out), format="auto_round")
+    return out
+
+
+def _config(sglang_python, ckpt, tmp_path, prefixes):
+    out = tmp_path / "config.json"
+    run_engine(sglang_python, "sglang-config", "--model", ckpt, "--prefixes", ",".join(prefixes), "--out", out,
+               timeout=900)
+    return json.loads(out.read_text())
+
+
+def test_sglang_picks_our_method_for_our_checkpoint(sglang_python, ours_w4a16, tmp_path):
+    qcfg = json.loads((ours_w4a16 / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == "auto-round" and qcfg["packing_format"] == "auto_round:auto_gptq"
+    res = _config(sglang_python, ours_w4a16, tmp_path, [
+        "model.layers.0.self_attn.qkv_proj", "model.layers.29.mlp.gate_up_proj", "model.layers.5.mlp.down_proj",
+        "lm_head",
+    ])
+    assert res["registry"] == "AutoRoundSglangConfig"  # the entry point replaced SGLang's built-in class
+    assert res["quantization"] == "auto-round" and res["config_class"] == "AutoRoundSglangConfig"
+    assert res["packing_format"] == "auto_round:auto_gptq"
+    plans = res["plans"]
+    qkv = plans["model.layers.0.self_attn.qkv_proj"]
+    assert qkv["scheme"] == "W4A16 int group 128 sym" and qkv["quantized"]
+    assert qkv["parts"] == [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    assert plans["model.layers.29.mlp.gate_up_proj"]["parts"] == [
+        "model.layers.29.mlp.gate_proj", "model.layers.29.mlp.up_proj"]
+    assert plans["model.layers.5.mlp.down_proj"]["scheme"] == "W4A16 int group 128 sym"
+    assert plans["lm_head"]["quantized"] is False  # tied embeddings: the head stays float
+
+
+def test_sglang_parses_mixed_bits_config(sglang_python, mixed_ckpt, tmp_path):
+    extra = json.loads((mixed_ckpt / "config.json").read_text())["quantization_config"]["extra_config"]
+    assert extra[f"model.layers.{MIXED_LAYER}.mlp.down_proj"]["bits"] == 2
+    p = f"model.layers.{MIXED_LAYER}"
+    res = _config(sglang_python, mixed_ckpt, tmp_path, [
+        f"{p}.self_attn.qkv_proj", f"{p}.self_attn.o_proj", f"{p}.mlp.gate_up_proj", f"{p}.mlp.down_proj",
+        "model.layers.2.self_attn.qkv_proj",
+    ])
+    plans = res["plans"]
+    assert plans[f"{p}.self_attn.qkv_proj"]["scheme"] == "W8A16 int group 64 sym"
+    assert plans[f"{p}.self_attn.o_proj"]["quantized"] is False
+    assert plans[f"{p}.mlp.gate_up_proj"]["scheme"] == "W3A16 int group 64 sym"
+    assert plans[f"{p}.mlp.down_proj"]["scheme"] == "W2A16 int group 32 sym"
+    assert plans["model.layers.2.self_attn.qkv_proj"]["scheme"] == "W4A16 int group 128 sym"
+
+
+# --- SGLang layers against transformers ------------------------------------------------------------------
+def _transformers_outputs(ckpt, layer: int, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    import autoround  # noqa: F401  (registers the loader)
+
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    block = model.model.layers[layer]
+    att, mlp = block.self_attn, block.mlp
+    with torch.inference_mode():
+        return {
+            "qkv_proj": torch.cat([att.q_proj(x["x_hidden"]), att.k_proj(x["x_hidden"]), att.v_proj(x["x_hidden"])], -1),
+            "gate_up_proj": torch.cat([mlp.gate_proj(x["x_hidden"]), mlp.up_proj(x["x_hidden"])], -1),
+            "o_proj": att.o_proj(x["x_attn"]),
+            "down_proj": mlp.down_proj(x["x_inter"]),
+        }
+
+
+def _sglang_layers(sglang_python, ckpt, layer, tmp_path, check=True):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(layer)
+    x = {"x_hidden": torch.randn(5, 576, generator=g), "x_attn": torch.randn(5, 576, generator=g),
+         "x_inter": torch.randn(5, 1536, generator=g)}
+    inputs, out = tmp_path / "inputs.safetensors", tmp_path / "outputs.safetensors"
+    save_file(x, str(inputs))
+    proc = run_engine(sglang_python, "sglang-layers", "--model", ckpt, "--layer", layer, "--inputs", inputs,
+                      "--out", out, check=check, timeout=900)
+    return x, out, proc
+
+
+def _compare(sglang_python, ckpt, layer, tmp_path):
+    from safetensors.torch import load_file
+
+    x, out, _ = _sglang_layers(sglang_python, ckpt, layer, tmp_path)
+    got = load_file(str(out))
+    report = json.loads((tmp_path / "outputs.safetensors.json").read_text())
+    want = _transformers_outputs(ckpt, layer, x)
+    for name, ref in want.items():
+        assert got[name].shape == ref.shape, (name, got[name].shape, ref.shape)
+        # same kernel family on both sides; fused vs separate layers may only reorder float sums
+        torch.testing.assert_close(got[name], ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    return report
+
+
+def test_sglang_layers_load_and_match_transformers(sglang_python, ours_w4a16, tmp_path):
+    report = _compare(sglang_python, ours_w4a16, LAYER, tmp_path)
+    assert set(report["methods"].values()) == {"AutoRoundLinearMethod"}, report["methods"]
+    assert all(report["kernels"].values()), report["kernels"]  # one of this project's kernels each
+    # SGLang's parameter classes, sharded for the fused layers as its GPTQ method does
+    assert report["params"]["qkv_proj"] == {
+        "qweight": "PackedvLLMParameter", "qzeros": "PackedColumnParameter", "scales": "ChannelQuantScaleParameter",
+        "g_idx": "RowvLLMParameter"}
+    p = f"model.layers.{LAYER}"
+    for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+        for t in ("qweight", "qzeros", "scales"):
+            assert f"{p}.{part}.{t}" in report["loaded"]
+
+
+def test_sglang_mixed_bits_layers_match_transformers(sglang_python, mixed_ckpt, tmp_path):
+    report = _compare(sglang_python, mixed_ckpt, MIXED_LAYER, tmp_path)
+    assert report["methods"]["o_proj"] == "UnquantizedLinearMethod"  # bits 16 in extra_config: float
+    assert report["methods"]["down_proj"] == "AutoRoundLinearMethod"
+
+
+def test_sglang_awq_packed_layers_match_transformers(sglang_python, awq_ckpt, tmp_path):
+    qcfg = json.loads((awq_ckpt / "config.json").read_text())["quantization_config"]
+    assert qcfg["packing_format"] == "auto_round:auto_awq" and qcfg["sym"] is False
+    report = _compare(sglang_python, awq_ckpt, LAYER, tmp_path)
+    assert set(report["methods"].values()) == {"AutoRoundLinearMethod"}, report["methods"]
+    # AWQ layout: qweight packed along the output dimension, no g_idx
+    assert report["params"]["gate_up_proj"] == {
+        "qweight": "PackedvLLMParameter", "qzeros": "PackedColumnParameter", "scales": "ChannelQuantScaleParameter"}
+
+
+# --- bad checkpoints -------------------------------------------------------------------------------------
+def _copy(ckpt, tmp_path, name):
+    dst = tmp_path / name
+    shutil.copytree(ckpt, dst)
+    return dst
+
+
+def _rewrite_tensors(folder, change):
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _fails(sglang_python, folder, tmp_path):
+    _, _, proc = _sglang_layers(sglang_python, folder, LAYER, tmp_path / folder.name, check=False)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    return proc.stdout + proc.stderr
+
+
+def test_sglang_bad_checkpoints_fail_clearly(sglang_python, ours_w4a16, tmp_path):
+    for name in ("missing", "shapes", "bits", "fused"):
+        (tmp_path / name).mkdir()
+    missing = _copy(ours_w4a16, tmp_path / "missing", "ckpt")
+    _rewrite_tensors(missing, lambda t: t.pop(f"model.layers.{LAYER}.self_attn.k_proj.qzeros"))
+    out = _fails(sglang_python, missing, tmp_path / "missing")
+    assert "ModelLoadError" in out and f"model.layers.{LAYER}.self_attn.k_proj.qzeros" in out and "missing" in out
+
+    shapes = _copy(ours_w4a16, tmp_path / "shapes", "ckpt")
+    key = f"model.layers.{LAYER}.mlp.down_proj.scales"
+    _rewrite_tensors(shapes, lambda t: t.update({key: t[key][:-1].clone()}))
+    out = _fails(sglang_python, shapes, tmp_path / "shapes")
+    assert f"{key} has shape (11, 576)" in out and "(12, 576)" in out
+
+    bits = _copy(ours_w4a16, tmp_path / "bits", "ckpt")
+    cfg = json.loads((bits / "config.json").read_text())
+    cfg["quantization_config"]["bits"] = 5
+    (bits / "config.json").write_text(json.dumps(cfg))
+    out = _fails(sglang_python, bits, tmp_path / "bits")
+    assert "default scheme is 5-bit" in out and "2, 3, 4, 8-bit" in out
+
+    fused = _copy(ours_w4a16, tmp_path / "fused", "ckpt")
+    cfg = json.loads((fused / "config.json").read_text())
+    cfg["quantization_config"]["extra_config"] = {f"model.layers.{LAYER}.self_attn.v_proj": {"bits": 8}}
+    (fused / "config.json").write_text(json.dumps(cfg))
+    out = _fails(sglang_python, fused, tmp_path / "fused")
+    assert f"fused layer model.layers.{LAYER}.self_attn.qkv_proj" in out
+    assert f"model.layers.{LAYER}.self_attn.v_proj: W8A16" in out
+
+
+# --- the engine ------------------------------------------------------------------------------------------
+SGL_KERNEL_CPU = (
+    "SGLang's CPU engine (SGLANG_USE_CPU_ENGINE=1) imports the CPU build of sgl-kernel "
+    "(sglang/kernels/ops/kvcache/cache_move.py: from sgl_kernel import copy_all_layer_kv_cache_cpu) and fails "
+    "with \"ModuleNotFoundError: No module named 'sgl_kernel'\": PyPI has no CPU build (sglang-kernel 0.4.10 "
+    "and sgl-kernel 0.3.21 are CUDA wheels without the CPU ops, and neither has an sdist)"
+)
+
+
+def test_sglang_engine_generates_like_transformers(sglang_python, ours_w4a16, prompt_ids, tmp_path):
+    import subprocess
+
+    probe = subprocess.run(
+        [sglang_python, "-c", "import sgl_kernel, torch; torch.ops.sgl_kernel.copy_all_layer_kv_cache_cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    if probe.returncode != 0:
+        pytest.skip(SGL_KERNEL_CPU)
+    out = tmp_path / "sglang.json"
+    run_engine(sglang_python, "sglang-generate", "--model", ours_w4a16, "--ids", prompt_ids, "--out", out)
+    result = json.loads(out.read_text())
+    assert result["quant_method"] == "auto-round"
+    assert_same_tokens(result["tokens"], transformers_greedy(ours_w4a16, prompt_ids), "SGLang, our checkpoint")
