@@ -236,6 +236,18 @@ class EnginePlanner:
                     missing.append(f"{part}.{suffix}")
         return missing
 
+    def require_tensors(self, plan: LayerPlan, prefix: str, experts: bool = False) -> None:
+        """Fail, naming them, when the checkpoint lacks tensors the plan of ``prefix`` needs."""
+        missing = self.missing_tensors(plan)
+        if not missing:
+            return
+        if experts:
+            raise ModelLoadError(f"the checkpoint is missing quantized expert tensors of {prefix}: {_short(missing)}")
+        raise ModelLoadError(
+            f"the checkpoint is missing quantized tensors of {prefix}: {', '.join(missing)}; "
+            "re-export it (its quantization_config says these layers are quantized)"
+        )
+
 
 def _require_same(prefix: str, schemes: Mapping[str, QuantScheme], what: str) -> None:
     distinct = set(schemes.values())

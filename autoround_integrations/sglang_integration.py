@@ -44,8 +44,7 @@ from sglang.srt.layers.quantization.base_scheme import BaseLinearScheme
 from sglang.srt.layers.quantization.unquant import UnquantizedEmbeddingMethod, UnquantizedLinearMethod
 from sglang.srt.utils import is_cuda, is_xpu
 
-from autoround.quantizer.errors import ModelLoadError, SchemeError
-from autoround.quantizer.qmath import group_layout
+from autoround.quantizer.errors import SchemeError
 
 from . import engine_common as ec
 from .log import logger
@@ -156,12 +155,7 @@ class AutoRoundSglangConfig(QuantizationConfig):
                 "weight matrix, so the SGLang auto-round method serves quantized blocks with a float lm_head "
                 "only; serve this checkpoint with vLLM or transformers, or re-export it with a float lm_head"
             )
-        missing = self.planner.missing_tensors(plan)
-        if missing:
-            raise ModelLoadError(
-                f"the checkpoint is missing quantized tensors of {prefix}: {', '.join(missing)}; "
-                "re-export it (its quantization_config says these layers are quantized)"
-            )
+        self.planner.require_tensors(plan, prefix)
         if is_cuda():
             engine = self._engine_method(layer, prefix, plan)
             if engine is not None:
@@ -201,10 +195,7 @@ class AutoRoundSglangConfig(QuantizationConfig):
         plan = self.planner.plan_experts(prefix, num_experts)
         if not plan.quantized:
             return None  # SGLang's unquantized MoE method
-        missing = self.planner.missing_tensors(plan)
-        if missing:
-            raise ModelLoadError(f"the checkpoint is missing quantized expert tensors of {prefix}: "
-                                 f"{ec._short(missing)}")
+        self.planner.require_tensors(plan, prefix, experts=True)
         scheme = plan.scheme
         if is_cuda() and scheme.sym and scheme.bits in (4, 8) and not ec.is_awq_layout(self.ckpt.packing_format):
             from sglang.srt.layers.quantization.gptq import GPTQMarlinConfig, GPTQMarlinMoEMethod

@@ -36,7 +36,7 @@ from vllm.model_executor.parameter import (
 )
 from vllm.platforms import current_platform
 
-from autoround.quantizer.errors import ModelLoadError, SchemeError
+from autoround.quantizer.errors import SchemeError
 from autoround.quantizer.qmath import group_layout
 
 from . import engine_common as ec
@@ -111,12 +111,7 @@ class AutoRoundVllmConfig(QuantizationConfig):
         plan = self.planner.plan(prefix, self.packed_modules_mapping)
         if not plan.quantized:
             return UnquantizedEmbeddingMethod() if is_head else UnquantizedLinearMethod()
-        missing = self.planner.missing_tensors(plan)
-        if missing:
-            raise ModelLoadError(
-                f"the checkpoint is missing quantized tensors of {prefix}: {', '.join(missing)}; "
-                "re-export it (its quantization_config says these layers are quantized)"
-            )
+        self.planner.require_tensors(plan, prefix)
         if not is_head and current_platform.is_cuda():
             engine = self._engine_method(layer, prefix, plan)
             if engine is not None:
@@ -150,10 +145,7 @@ class AutoRoundVllmConfig(QuantizationConfig):
         plan = self.planner.plan_experts(prefix, num_experts)
         if not plan.quantized:
             return None
-        missing = self.planner.missing_tensors(plan)
-        if missing:
-            raise ModelLoadError(f"the checkpoint is missing quantized expert tensors of {prefix}: "
-                                 f"{ec._short(missing)}")
+        self.planner.require_tensors(plan, prefix, experts=True)
         if current_platform.is_cuda() and plan.scheme.sym and plan.scheme.bits in (4, 8):
             from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig
 
