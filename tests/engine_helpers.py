@@ -31,9 +31,11 @@ def engine_python(var: str) -> str:
     return path
 
 
-def run_engine(python: str, *args, timeout: int = 1500, check: bool = True) -> subprocess.CompletedProcess:
+def run_engine(python: str, *args, timeout: int = 1500, check: bool = True,
+               env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)  # the engine imports autoround from its own virtualenv
+    env.update(env_extra or {})  # e.g. the SGLang tests' sgl_kernel shim on PYTHONPATH
     proc = subprocess.run(
         [python, str(RUNNER), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env,
         cwd=str(RUNNER.parent),

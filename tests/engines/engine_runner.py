@@ -87,37 +87,45 @@ def vllm_load(args) -> int:
     return 0
 
 
+# SGLang's CPU engine on a small KV cache: SGLANG_USE_CPU_ENGINE=1 and these options (the tests' shim for
+# sgl_kernel records any kernel call; with these options none is made).  Shared with the HTTP server test.
+SGLANG_CPU_OPTIONS = {
+    "device": "cpu",
+    "attention_backend": "torch_native",
+    "sampling_backend": "pytorch",
+    "disable_cuda_graph": True,
+    "context_length": 256,
+    "max_total_tokens": 2048,
+    "max_running_requests": 8,
+    "mem_fraction_static": 0.5,
+    "random_seed": 0,
+}
+
+
 def sglang_generate(args) -> int:
     os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")  # SGLang's CPU (Intel Xeon) engine
+    # the scheduler process inherits this: our method logs each layer's scheme and kernel to stderr
+    os.environ.setdefault("AR_LOG_LEVEL", "DEBUG")
     import sglang as sgl
 
     ids = json.load(open(args.ids))
     t0 = time.time()
-    engine = sgl.Engine(
-        model_path=args.model,
-        dtype=args.dtype,
-        device="cpu",
-        attention_backend="torch_native",
-        disable_cuda_graph=True,
-        context_length=256,
-        mem_fraction_static=0.5,
-        random_seed=0,
-        log_level="error",
-    )
+    engine = sgl.Engine(model_path=args.model, dtype=args.dtype, log_level="error", **SGLANG_CPU_OPTIONS)
     try:
         t_load = time.time() - t0
         params = {"temperature": 0.0, "max_new_tokens": args.max_tokens, "ignore_eos": True}
         t1 = time.time()
         outs = engine.generate(input_ids=ids, sampling_params=params)
         t_gen = time.time() - t1
-        method = str(engine.tokenizer_manager.server_args.quantization)
+        # the method SGLang resolved from the checkpoint (server_args.quantization stays None when not given)
+        method = str(engine.tokenizer_manager.model_config.quantization)
     finally:
         engine.shutdown()
     result = {
         "tokens": [list(o["output_ids"]) for o in outs],
         "texts": [o["text"] for o in outs],
         "quant_method": method,
-        "kernels": {},
+        "kernels": {},  # the model lives in SGLang's scheduler process: its layers log their kernels to stderr
         "load_s": t_load,
         "generate_s": t_gen,
     }
