@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_helpers import assert_same_tokens, engine_python, run_engine, transformers_greedy
+from engine_helpers import assert_same_tokens, engine_python, free_port, run_engine, transformers_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -286,3 +286,70 @@ def test_sglang_engine_generates_like_transformers(sglang_python, sglang_engine_
                                                    tmp_path):
     result = _sglang_greedy(sglang_python, ours_w4a16, prompt_ids, tmp_path)
     assert_same_tokens(result["tokens"], transformers_greedy(ours_w4a16, prompt_ids), "SGLang, our checkpoint")
+
+
+def test_sglang_engine_intel_checkpoint_like_transformers(sglang_python, sglang_engine_ready, intel_w4a16,
+                                                          prompt_ids, tmp_path):
+    result = _sglang_greedy(sglang_python, intel_w4a16, prompt_ids, tmp_path)
+    assert_same_tokens(result["tokens"], transformers_greedy(intel_w4a16, prompt_ids), "SGLang, Intel's checkpoint")
+
+
+def test_sglang_engine_openai_server(sglang_python, sglang_engine_ready, ours_w4a16, prompt_ids, tmp_path):
+    """SGLang's HTTP server (the same CPU options as engine_runner.SGLANG_CPU_OPTIONS) answers /v1/completions."""
+    import signal
+    import time
+    import urllib.request
+
+    port = free_port()
+    log = open(tmp_path / "server.log", "w")
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    env.update(_sglang_engine_env(tmp_path))
+    server = subprocess.Popen(
+        [sglang_python, "-m", "sglang.launch_server", "--model-path", str(ours_w4a16), "--host", "127.0.0.1",
+         "--port", str(port), "--dtype", "float32", "--device", "cpu", "--attention-backend", "torch_native",
+         "--sampling-backend", "pytorch", "--disable-cuda-graph", "--context-length", "256",
+         "--max-total-tokens", "2048", "--max-running-requests", "8", "--mem-fraction-static", "0.5",
+         "--random-seed", "0", "--served-model-name", "smollm2-w4a16"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,  # its own group: stopped as one
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 900
+        while True:
+            if server.poll() is not None:
+                raise AssertionError("server exited:\n" + (tmp_path / "server.log").read_text()[-6000:])
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise AssertionError("server not ready:\n" + (tmp_path / "server.log").read_text()[-6000:])
+            time.sleep(3)
+        ids = json.loads(prompt_ids.read_text())[0]
+        body = {"model": "smollm2-w4a16", "prompt": ids, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        req = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as r:
+            answer = json.loads(r.read())
+        text = answer["choices"][0]["text"]
+        assert answer["usage"]["completion_tokens"] == 8
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(ours_w4a16))
+        expected = tok.decode(transformers_greedy(ours_w4a16, prompt_ids)[0][:8])
+        assert text == expected, (text, expected)
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.close()
+    calls = tmp_path / "sgl_kernel_calls.txt"
+    assert not calls.exists(), f"sgl_kernel shim functions were called: {calls.read_text()}"
+    assert "W4A16 int group 128 sym on kernel" in (tmp_path / "server.log").read_text()  # our method's layers
