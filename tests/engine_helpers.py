@@ -45,6 +45,76 @@ def run_engine(python: str, *args, timeout: int = 1500, check: bool = True,
     return proc
 
 
+def copy_checkpoint(ckpt, tmp_path, name):
+    """A copy of a checkpoint folder, to break on purpose."""
+    import shutil
+
+    dst = tmp_path / name
+    shutil.copytree(ckpt, dst)
+    return dst
+
+
+def rewrite_tensors(folder, change):
+    """Load the folder's model.safetensors, let ``change`` edit the dict, save it back."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def check_openai_server(cmd: list[str], env: dict, log_path: Path, ckpt, ids_file) -> None:
+    """Start an engine's OpenAI-compatible server (``cmd`` must serve ``ckpt`` as "smollm2-w4a16" on
+    ``--port PORT``, PORT a placeholder), wait for /health, and check that /v1/completions continues the first
+    prompt greedily with the 8 tokens transformers gives.  The server runs in its own process group and is
+    stopped as one, engine worker processes included."""
+    import signal
+    import time
+    import urllib.request
+
+    port = free_port()
+    cmd = [str(port) if a == "PORT" else a for a in cmd]
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.time() + 900
+            while True:
+                if server.poll() is not None:
+                    raise AssertionError("server exited:\n" + Path(log_path).read_text()[-6000:])
+                try:
+                    with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.time() > deadline:
+                    raise AssertionError("server not ready:\n" + Path(log_path).read_text()[-6000:])
+                time.sleep(3)
+            ids = json.loads(Path(ids_file).read_text())[0]
+            body = {"model": "smollm2-w4a16", "prompt": ids, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+            req = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=600) as r:
+                answer = json.loads(r.read())
+            text = answer["choices"][0]["text"]
+            assert answer["usage"]["completion_tokens"] == 8
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(ckpt))
+            expected = tok.decode(transformers_greedy(ckpt, ids_file)[0][:8])
+            assert text == expected, (text, expected)
+        finally:
+            try:
+                os.killpg(server.pid, signal.SIGTERM)
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,14 +13,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from engine_helpers import assert_same_tokens, engine_python, free_port, run_engine, transformers_greedy
+from engine_helpers import (
+    assert_same_tokens, check_openai_server, copy_checkpoint, engine_python, rewrite_tensors, run_engine,
+    transformers_greedy,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -179,21 +181,6 @@ def test_sglang_awq_packed_layers_match_transformers(sglang_python, awq_ckpt, tm
 
 
 # --- bad checkpoints -------------------------------------------------------------------------------------
-def _copy(ckpt, tmp_path, name):
-    dst = tmp_path / name
-    shutil.copytree(ckpt, dst)
-    return dst
-
-
-def _rewrite_tensors(folder, change):
-    from safetensors.torch import load_file, save_file
-
-    path = folder / "model.safetensors"
-    tensors = load_file(str(path))
-    change(tensors)
-    save_file(tensors, str(path), metadata={"format": "pt"})
-
-
 def _fails(sglang_python, folder, tmp_path):
     _, _, proc = _sglang_layers(sglang_python, folder, LAYER, tmp_path / folder.name, check=False)
     assert proc.returncode != 0, proc.stdout[-2000:]
@@ -203,25 +190,25 @@ def _fails(sglang_python, folder, tmp_path):
 def test_sglang_bad_checkpoints_fail_clearly(sglang_python, ours_w4a16, tmp_path):
     for name in ("missing", "shapes", "bits", "fused"):
         (tmp_path / name).mkdir()
-    missing = _copy(ours_w4a16, tmp_path / "missing", "ckpt")
-    _rewrite_tensors(missing, lambda t: t.pop(f"model.layers.{LAYER}.self_attn.k_proj.qzeros"))
+    missing = copy_checkpoint(ours_w4a16, tmp_path / "missing", "ckpt")
+    rewrite_tensors(missing, lambda t: t.pop(f"model.layers.{LAYER}.self_attn.k_proj.qzeros"))
     out = _fails(sglang_python, missing, tmp_path / "missing")
     assert "ModelLoadError" in out and f"model.layers.{LAYER}.self_attn.k_proj.qzeros" in out and "missing" in out
 
-    shapes = _copy(ours_w4a16, tmp_path / "shapes", "ckpt")
+    shapes = copy_checkpoint(ours_w4a16, tmp_path / "shapes", "ckpt")
     key = f"model.layers.{LAYER}.mlp.down_proj.scales"
-    _rewrite_tensors(shapes, lambda t: t.update({key: t[key][:-1].clone()}))
+    rewrite_tensors(shapes, lambda t: t.update({key: t[key][:-1].clone()}))
     out = _fails(sglang_python, shapes, tmp_path / "shapes")
     assert f"{key} has shape (11, 576)" in out and "(12, 576)" in out
 
-    bits = _copy(ours_w4a16, tmp_path / "bits", "ckpt")
+    bits = copy_checkpoint(ours_w4a16, tmp_path / "bits", "ckpt")
     cfg = json.loads((bits / "config.json").read_text())
     cfg["quantization_config"]["bits"] = 5
     (bits / "config.json").write_text(json.dumps(cfg))
     out = _fails(sglang_python, bits, tmp_path / "bits")
     assert "default scheme is 5-bit" in out and "2, 3, 4, 8-bit" in out
 
-    fused = _copy(ours_w4a16, tmp_path / "fused", "ckpt")
+    fused = copy_checkpoint(ours_w4a16, tmp_path / "fused", "ckpt")
     cfg = json.loads((fused / "config.json").read_text())
     cfg["quantization_config"]["extra_config"] = {f"model.layers.{LAYER}.self_attn.v_proj": {"bits": 8}}
     (fused / "config.json").write_text(json.dumps(cfg))
@@ -296,60 +283,17 @@ def test_sglang_engine_intel_checkpoint_like_transformers(sglang_python, sglang_
 
 def test_sglang_engine_openai_server(sglang_python, sglang_engine_ready, ours_w4a16, prompt_ids, tmp_path):
     """SGLang's HTTP server (the same CPU options as engine_runner.SGLANG_CPU_OPTIONS) answers /v1/completions."""
-    import signal
-    import time
-    import urllib.request
-
-    port = free_port()
-    log = open(tmp_path / "server.log", "w")
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
     env.update(_sglang_engine_env(tmp_path))
-    server = subprocess.Popen(
+    check_openai_server(
         [sglang_python, "-m", "sglang.launch_server", "--model-path", str(ours_w4a16), "--host", "127.0.0.1",
-         "--port", str(port), "--dtype", "float32", "--device", "cpu", "--attention-backend", "torch_native",
+         "--port", "PORT", "--dtype", "float32", "--device", "cpu", "--attention-backend", "torch_native",
          "--sampling-backend", "pytorch", "--disable-cuda-graph", "--context-length", "256",
          "--max-total-tokens", "2048", "--max-running-requests", "8", "--mem-fraction-static", "0.5",
          "--random-seed", "0", "--served-model-name", "smollm2-w4a16"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,  # its own group: stopped as one
+        env, tmp_path / "server.log", ours_w4a16, prompt_ids,
     )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 900
-        while True:
-            if server.poll() is not None:
-                raise AssertionError("server exited:\n" + (tmp_path / "server.log").read_text()[-6000:])
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise AssertionError("server not ready:\n" + (tmp_path / "server.log").read_text()[-6000:])
-            time.sleep(3)
-        ids = json.loads(prompt_ids.read_text())[0]
-        body = {"model": "smollm2-w4a16", "prompt": ids, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
-        req = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=600) as r:
-            answer = json.loads(r.read())
-        text = answer["choices"][0]["text"]
-        assert answer["usage"]["completion_tokens"] == 8
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(ours_w4a16))
-        expected = tok.decode(transformers_greedy(ours_w4a16, prompt_ids)[0][:8])
-        assert text == expected, (text, expected)
-    finally:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        log.close()
     calls = tmp_path / "sgl_kernel_calls.txt"
     assert not calls.exists(), f"sgl_kernel shim functions were called: {calls.read_text()}"
     assert "W4A16 int group 128 sym on kernel" in (tmp_path / "server.log").read_text()  # our method's layers

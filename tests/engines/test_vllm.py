@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import time
-import urllib.request
 
 import pytest
 
-from engine_helpers import assert_same_tokens, engine_python, free_port, run_engine, transformers_greedy
+from engine_helpers import (
+    assert_same_tokens, check_openai_server, copy_checkpoint, engine_python, rewrite_tensors, run_engine,
+    transformers_greedy,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -64,51 +63,14 @@ def test_vllm_half_dtypes(vllm_python, ours_w4a16, prompt_ids, tmp_path, dtype):
 
 
 def test_vllm_openai_server(vllm_python, ours_w4a16, prompt_ids, tmp_path):
-    port = free_port()
-    log = open(tmp_path / "server.log", "w")
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     env.pop("PYTHONPATH", None)
-    server = subprocess.Popen(
+    check_openai_server(
         [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ours_w4a16), "--host",
-         "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
+         "127.0.0.1", "--port", "PORT", "--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
          "--served-model-name", "smollm2-w4a16"],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
+        env, tmp_path / "server.log", ours_w4a16, prompt_ids,
     )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 900
-        while True:
-            if server.poll() is not None:
-                raise AssertionError("server exited:\n" + (tmp_path / "server.log").read_text()[-6000:])
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise AssertionError("server not ready:\n" + (tmp_path / "server.log").read_text()[-6000:])
-            time.sleep(3)
-        ids = json.loads(prompt_ids.read_text())[0]
-        body = {"model": "smollm2-w4a16", "prompt": ids, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
-        req = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=600) as r:
-            answer = json.loads(r.read())
-        text = answer["choices"][0]["text"]
-        assert answer["usage"]["completion_tokens"] == 8
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(ours_w4a16))
-        expected = tok.decode(transformers_greedy(ours_w4a16, prompt_ids)[0][:8])
-        assert text == expected, (text, expected)
-    finally:
-        server.terminate()
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
 
 
 def _tiny_checkpoint_with_quantized_lm_head(folder):
@@ -155,21 +117,6 @@ def test_vllm_quantized_lm_head(vllm_python, tmp_path):
 
 
 # --- bad checkpoints -----------------------------------------------------------------------------------
-def _copy(ckpt, tmp_path, name):
-    dst = tmp_path / name
-    shutil.copytree(ckpt, dst)
-    return dst
-
-
-def _rewrite_tensors(folder, change):
-    from safetensors.torch import load_file, save_file
-
-    path = folder / "model.safetensors"
-    tensors = load_file(str(path))
-    change(tensors)
-    save_file(tensors, str(path), metadata={"format": "pt"})
-
-
 def _load_fails(vllm_python, folder):
     proc = run_engine(vllm_python, "vllm-load", "--model", folder, check=False, timeout=900)
     assert proc.returncode != 0, proc.stdout[-2000:]
@@ -177,25 +124,25 @@ def _load_fails(vllm_python, folder):
 
 
 def test_vllm_bad_checkpoints_fail_at_load(vllm_python, ours_w4a16, tmp_path):
-    missing = _copy(ours_w4a16, tmp_path, "missing")
-    _rewrite_tensors(missing, lambda t: t.pop("model.layers.3.self_attn.k_proj.qzeros"))
+    missing = copy_checkpoint(ours_w4a16, tmp_path, "missing")
+    rewrite_tensors(missing, lambda t: t.pop("model.layers.3.self_attn.k_proj.qzeros"))
     out = _load_fails(vllm_python, missing)
     assert "ModelLoadError" in out and "model.layers.3.self_attn.k_proj.qzeros" in out and "missing" in out
 
-    shapes = _copy(ours_w4a16, tmp_path, "shapes")
-    _rewrite_tensors(shapes, lambda t: t.update(
+    shapes = copy_checkpoint(ours_w4a16, tmp_path, "shapes")
+    rewrite_tensors(shapes, lambda t: t.update(
         {"model.layers.2.mlp.down_proj.scales": t["model.layers.2.mlp.down_proj.scales"][:-1].clone()}))
     out = _load_fails(vllm_python, shapes)
     assert "model.layers.2.mlp.down_proj.scales has shape (11, 576)" in out and "(12, 576)" in out
 
-    bits = _copy(ours_w4a16, tmp_path, "bits")
+    bits = copy_checkpoint(ours_w4a16, tmp_path, "bits")
     cfg = json.loads((bits / "config.json").read_text())
     cfg["quantization_config"]["bits"] = 5
     (bits / "config.json").write_text(json.dumps(cfg))
     out = _load_fails(vllm_python, bits)
     assert "default scheme is 5-bit" in out and "2, 3, 4, 8-bit" in out
 
-    fused = _copy(ours_w4a16, tmp_path, "fused")
+    fused = copy_checkpoint(ours_w4a16, tmp_path, "fused")
     cfg = json.loads((fused / "config.json").read_text())
     cfg["quantization_config"]["extra_config"] = {"model.layers.1.self_attn.v_proj": {"bits": 8}}
     (fused / "config.json").write_text(json.dumps(cfg))
