@@ -18,7 +18,7 @@ from transformers.utils.quantization_config import AutoRoundConfig as _HfAutoRou
 from transformers.utils.quantization_config import QuantizationMethod
 
 from autoround.backends import InstallAdvice, LayerSpec, reconcile_dtype, select_kernel
-from autoround.backends.cpu_kernels import release_host_memory
+from autoround.memory import release_host_memory
 from autoround.quantizer.errors import AutoRoundError, ModelLoadError, SchemeError
 from autoround.quantizer.model_io import linear_dims
 

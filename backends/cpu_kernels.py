@@ -209,21 +209,3 @@ class ArkQuantLinear(_RepackingLinear):
 
 class ArkAwqQuantLinear(AwqLayout, ArkQuantLinear):
     kernel_name = "ark_awq"
-
-
-def release_host_memory() -> None:
-    """Give memory freed by repacking (unpack temporaries, checkpoint words) back to the OS (glibc only).
-
-    glibc keeps large freed blocks in its heap, so without this a model's resident memory stays at the
-    loading high-water mark; loaders call it once after every layer's ``post_init()``.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

@@ -16,6 +16,7 @@ from .schemes import QuantScheme
 from .resume import ResumeStore
 from .signround import SignRoundOptions, tune_block
 from ..log import logger
+from ..memory import release_host_memory
 
 
 class _Captured(Exception):
@@ -152,6 +153,7 @@ def signround_blocks(
             result[full] = QuantizedLayer(full, layers[rel], qw, bias, module.in_features, module.out_features)
         q_in = run(block, q_in) if enable_quanted_input else fp_out
         fp_in = fp_out
+        release_host_memory()  # the block's autograd buffers: otherwise RSS creeps up block after block
     if lm_head is not None and lm_head[0] in schemes:
         result[lm_head[0]] = _tune_lm_head(lm_head, schemes[lm_head[0]], fp_in, q_in, options, loss_mask, bs, device)
     logger.info(
