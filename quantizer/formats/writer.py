@@ -216,6 +216,10 @@ def write_checkpoint(
             del config.quantization_config
         for key, value in (config_updates or {}).items():
             setattr(config, key, value)
+        if not getattr(config, "architectures", None) and isinstance(model, torch.nn.Module):
+            # as transformers' save_pretrained does: engines (vLLM, SGLang) pick the model class from this list,
+            # and a model built from a config has none
+            config.architectures = [type(model).__name__]
         config.save_pretrained(str(tmp))
         gen = getattr(model, "generation_config", None)
         if gen is not None:
