@@ -38,6 +38,8 @@ def test_round_trip_plain_and_with_config(tmp_path):
     assert cfg["quant_method"] == "auto-round" and cfg["packing_format"] == "auto_round:auto_gptq"
     assert cfg["bits"] == 4 and cfg["group_size"] == 32 and cfg["sym"] is True
     assert cfg["block_name_to_quantize"] == "model.layers"
+    # a config-built model has no architectures list; engines (vLLM, SGLang) need one to pick the model class
+    assert json.load(open(os.path.join(out, "config.json")))["architectures"] == ["LlamaForCausalLM"]
     assert json.load(open(os.path.join(out, "quantization_config.json"))) == cfg
     with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
         keys = set(f.keys())
