@@ -152,6 +152,50 @@ def _transformers_greedy(ckpt, ids_file, dtype: str) -> list[list[int]]:
     return outs
 
 
+def assert_sensible_half_output(ckpt, ids_file, tokens: list[list[int]], what: str) -> None:
+    """A 16-bit engine's greedy continuations, teacher-forced through transformers in fp32 (our loader): at each
+    position the engine picked the argmax of its own 16-bit logits, so the fp32 model must mostly agree and,
+    where it does not, rank the engine's token close to its best.  Unlike comparing whole continuations, one
+    near-tie flipped by 16-bit rounding changes one position here, not every later one; a broken kernel or
+    packing gives text the fp32 model almost never ranks first."""
+    import torch
+
+    model = _fp32_model(ckpt)
+    agree = total = 0
+    worst = 0.0
+    for prompt, cont in zip(json.loads(Path(ids_file).read_text()), tokens):
+        assert len(cont) == MAX_TOKENS, (what, len(cont))
+        x = torch.tensor([prompt + cont])
+        with torch.inference_mode():
+            logits = model(x).logits[0, len(prompt) - 1:-1].float()
+        chosen = logits[torch.arange(len(cont)), torch.tensor(cont)]
+        gap = logits.max(-1).values - chosen
+        agree += int((gap == 0).sum())
+        total += len(cont)
+        worst = max(worst, float(gap.max()))
+    rate = agree / total
+    print(f"{what}: fp32 top-1 agreement {rate:.3f}, largest logit gap {worst:.3f}")
+    assert rate >= 0.9 and worst < 1.0, f"{what}: fp32 top-1 agreement {rate:.3f}, largest logit gap {worst:.3f}"
+
+
+_MODEL_CACHE: dict = {}
+
+
+def _fp32_model(ckpt):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import autoround  # noqa: F401  (registers the loader)
+    from autoround import AutoRoundQuantizer
+
+    if str(ckpt) not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+        assert isinstance(model.hf_quantizer, AutoRoundQuantizer)
+        _MODEL_CACHE[str(ckpt)] = model
+    return _MODEL_CACHE[str(ckpt)]
+
+
 def assert_same_tokens(engine: list[list[int]], reference: list[list[int]], what: str) -> None:
     assert len(engine) == len(reference) == len(PROMPTS)
     for i, (a, b) in enumerate(zip(engine, reference)):
@@ -159,3 +203,41 @@ def assert_same_tokens(engine: list[list[int]], reference: list[list[int]], what
         if a != b:
             first = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
             raise AssertionError(f"{what}: prompt {i} differs from transformers at token {first}:\n{a}\n{b}")
+
+
+def tiny_checkpoint_with_quantized_lm_head(folder):
+    """A tiny Llama (random weights, untied head) with every block linear W4 g32 and a W4 g32 lm_head."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from arhelpers import tiny_llama
+    from autoround import AutoRound
+    from autoround.quantizer.formats import QuantizedLayer
+    from autoround.quantizer.formats.auto_round import AutoRoundFormat
+    from autoround.quantizer.qmath import quantize_weight
+    from autoround.quantizer.schemes import QuantScheme
+
+    model = tiny_llama(hidden=256, inter=512, layers=2, vocab=512, seed=3)
+    head = model.lm_head.weight.detach().clone()
+    AutoRound(model, scheme="W4A16", group_size=32, iters=0, disable_opt_rtn=True).quantize_and_save(
+        str(folder), format="auto_round")
+    scheme = QuantScheme(4, 32, True)
+    layer = QuantizedLayer("lm_head", scheme, quantize_weight(head, 4, 32, True), None, 256, 512)
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    del tensors["lm_head.weight"]
+    for key, val in AutoRoundFormat().layer_tensors(layer, "auto_round:auto_gptq").items():
+        tensors[f"lm_head.{key}"] = val
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"].setdefault("extra_config", {})["lm_head"] = {"bits": 4, "group_size": 32, "sym": True}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert torch.equal(tensors["lm_head.scales"].float(), layer.weight.scale.t().half().float())
+    return folder
+
+
+def tiny_prompt_ids(tmp_path) -> Path:
+    """Four prompts of token ids for the tiny checkpoints (vocabulary 512), as a JSON file."""
+    ids = Path(tmp_path) / "ids.json"
+    ids.write_text(json.dumps([[1, 17, 300, 42, 7], [1, 5, 6, 7, 8, 9, 10], [1, 400], [1, 256, 128, 64]]))
+    return ids
