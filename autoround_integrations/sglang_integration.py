@@ -149,13 +149,12 @@ class AutoRoundSglangConfig(QuantizationConfig):
         plan = self.planner.plan(prefix, self.packed_modules_mapping)
         if not plan.quantized:
             return UnquantizedEmbeddingMethod() if is_head else UnquantizedLinearMethod()
-        if is_head:
-            raise SchemeError(
-                f"{prefix} is quantized ({plan.scheme.describe()}): SGLang computes logits from an lm_head "
-                "weight matrix, so the SGLang auto-round method serves quantized blocks with a float lm_head "
-                "only; serve this checkpoint with vLLM or transformers, or re-export it with a float lm_head"
-            )
         self.planner.require_tensors(plan, prefix)
+        if is_head:
+            # a quantized head has no ``weight``: SGLang's logits processor then calls our method's apply()
+            # (the path it keeps for GGUF heads); it always runs on this project's kernels
+            layer.scheme = AutoRoundLinearScheme(self, plan, lm_head=True)
+            return AutoRoundLinearMethod(self)
         if is_cuda():
             engine = self._engine_method(layer, prefix, plan)
             if engine is not None:
@@ -233,9 +232,10 @@ class AutoRoundLinearScheme(BaseLinearScheme):
 
     requires_weight_loader_v2 = True  # our parameters load through their own (parameter-class) loaders
 
-    def __init__(self, config: AutoRoundSglangConfig, plan: ec.LayerPlan) -> None:
+    def __init__(self, config: AutoRoundSglangConfig, plan: ec.LayerPlan, lm_head: bool = False) -> None:
         self.config = config
         self.plan = plan
+        self.lm_head = lm_head  # SGLang's ParallelLMHead: the vocabulary (output) dimension is padded
         self.packing = config.ckpt.packing_format
         self.awq = ec.is_awq_layout(self.packing)
 
@@ -333,9 +333,10 @@ def _checked_loader(layer: torch.nn.Module, scheme: AutoRoundLinearScheme, deleg
         plan = scheme.plan
         name = f"{ec.part_name(plan, shard_id)}.{key}"
         sizes = layer._ar_sizes
+        out_sizes = [layer.org_vocab_size] if scheme.lm_head else sizes["out_sizes"]  # unpadded vocabulary
         _, tp = get_group_rank_size(getattr(layer, "tp_group", None))
         want = (
-            ec.checkpoint_shape(key, plan.scheme, sizes["in_features"], sizes["out_sizes"], shard_id, scheme.packing)
+            ec.checkpoint_shape(key, plan.scheme, sizes["in_features"], out_sizes, shard_id, scheme.packing)
             if tp == 1 else None
         )
         if want is not None and tuple(loaded_weight.shape) != want:
@@ -344,7 +345,9 @@ def _checked_loader(layer: torch.nn.Module, scheme: AutoRoundLinearScheme, deleg
             ec.check_g_idx(ec.part_name(plan, shard_id), loaded_weight, plan.scheme.group_size)
         loaded_weight = loaded_weight.to(param.dtype)  # fp32/bf16 scales of other writers: the kernels take fp16
         try:
-            if shard_id is None:
+            if scheme.lm_head:
+                _load_head(layer, param, loaded_weight, plan.scheme.bits, scheme.awq)
+            elif shard_id is None:
                 delegate(param, loaded_weight)
             else:
                 delegate(param, loaded_weight, shard_id)
@@ -353,6 +356,22 @@ def _checked_loader(layer: torch.nn.Module, scheme: AutoRoundLinearScheme, deleg
         layer._ar_loaded.add((key, shard_id))
 
     return load
+
+
+def _load_head(layer: torch.nn.Module, param: torch.nn.Parameter, loaded: torch.Tensor, bits: int, awq: bool) -> None:
+    """A quantized lm_head: this rank's slice of the vocabulary (the output dimension), zero-padded to SGLang's
+    padded vocabulary.  SGLang's embedding loader shards dimension 0, which is the input dimension here."""
+    key = param._ar_tensor
+    if key == "g_idx":  # no output dimension
+        param.data.copy_(loaded)
+        return
+    idx = layer.shard_indices
+    start, end = idx.org_vocab_start_index, idx.org_vocab_end_index
+    if key == "qzeros" or (key == "qweight" and awq):  # output columns packed 32/bits to an int32
+        start, end = start * bits // 32, end * bits // 32
+    part = loaded.narrow(1, start, end - start)
+    param.data.zero_()
+    param.data[:, : part.shape[1]].copy_(part)
 
 
 def layer_report(model: torch.nn.Module) -> dict[str, int]:

@@ -110,7 +110,8 @@ def sglang_generate(args) -> int:
 
     ids = json.load(open(args.ids))
     t0 = time.time()
-    engine = sgl.Engine(model_path=args.model, dtype=args.dtype, log_level="error", **SGLANG_CPU_OPTIONS)
+    engine = sgl.Engine(model_path=args.model, dtype=args.dtype, log_level="error",
+                        skip_tokenizer_init=args.skip_tokenizer, **SGLANG_CPU_OPTIONS)
     try:
         t_load = time.time() - t0
         params = {"temperature": 0.0, "max_new_tokens": args.max_tokens, "ignore_eos": True}
@@ -123,7 +124,7 @@ def sglang_generate(args) -> int:
         engine.shutdown()
     result = {
         "tokens": [list(o["output_ids"]) for o in outs],
-        "texts": [o["text"] for o in outs],
+        "texts": [o.get("text") for o in outs],
         "quant_method": method,
         "kernels": {},  # the model lives in SGLang's scheduler process: its layers log their kernels to stderr
         "load_s": t_load,

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from engine_helpers import (
-    assert_same_tokens, check_openai_server, copy_checkpoint, engine_python, rewrite_tensors, run_engine,
-    transformers_greedy,
+    assert_same_tokens, assert_sensible_half_output, check_openai_server, copy_checkpoint, engine_python,
+    rewrite_tensors, run_engine, tiny_checkpoint_with_quantized_lm_head, tiny_prompt_ids, transformers_greedy,
 )
 
 pytestmark = pytest.mark.slow
@@ -250,35 +250,59 @@ def sglang_engine_ready(sglang_python, tmp_path_factory):
         pytest.skip(f"SGLang's CPU engine modules do not import with the sgl_kernel shim: {last}")
 
 
-def _check_engine_ran(proc, tmp_path, ckpt):
+def _check_engine_ran(proc, tmp_path, ckpt, scheme="W4A16 int group 128 sym", lm_head=False):
     calls = tmp_path / "sgl_kernel_calls.txt"
     assert not calls.exists(), f"sgl_kernel shim functions were called: {calls.read_text()}"
     # our method's per-layer log lines, from SGLang's scheduler process (AR_LOG_LEVEL=DEBUG): every fused layer
-    layers = re.findall(r"SGLang (model\.layers\.\d+\.\S+): (W4A16 int group 128 sym) on kernel (\S+)", proc.stderr)
+    layers = re.findall(r"SGLang (model\.layers\.\d+\.\S+): (.+?) on kernel (\S+)", proc.stderr)
     n = json.loads((Path(ckpt) / "config.json").read_text())["num_hidden_layers"]
     assert len({p for p, _, _ in layers}) == 4 * n, proc.stderr[-4000:]  # qkv, o, gate_up, down of each block
+    assert {s for _, s, _ in layers} == {scheme}, layers
+    head = re.findall(r"SGLang lm_head: (.+?) on kernel (\S+)", proc.stderr)
+    assert bool(head) == lm_head, head
+    if lm_head:
+        assert head[0][0] == scheme, head
 
 
-def _sglang_greedy(sglang_python, ckpt, prompt_ids, tmp_path):
-    out = tmp_path / "sglang.json"
+def _sglang_greedy(sglang_python, ckpt, prompt_ids, tmp_path, *args, dtype="float32"):
+    out = tmp_path / f"sglang-{dtype}.json"
     proc = run_engine(sglang_python, "sglang-generate", "--model", ckpt, "--ids", prompt_ids, "--out", out,
-                      env_extra=_sglang_engine_env(tmp_path))
-    _check_engine_ran(proc, tmp_path, ckpt)
+                      "--dtype", dtype, *args, env_extra=_sglang_engine_env(tmp_path))
     result = json.loads(out.read_text())
     assert result["quant_method"] == "auto-round"
-    return result
+    return proc, result
 
 
 def test_sglang_engine_generates_like_transformers(sglang_python, sglang_engine_ready, ours_w4a16, prompt_ids,
                                                    tmp_path):
-    result = _sglang_greedy(sglang_python, ours_w4a16, prompt_ids, tmp_path)
+    proc, result = _sglang_greedy(sglang_python, ours_w4a16, prompt_ids, tmp_path)
+    _check_engine_ran(proc, tmp_path, ours_w4a16)
     assert_same_tokens(result["tokens"], transformers_greedy(ours_w4a16, prompt_ids), "SGLang, our checkpoint")
 
 
 def test_sglang_engine_intel_checkpoint_like_transformers(sglang_python, sglang_engine_ready, intel_w4a16,
                                                           prompt_ids, tmp_path):
-    result = _sglang_greedy(sglang_python, intel_w4a16, prompt_ids, tmp_path)
+    proc, result = _sglang_greedy(sglang_python, intel_w4a16, prompt_ids, tmp_path)
+    _check_engine_ran(proc, tmp_path, intel_w4a16)
     assert_same_tokens(result["tokens"], transformers_greedy(intel_w4a16, prompt_ids), "SGLang, Intel's checkpoint")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_sglang_engine_half_dtypes(sglang_python, sglang_engine_ready, ours_w4a16, prompt_ids, tmp_path, dtype):
+    """16-bit activations run on our kernels (numerics differ from fp32, so the check is that the text stays
+    sensible: the fp32 model, teacher-forced on the engine's tokens, ranks them first)."""
+    proc, result = _sglang_greedy(sglang_python, ours_w4a16, prompt_ids, tmp_path, dtype=dtype)
+    _check_engine_ran(proc, tmp_path, ours_w4a16)
+    assert_sensible_half_output(ours_w4a16, prompt_ids, result["tokens"], f"SGLang {dtype}")
+
+
+def test_sglang_engine_quantized_lm_head(sglang_python, sglang_engine_ready, tmp_path):
+    """A W4 lm_head loads and runs on our kernel (SGLang's logits processor calls our method's apply)."""
+    ckpt = tiny_checkpoint_with_quantized_lm_head(tmp_path / "tiny-qhead")
+    ids = tiny_prompt_ids(tmp_path)
+    proc, result = _sglang_greedy(sglang_python, ckpt, ids, tmp_path, "--skip_tokenizer")
+    _check_engine_ran(proc, tmp_path, ckpt, scheme="W4A16 int group 32 sym", lm_head=True)
+    assert_same_tokens(result["tokens"], transformers_greedy(ckpt, ids), "SGLang, quantized lm_head")
 
 
 def test_sglang_engine_openai_server(sglang_python, sglang_engine_ready, ours_w4a16, prompt_ids, tmp_path):
