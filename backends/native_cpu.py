@@ -41,6 +41,7 @@ from .cpu_kernels import AwqLayout, _RepackingLinear
 C_SOURCE = r"""
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <omp.h>
 
 static inline __m256 cvt8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
@@ -191,6 +192,24 @@ void ar_gemv(const uint8_t *w, const float *sc, const float *zs, const float *x,
     }
 }
 
+/* the per-layer constants, filled once after loading, so a call passes five arguments instead of twelve */
+typedef struct {
+    const uint8_t *w;
+    const float *sc, *zs;
+    int64_t N, kp, gs, nibbles;
+} ar_layer;
+
+/* y[M, N] = x[M, kp] @ W^T for one layer; the per-group sums of x live in a scratch buffer; returns 0, or -1
+   when that buffer cannot be allocated */
+int ar_gemv_layer(const ar_layer *L, const float *x, float *y, int64_t M, int64_t nthreads) {
+    const int64_t G = L->kp / L->gs;
+    float *xs = (float *)malloc(sizeof(float) * (size_t)(M * G));
+    if (!xs) return -1;
+    ar_gemv(L->w, L->sc, L->zs, x, xs, y, M, L->N, L->kp, L->gs, L->nibbles, nthreads);
+    free(xs);
+    return 0;
+}
+
 /* out[N, kp] = (q - zp) * scale in fp32 */
 void ar_dequant(const uint8_t *w, const float *sc, const float *zs, float *out, int64_t N, int64_t kp,
                 int64_t gs, int64_t nibbles, int64_t nthreads) {
@@ -306,8 +325,15 @@ def load_library() -> ctypes.CDLL:
         lib.ar_gemv.restype = None
         lib.ar_dequant.argtypes = [ptr] * 4 + [i64] * 5
         lib.ar_dequant.restype = None
+        lib.ar_gemv_layer.argtypes = [ptr, ptr, ptr, i64, i64]
+        lib.ar_gemv_layer.restype = ctypes.c_int
         _LIB = lib
         return lib
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("sc", ctypes.c_void_p), ("zs", ctypes.c_void_p), ("N", ctypes.c_int64),
+                ("kp", ctypes.c_int64), ("gs", ctypes.c_int64), ("nibbles", ctypes.c_int64)]
 
 
 class NativeCpuQuantLinear(_RepackingLinear):
@@ -330,10 +356,56 @@ class NativeCpuQuantLinear(_RepackingLinear):
         self.register_buffer("packed_weight", q.contiguous())
         self.register_buffer("scale", s.contiguous())
         self.register_buffer("zero_scale", (z.float() * s).contiguous())
+        self._bind()
+
+    # the C kernel reads these as fp32: a cast of the model (``model.to(torch.bfloat16)``, ``.half()``) must not
+    # reach them (it would make the kernel read 16-bit memory as fp32: garbage, and past the buffer's end)
+    _FP32_BUFFERS = ("scale", "zero_scale")
+
+    def _apply(self, fn, recurse=True):
+        kept = {n: self._buffers[n] for n in self._FP32_BUFFERS if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for name, t in kept.items():
+            device = self._buffers[name].device  # a device move still applies; a dtype cast does not
+            self._buffers[name] = t if t.device == device else t.to(device)
+        if getattr(self, "_packed", False):
+            self._bind()
+        return self
+
+    def __getstate__(self):  # pickling, deepcopy: raw pointers and the loaded library do not travel
+        state = self.__dict__.copy()
+        for name in ("_layer", "_layer_addr", "_lib"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if getattr(self, "_packed", False):
+            self._lib = load_library()
+            self._bind()
+
+    def _bind(self) -> None:
+        """Cache what each call needs (pointers, sizes, an fp32 bias) outside the module's buffer lookup; called
+        after repacking and after every ``.to()``/cast, which may replace the buffers."""
+        w, sc, zs = self._buffers["packed_weight"], self._buffers["scale"], self._buffers["zero_scale"]
+        if any(t.device.type != "cpu" for t in (w, sc, zs)):
+            self._layer = None  # forward() says why
+            return
+        self._layer = _Layer(w.data_ptr(), sc.data_ptr(), zs.data_ptr(), self.out_features, self.k_pad,
+                             self.gs_pad, int(self.nibbles))
+        self._layer_addr = ctypes.addressof(self._layer)
+        bias = self._buffers.get("bias")
+        self._bias32 = None if bias is None else bias.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_packed()
-        x2 = x.reshape(-1, self.in_features).to(torch.float32)
+        if self._layer is None or x.device.type != "cpu":
+            raise RuntimeError(f"{self.kernel_name} kernel runs on the CPU only (weights on "
+                               f"{self.packed_weight.device}, input on {x.device}); load the model with "
+                               "device_map='cpu', or with a backend for that device")
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
         if self.k_pad != self.in_features:
             x2 = F.pad(x2, (0, self.k_pad - self.in_features))
         x2 = x2.contiguous()
@@ -341,21 +413,18 @@ class NativeCpuQuantLinear(_RepackingLinear):
         threads = torch.get_num_threads()
         if m >= MATMUL_MIN_ROWS:
             w = torch.empty(self.out_features, self.k_pad, dtype=torch.float32)
-            self._lib.ar_dequant(
-                self.packed_weight.data_ptr(), self.scale.data_ptr(), self.zero_scale.data_ptr(), w.data_ptr(),
-                self.out_features, self.k_pad, self.gs_pad, int(self.nibbles), threads,
-            )
-            y = F.linear(x2, w, None if self.bias is None else self.bias.float())
+            L = self._layer
+            self._lib.ar_dequant(L.w, L.sc, L.zs, w.data_ptr(), self.out_features, self.k_pad, self.gs_pad,
+                                 L.nibbles, threads)
+            y = F.linear(x2, w, self._bias32)
         else:
-            xs = torch.empty(m, self.n_pad_groups, dtype=torch.float32)  # filled by the kernel
             y = torch.empty(m, self.out_features, dtype=torch.float32)
-            self._lib.ar_gemv(
-                self.packed_weight.data_ptr(), self.scale.data_ptr(), self.zero_scale.data_ptr(), x2.data_ptr(),
-                xs.data_ptr(), y.data_ptr(), m, self.out_features, self.k_pad, self.gs_pad, int(self.nibbles),
-                threads,
-            )
-            y = self._bias_to(y)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            if self._lib.ar_gemv_layer(self._layer_addr, x2.data_ptr(), y.data_ptr(), m, threads) != 0:
+                raise MemoryError(f"{self.kernel_name} kernel: no memory for {m} x {self.n_pad_groups} group sums")
+            if self._bias32 is not None:
+                y += self._bias32
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 class NativeCpuAwqQuantLinear(AwqLayout, NativeCpuQuantLinear):

@@ -88,6 +88,37 @@ def test_avx2_half_inputs(dtype):
     check(build(NativeCpuQuantLinear, 576, 192, 4, 128, False), ref, 576, dtype=dtype)
 
 
+@needs_avx2
+@pytest.mark.parametrize("cast", ["bfloat16", "half"])
+def test_avx2_survives_model_casts_and_copies(cast):
+    """The C kernel reads its scales as fp32: casting the model after loading (model.to(torch.bfloat16),
+    model.half()) must leave them fp32 (before, the kernel read 16-bit memory as fp32: NaN, and past the end);
+    deepcopy/pickle re-bind the kernel to the copied buffers."""
+    import copy
+    import io
+
+    ref = build(TorchQuantLinear, 576, 192, 4, 128, True)
+    kernel = build(NativeCpuQuantLinear, 576, 192, 4, 128, True)
+    x = torch.randn(2, 3, 576, generator=torch.Generator().manual_seed(1))
+    twin = copy.deepcopy(kernel)
+    buf = io.BytesIO()
+    torch.save(kernel, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    del kernel  # the copies must not point into the original's buffers
+    for k in (twin, loaded):
+        assert torch.equal(k(x), twin(x))
+    check(twin, ref, 576)
+    dtype = getattr(torch, "float16" if cast == "half" else cast)
+    getattr(twin, cast)() if cast == "half" else twin.to(dtype)
+    assert twin.scale.dtype == twin.zero_scale.dtype == torch.float32 and twin.bias.dtype == dtype
+    ref.bias.data = ref.bias.to(dtype).float()  # the bias is cast like any other tensor
+    check(twin, ref, 576, dtype=dtype)
+    twin.to("meta")
+    with pytest.raises(RuntimeError, match="runs on the CPU only"):
+        twin(x)
+
+
 @needs_ark
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("sym", [True, False])
