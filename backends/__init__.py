@@ -159,7 +159,7 @@ for _info in (
                packing_formats=PACKINGS_GPTQ_LAYOUT, dtypes=HALF_DTYPES, factory=MarlinLinear, requires=GPTQMODEL,
                shape_check=_multiples(1, 64, whole_groups=True), aliases=("gptqmodel",),
                description="gptqmodel's Marlin kernel"),
-    KernelInfo(name="marlin_awq", priority=6, devices=("cuda",), bits=(4,), sym=(True,), group_sizes=(-1, 32, 64, 128),
+    KernelInfo(name="marlin_awq", priority=6, devices=("cuda",), bits=(4,), sym=(True, False), group_sizes=(-1, 32, 64, 128),
                packing_formats=PACKINGS_AWQ, dtypes=(torch.float16,), factory=MarlinAwqLinear,
                requires=("gptqmodel>=5.6.0",), shape_check=_multiples(1, 64, whole_groups=True), aliases=("marlin",),
                description="gptqmodel's AWQ Marlin kernel"),

@@ -88,13 +88,21 @@ class GptqModelLinear(_DelegatingLinear):
         inner = cls(
             bits=self.bits, group_size=self.group_size, desc_act=False, sym=self.sym,
             in_features=self.in_features, out_features=self.out_features, bias=self.bias is not None,
+            **self.ctor_kwargs,
         ).to(self.qweight.device)
-        for name, tensor in self.checkpoint_tensors().items():
-            getattr(inner, name).copy_(tensor)
-        if self.bias is not None:
-            inner.bias.copy_(self.bias)
-        inner.post_init()
+        with torch.no_grad():
+            for name, tensor in self.checkpoint_tensors().items():
+                getattr(inner, name).copy_(tensor)
+            if self.bias is not None:
+                inner.bias.copy_(self.bias)
+        self.finish(inner)
         self.inner = inner
+
+    ctor_kwargs: dict = {}
+
+    def finish(self, inner: torch.nn.Module) -> None:
+        """gptqmodel's own repack (Marlin tiles, ExLlama shuffles) once the checkpoint tensors are in."""
+        inner.post_init()
 
 
 class MarlinLinear(GptqModelLinear):
@@ -103,10 +111,30 @@ class MarlinLinear(GptqModelLinear):
     class_names = ("MarlinLinear", "MarlinQuantLinear")
 
 
+# ExLlamaV2 dequantizes large inputs into a scratch buffer whose raw pointer each layer keeps: one buffer per device,
+# shared by every layer there (they run one after the other), as gptqmodel sizes it; grown by replacing it when a
+# larger layer comes, each layer holding a reference to the buffer its pointer is into
+_EXLLAMA_SCRATCH: dict = {}
+
+
+def _exllama_finish(layer: "GptqModelLinear", inner: torch.nn.Module) -> None:
+    from gptqmodel.utils.exllamav2 import ScratchSpace
+
+    need = inner.temp_dq_size()
+    space = _EXLLAMA_SCRATCH.get(inner.qweight.device)
+    if space is None or space.scratch_bytes < need:
+        space = _EXLLAMA_SCRATCH[inner.qweight.device] = ScratchSpace(need, inner.qweight.device)
+    layer.scratch_space = space
+    inner.post_init(scratch_space=space)
+
+
 class ExllamaV2Linear(GptqModelLinear):
     kernel_name = "exllamav2"
     module = "gptqmodel.nn_modules.qlinear.exllamav2"
     class_names = ("ExllamaV2Linear", "ExllamaV2QuantLinear")
+
+    def finish(self, inner: torch.nn.Module) -> None:
+        _exllama_finish(self, inner)
 
 
 class TritonLinear(GptqModelLinear):
@@ -116,7 +144,10 @@ class TritonLinear(GptqModelLinear):
 
 
 class _AwqGptqModelLinear(GptqModelLinear):
-    """gptqmodel's AWQ kernels take the AWQ checkpoint tensors as they are (raw zero points)."""
+    """gptqmodel's AWQ kernels take the AWQ checkpoint tensors as they are (raw zero points); their modules create
+    their tensors only when asked to (``register_buffers=True``)."""
+
+    ctor_kwargs = {"register_buffers": True}
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         return {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales.to(torch.float16)}
@@ -126,7 +157,7 @@ def _awq(base: type, name: str, module: str, class_names: tuple[str, ...]) -> ty
     from .cpu_kernels import AwqLayout
 
     return type(base.__name__.replace("Linear", "AwqLinear"), (AwqLayout, _AwqGptqModelLinear),
-                {"kernel_name": name, "module": module, "class_names": class_names})
+                {"kernel_name": name, "module": module, "class_names": class_names, "finish": base.finish})
 
 
 MarlinAwqLinear = _awq(MarlinLinear, "marlin_awq", "gptqmodel.nn_modules.qlinear.marlin_awq",
