@@ -9,8 +9,8 @@ carried in ``.whl/``: gptqmodel 7.7.0 (``pip wheel --no-deps gptqmodel==7.7.0``;
 JIT-built on first use) and what it imports that such a machine lacks (transformers, datasets, dill,
 multiprocess, torchao, device-smi, tokenicer, logbar, defuser; ``pip download``/``pip wheel`` for its Python).
 PyPcre, a PCRE2 binding that gptqmodel imports and that builds from a git clone, is replaced by the shim in
-``tests/device/shims``.  Each of the 29 passed on an H200 (torch 2.11 + CUDA 13, triton 3.6), over three runs with the adapter fixes of
-that session in between."""
+``tests/device/shims``.  Each of the 29 passed on an H200 (torch 2.11 + CUDA 13, triton 3.6), over three runs
+with the adapter fixes of that session in between."""
 
 from __future__ import annotations
 
