@@ -68,6 +68,30 @@ def test_decoder_layer_with_keyword_arguments():
     assert mse(result.weights) < mse(rtn)
 
 
+def test_amp_tunes_under_bf16_autocast():
+    """amp=True runs the block under bf16 autocast (the matmuls see bf16 inputs) and still tunes: the result
+    beats RTN on the fp32 block, and the tuned offsets stay fp32."""
+    model = tiny_llama()
+    mlp = model.model.layers[0].mlp
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 8, 64, generator=g)
+    with torch.no_grad():
+        y = mlp(x)
+    names = ["gate_proj", "up_proj", "down_proj"]
+    scheme = QuantScheme(bits=2, group_size=32)
+    rtn = {n: quantize_weight(mlp.get_submodule(n).weight, 2, 32, True) for n in names}
+    seen = []
+    hook = mlp.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        result = tune_block(mlp, dict.fromkeys(names, scheme), x, y, SignRoundOptions(iters=60, batch_size=8, amp=True))
+    finally:
+        hook.remove()
+    assert torch.bfloat16 in seen  # the tuned forward ran in bf16
+    assert block_mse(mlp, result.weights, x, y) < 0.9 * block_mse(mlp, rtn, x, y)
+    plain = tune_block(mlp, dict.fromkeys(names, scheme), x, y, SignRoundOptions(iters=60, batch_size=8))
+    assert any(not torch.equal(result.weights[n].qweight, plain.weights[n].qweight) for n in names)  # amp changes the steps
+
+
 def test_options_validate():
     with pytest.raises(ValueError, match="iters must be a positive integer"):
         SignRoundOptions(iters=0)
