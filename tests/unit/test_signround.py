@@ -20,15 +20,18 @@ def block_mse(block, weights, x, y):
         return torch.nn.functional.mse_loss(b(x), y).item()
 
 
-@pytest.mark.parametrize("scheme", [QuantScheme(bits=2, group_size=32), QuantScheme(bits=4, group_size=32, sym=False)])
-def test_tuned_block_beats_rtn(scheme):
-    model = tiny_llama()
-    mlp = model.model.layers[0].mlp
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(16, 8, 64, generator=g)
+def mlp_case():
+    """A tiny Llama's first MLP, 16 x 8 random inputs, its float outputs and its linear layers' names."""
+    mlp = tiny_llama().model.layers[0].mlp
+    x = torch.randn(16, 8, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         y = mlp(x)
-    names = ["gate_proj", "up_proj", "down_proj"]
+    return mlp, x, y, ["gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(bits=2, group_size=32), QuantScheme(bits=4, group_size=32, sym=False)])
+def test_tuned_block_beats_rtn(scheme):
+    mlp, x, y, names = mlp_case()
     before = {n: mlp.get_submodule(n).weight.clone() for n in names}
     rtn = {n: quantize_weight(mlp.get_submodule(n).weight, scheme.bits, scheme.group_size, scheme.sym) for n in names}
     result = tune_block(mlp, dict.fromkeys(names, scheme), x, y, SignRoundOptions(iters=60, batch_size=8))
@@ -70,14 +73,8 @@ def test_decoder_layer_with_keyword_arguments():
 
 def test_amp_tunes_under_bf16_autocast():
     """amp=True runs the block under bf16 autocast (the matmuls see bf16 inputs) and still tunes: the result
-    beats RTN on the fp32 block, and the tuned offsets stay fp32."""
-    model = tiny_llama()
-    mlp = model.model.layers[0].mlp
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(16, 8, 64, generator=g)
-    with torch.no_grad():
-        y = mlp(x)
-    names = ["gate_proj", "up_proj", "down_proj"]
+    beats RTN on the fp32 block, and differs from the fp32 run."""
+    mlp, x, y, names = mlp_case()
     scheme = QuantScheme(bits=2, group_size=32)
     rtn = {n: quantize_weight(mlp.get_submodule(n).weight, 2, 32, True) for n in names}
     seen = []
