@@ -25,7 +25,7 @@ def release_host_memory() -> None:
     glibc raises its mmap threshold after large blocks are freed, so later large tensors come from its heap,
     and freed heap memory stays resident: without this a process's RSS keeps the high-water mark of every
     phase (each tuned block's autograd buffers, each layer's unpack temporaries) and creeps up as the heap
-    fragments.  Called once per tuned block and once per loaded layer; it costs well under a millisecond.
+    fragments.  Called after each tuned block and once after a model's layers are repacked; it is cheap.
     """
     lib = _libc()
     if lib is not None:

@@ -117,24 +117,20 @@ class MarlinLinear(GptqModelLinear):
 _EXLLAMA_SCRATCH: dict = {}
 
 
-def _exllama_finish(layer: "GptqModelLinear", inner: torch.nn.Module) -> None:
-    from gptqmodel.utils.exllamav2 import ScratchSpace
-
-    need = inner.temp_dq_size()
-    space = _EXLLAMA_SCRATCH.get(inner.qweight.device)
-    if space is None or space.scratch_bytes < need:
-        space = _EXLLAMA_SCRATCH[inner.qweight.device] = ScratchSpace(need, inner.qweight.device)
-    layer.scratch_space = space
-    inner.post_init(scratch_space=space)
-
-
 class ExllamaV2Linear(GptqModelLinear):
     kernel_name = "exllamav2"
     module = "gptqmodel.nn_modules.qlinear.exllamav2"
     class_names = ("ExllamaV2Linear", "ExllamaV2QuantLinear")
 
     def finish(self, inner: torch.nn.Module) -> None:
-        _exllama_finish(self, inner)
+        from gptqmodel.utils.exllamav2 import ScratchSpace
+
+        need, device = inner.temp_dq_size(), inner.qweight.device
+        space = _EXLLAMA_SCRATCH.get(device)
+        if space is None or space.scratch_bytes < need:
+            space = _EXLLAMA_SCRATCH[device] = ScratchSpace(need, device)
+        self.scratch_space = space  # the kernel keeps a raw pointer into it
+        inner.post_init(scratch_space=space)
 
 
 class TritonLinear(GptqModelLinear):

@@ -132,7 +132,8 @@ def transformers_greedy(ckpt, ids_file, dtype: str = "float32") -> list[list[int
     return [list(t) for t in _GREEDY_CACHE[key]]
 
 
-def _transformers_greedy(ckpt, ids_file, dtype: str) -> list[list[int]]:
+def _load_ours(ckpt, dtype: str = "float32"):
+    """The checkpoint through transformers with this project's loader."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -141,6 +142,13 @@ def _transformers_greedy(ckpt, ids_file, dtype: str) -> list[list[int]]:
 
     model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=getattr(torch, dtype)).eval()
     assert isinstance(model.hf_quantizer, AutoRoundQuantizer)
+    return model
+
+
+def _transformers_greedy(ckpt, ids_file, dtype: str) -> list[list[int]]:
+    import torch
+
+    model = _load_ours(ckpt, dtype)
     model.generation_config.eos_token_id = None
     outs = []
     for p in json.loads(Path(ids_file).read_text()):
@@ -182,17 +190,9 @@ _MODEL_CACHE: dict = {}
 
 
 def _fp32_model(ckpt):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    import autoround  # noqa: F401  (registers the loader)
-    from autoround import AutoRoundQuantizer
-
     if str(ckpt) not in _MODEL_CACHE:
-        _MODEL_CACHE.clear()
-        model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
-        assert isinstance(model.hf_quantizer, AutoRoundQuantizer)
-        _MODEL_CACHE[str(ckpt)] = model
+        _MODEL_CACHE.clear()  # one model at a time
+        _MODEL_CACHE[str(ckpt)] = _load_ours(ckpt)
     return _MODEL_CACHE[str(ckpt)]
 
 

@@ -9,7 +9,7 @@ carried in ``.whl/``: gptqmodel 7.7.0 (``pip wheel --no-deps gptqmodel==7.7.0``;
 JIT-built on first use) and what it imports that such a machine lacks (transformers, datasets, dill,
 multiprocess, torchao, device-smi, tokenicer, logbar, defuser; ``pip download``/``pip wheel`` for its Python).
 PyPcre, a PCRE2 binding that gptqmodel imports and that builds from a git clone, is replaced by the shim in
-``tests/device/shims``.  Each of the 29 passed on an H200 (torch 2.11 + CUDA 13, triton 3.6), over three runs
+``tests/device/shims``.  Each of these tests passed on an H200 (torch 2.11 + CUDA 13, triton 3.6), over three runs
 with the adapter fixes of that session in between."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ CASES = [
     *[("exllamav2", 4, g, s, GPTQ) for g in (32, 128) for s in (True, False)],
     *[("marlin", b, g, True, GPTQ) for b in (4, 8) for g in (64, 128)],
     ("exllamav2_awq", 4, 128, False, AWQ),
-    ("marlin_awq", 4, 128, True, AWQ),
+    *[("marlin_awq", 4, 128, s, AWQ) for s in (True, False)],
 ]
 IN_F, OUT_F = 1024, 512
 
@@ -74,16 +74,6 @@ def test_cuda_kernel_matches_cpu_reference(name, bits, gs, sym, packing):
     if not ok:
         pytest.skip(f"{name}: {reason}")
     _compare(info.factory, name, bits, gs, sym, packing)
-
-
-def test_marlin_awq_asymmetric_probe():
-    """AWQ checkpoints are asymmetric; the declaration allows gptqmodel's AWQ Marlin symmetric only until this
-    passes on a device (the kernel class is built directly, past the selector)."""
-    info = _info("marlin_awq")
-    reason = info.requirement_reason() or info.host_reason()
-    if reason:
-        pytest.skip(f"marlin_awq: {reason}")
-    _compare(info.factory, "marlin_awq", 4, 128, False, AWQ)
 
 
 def _compare(factory, name, bits, gs, sym, packing):
