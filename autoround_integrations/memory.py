@@ -5,6 +5,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import mmap
+
+_MADV_PAGEOUT = 21  # Linux 5.4+: reclaim the range now; clean file pages are dropped, data is never lost
 
 
 @functools.lru_cache(maxsize=1)
@@ -30,3 +33,27 @@ def release_host_memory() -> None:
     lib = _libc()
     if lib is not None:
         lib.malloc_trim(0)
+
+
+def release_pages(tensor) -> bool:
+    """Ask the kernel to reclaim the resident pages of a CPU tensor's memory that no longer needs to be resident.
+
+    For a tensor mapped from a checkpoint file (transformers maps safetensors files), the pages that reading it
+    brought in stay resident, and count in RSS, for as long as the file's mapping lives, which is as long as any
+    tensor of that file is alive: replacing a weight with a new tensor does not release the old one's pages.
+    ``MADV_PAGEOUT`` drops the clean file pages of the page-aligned range inside the tensor; the data stays
+    valid (a later read faults it back in from the file) and anonymous memory is left alone where there is no
+    swap.  Returns whether the call was made and succeeded (False off Linux, on kernels before 5.4, for
+    non-CPU tensors).
+    """
+    lib = _libc()
+    if lib is None or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return False
+    page = mmap.PAGESIZE
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = (start + page - 1) // page * page, end // page * page
+    if last <= first:
+        return False
+    lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return lib.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT) == 0

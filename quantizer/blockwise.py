@@ -3,6 +3,7 @@ decoder block in turn, carrying the float and the quantized activations forward.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Mapping
 
@@ -16,7 +17,7 @@ from .schemes import QuantScheme
 from .resume import ResumeStore
 from .signround import SignRoundOptions, tune_block
 from ..log import logger
-from ..memory import release_host_memory
+from ..memory import release_host_memory, release_pages
 
 
 class _Captured(Exception):
@@ -87,6 +88,12 @@ def signround_blocks(
     cached activations live (default: the model's device; "cpu" for ``low_gpu_mem_usage``).
     ``compile_forward``: ``torch.compile`` the block forward used while tuning.  ``lm_head``: (name, final
     norm, lm_head) to tune the output projection on the last block's outputs after the blocks.
+
+    With ``options.amp`` the tuning steps and the quantized path's forward run under bf16 autocast, as the
+    reference does; the float targets stay in the model's dtype (bf16 targets cost SmolLM2 W4G64 about 1% of
+    perplexity for 3% of the time).  A tuned block's float32 weights then hold their fake-quantized values in
+    bfloat16 until all blocks are done (half the memory of the blocks already tuned); they are restored to
+    their own dtype, with the exact fake-quantized values, at the end.
     """
     bs = min(options.batch_size, len(calib))
     n = (len(calib) // bs) * bs
@@ -103,18 +110,26 @@ def signround_blocks(
     result: dict[str, QuantizedLayer] = {}
     start = time.time()
 
+    if options.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        logger.warning("amp: this GPU has no bfloat16 support; tuning in the model's dtype (pass amp=False to silence)")
+        options = dataclasses.replace(options, amp=False)
+    amp = options.amp
+
     @torch.no_grad()
-    def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([
-            _first(block(x[i : i + bs].to(device), **kwargs)).to(x.device) for i in range(0, len(x), bs)
-        ])
+    def run(block: nn.Module, x: torch.Tensor, autocast: bool = False) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            return torch.cat([
+                _first(block(x[i : i + bs].to(device), **kwargs)).to(x.device, x.dtype) for i in range(0, len(x), bs)
+            ])
 
     def block_forward(b: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return _first(b(x, **kwargs))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            return _first(b(x, **kwargs))
 
-    tuned_forward = block_forward
-    if compile_forward:
-        tuned_forward = torch.compile(block_forward, dynamic=False)
+    # (module, dtype, quantized weight) of the weights held in bfloat16 under amp until the end
+    held_in_bf16: list[tuple[nn.Module, torch.dtype, Any]] = []
+
+    tuned_forward = _compiled_or_eager(block_forward) if compile_forward else block_forward
 
     bar = tqdm(blocks, desc="SignRound blocks")
     for block_name, block in bar:
@@ -123,7 +138,7 @@ def signround_blocks(
         }
         fp_out = run(block, fp_in)
         if not layers:
-            q_in = run(block, q_in) if enable_quanted_input else fp_out
+            q_in = run(block, q_in, amp) if enable_quanted_input else fp_out
             fp_in = fp_out
             continue
         if resume is not None and resume.has(block_name):
@@ -147,15 +162,27 @@ def signround_blocks(
         for rel, qw in weights.items():
             module = block.get_submodule(rel)
             with torch.no_grad():
-                module.weight.copy_(qw.dequantize().to(module.weight.dtype))
+                if amp and module.weight.dtype == torch.float32:
+                    held_in_bf16.append((module, module.weight.dtype, qw))
+                    old = module.weight
+                    _replace_weight(module, qw.dequantize().to(torch.bfloat16))
+                    release_pages(old)  # a weight mapped from the checkpoint file keeps its pages otherwise
+                else:
+                    module.weight.copy_(qw.dequantize().to(module.weight.dtype))
             full = f"{block_name}.{rel}"
             bias = module.bias.detach().clone() if module.bias is not None else None
             result[full] = QuantizedLayer(full, layers[rel], qw, bias, module.in_features, module.out_features)
-        q_in = run(block, q_in) if enable_quanted_input else fp_out
+        q_in = run(block, q_in, amp) if enable_quanted_input else fp_out
         fp_in = fp_out
         release_host_memory()  # the block's autograd buffers: otherwise RSS creeps up block after block
     if lm_head is not None and lm_head[0] in schemes:
         result[lm_head[0]] = _tune_lm_head(lm_head, schemes[lm_head[0]], fp_in, q_in, options, loss_mask, bs, device)
+    fp_in = q_in = fp_out = None  # the cached activations are no longer needed
+    release_host_memory()
+    for module, dtype, qw in held_in_bf16:
+        with torch.no_grad():
+            _replace_weight(module, qw.dequantize().to(dtype))
+        release_host_memory()  # the bf16 copy just dropped: keep the heap from holding both
     logger.info(
         "SignRound tuned %d layers in %d blocks in %.1fs; peak RSS %.2f GiB%s",
         len(result), len(blocks), time.time() - start, peak_rss_gib(),
@@ -163,6 +190,32 @@ def signround_blocks(
         if torch.cuda.is_available() and torch.cuda.max_memory_allocated() else "",
     )
     return result
+
+
+def _compiled_or_eager(fn):
+    """``torch.compile(fn)``; if compiling fails (an unsupported op, no C++ compiler for the CPU backend), one
+    warning with the reason, and the eager ``fn`` from then on."""
+    import torch._dynamo  # noqa: F401  (its exception types)
+
+    compiled = torch.compile(fn, dynamic=False)
+    current = [compiled]
+
+    def forward(*args):
+        if current[0] is compiled:
+            try:
+                return compiled(*args)
+            except torch._dynamo.exc.TorchDynamoException as exc:
+                reason = " ".join(str(exc).split())[:300]
+                logger.warning("torch.compile failed (%s: %s); tuning continues without it", type(exc).__name__, reason)
+                current[0] = fn
+        return fn(*args)
+
+    return forward
+
+
+def _replace_weight(module: nn.Module, value: torch.Tensor) -> None:
+    """Give ``module`` a new weight tensor (another dtype: ``copy_`` would keep the old one's)."""
+    module.weight = nn.Parameter(value.to(module.weight.device), requires_grad=module.weight.requires_grad)
 
 
 def _tune_lm_head(

@@ -76,8 +76,8 @@ def build_parser(prog: str = "auto-round", recipe: str = "default") -> argparse.
     g.add_argument("--dynamic_max_gap", type=int, default=-1,
                    help="stop tuning a block after this many iterations without a better loss (default off)")
     g.add_argument("--enable_adam", action="store_true", help="AdamW instead of signed gradient descent")
-    g.add_argument("--amp", action="store_true",
-                   help="tune under bf16 autocast (faster steps where bf16 matmuls are; off by default)")
+    g.add_argument("--disable_amp", action="store_true",
+                   help="tune in the model's own dtype instead of under bf16 autocast (the default, as the reference)")
     g.add_argument("--disable_minmax_tuning", action="store_true", help="do not tune the per-group min/max scales")
     g.add_argument("--disable_quanted_input", action="store_true",
                    help="tune each block on float inputs instead of the quantized model's inputs")
@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         gradient_accumulate_steps=args.gradient_accumulate_steps,
         dynamic_max_gap=args.dynamic_max_gap,
         enable_adam=args.enable_adam,
-        amp=args.amp,
+        amp=not args.disable_amp,
         enable_minmax_tuning=not args.disable_minmax_tuning,
         enable_quanted_input=not args.disable_quanted_input,
         not_use_best_mse=args.not_use_best_mse,

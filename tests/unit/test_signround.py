@@ -118,3 +118,46 @@ def test_autoround_signround_end_to_end(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, ar.model(ids).logits, atol=1e-4)
+
+
+def test_amp_holds_tuned_blocks_in_bf16_and_restores_exact_float32():
+    """With amp (the default) a tuned block's weights are held in bf16 while later blocks are tuned, and every
+    quantized linear ends in float32 holding exactly its dequantized integers."""
+    from autoround import AutoRound
+
+    calib = [torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    model = tiny_llama()
+    seen = []
+    first, second = model.model.layers[0], model.model.layers[1]
+    hook = second.register_forward_pre_hook(lambda m, a: seen.append(first.mlp.down_proj.weight.dtype))
+    try:
+        ar = AutoRound(model, scheme="W4A16", group_size=32, iters=2, dataset=calib, nsamples=8, seqlen=32, batch_size=4)
+        assert ar.options["amp"] is True
+        ar.quantize()
+    finally:
+        hook.remove()
+    assert torch.bfloat16 in seen  # block 0 was held in bf16 while block 1 ran
+    for name, layer in ar.layers.items():
+        weight = ar.model.get_submodule(name).weight
+        assert weight.dtype == torch.float32, name
+        assert torch.equal(weight, layer.weight.dequantize()), name
+
+
+def test_a_failing_torch_compile_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
+    """enable_torch_compile whose compiler fails (here a backend that raises) warns once and tunes eagerly."""
+    from autoround import AutoRound
+
+    real_compile = torch.compile
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no C++ compiler in this test")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=broken_backend))
+    calib = [torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    ar = AutoRound(tiny_llama(), scheme="W4A16", group_size=32, iters=2, dataset=calib, nsamples=8, seqlen=32, batch_size=4,
+                   enable_torch_compile=True)
+    with caplog.at_level("WARNING", logger="autoround"):
+        ar.quantize()
+    warnings = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
+    assert len(warnings) == 1 and "no C++ compiler in this test" in warnings[0]
+    assert len(ar.layers) == 14
