@@ -43,8 +43,8 @@ def release_pages(tensor) -> bool:
     tensor of that file is alive: replacing a weight with a new tensor does not release the old one's pages.
     ``MADV_PAGEOUT`` drops the clean file pages of the page-aligned range inside the tensor; the data stays
     valid (a later read faults it back in from the file) and anonymous memory is left alone where there is no
-    swap.  Returns whether the call was made and succeeded (False off Linux, on kernels before 5.4, for
-    non-CPU tensors).
+    swap.  Only file-backed ranges are released.  Returns whether the call was made and succeeded (False off
+    Linux, on kernels before 5.4, for anonymous memory and non-CPU tensors).
     """
     lib = _libc()
     if lib is None or tensor.device.type != "cpu" or tensor.numel() == 0:
@@ -53,7 +53,21 @@ def release_pages(tensor) -> bool:
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
     first, last = (start + page - 1) // page * page, end // page * page
-    if last <= first:
-        return False
+    if last <= first or not _file_backed(first, last):
+        return False  # anonymous memory is freed with the tensor (paging it out would only write it to swap)
     lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return lib.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT) == 0
+
+
+def _file_backed(first: int, last: int) -> bool:
+    """Whether ``[first, last)`` lies inside one mapping of a file (``/proc/self/maps``)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                if lo <= first < hi:
+                    return last <= hi and parts[4] != "0" and len(parts) == 6 and parts[5].startswith("/")
+    except OSError:
+        return False
+    return False

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..memory import release_pages
 from .conversions import padded_group_layout, unpack_awq_words
 from .torch_kernel import TorchQuantLinear
 
@@ -30,8 +31,11 @@ INT4PACK_GROUPS = (256, 128, 64, 32)
 
 
 def _empty_like_buffers(module: torch.nn.Module, names: tuple[str, ...]) -> None:
+    """Drop buffers the repacked layout replaced; a buffer mapped from the checkpoint file also gives its pages
+    back (the file's mapping, and the pages loading read, otherwise live as long as any tensor of the file)."""
     for name in names:
         buf = getattr(module, name)
+        release_pages(buf)
         setattr(module, name, torch.empty(0, dtype=buf.dtype, device=buf.device))
 
 

@@ -35,3 +35,9 @@ def test_release_pages_drops_a_mapped_tensors_pages_and_keeps_its_data(tmp_path)
 def test_release_pages_declines_what_it_cannot_release():
     assert not release_pages(torch.empty(0))
     assert not release_pages(torch.ones(3))  # smaller than a page: no whole page inside
+
+
+def test_release_pages_leaves_anonymous_memory_alone():
+    tensor = torch.ones(4 * 2**20 // 4)  # 4 MiB on the heap or an anonymous mapping
+    assert not release_pages(tensor)
+    assert tensor.sum().item() == tensor.numel()

@@ -217,3 +217,14 @@ def test_resume_with_other_settings_is_refused(tmp_path):
                       batch_size=4)
     with pytest.raises(AutoRoundError, match="other settings.*iters"):
         other.quantize_and_save(str(out), resume=True)
+
+
+def test_model_digest_tells_models_apart():
+    from autoround.quantizer.resume import model_digest
+
+    a, b = tiny_llama(seed=0), tiny_llama(seed=0)
+    assert model_digest(a) == model_digest(b)
+    assert model_digest(a) != model_digest(tiny_llama(seed=1))
+    with torch.no_grad():
+        b.model.layers[1].mlp.down_proj.weight[0, :8] += 1.0  # inside the first sampled run of that tensor
+    assert model_digest(a) != model_digest(b)
