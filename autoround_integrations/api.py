@@ -45,6 +45,9 @@ TUNING_OPTIONS = {
     # AVX2 CPU, the tuned blocks' weights are held in bf16 until the end, perplexity is unchanged (benchmarks.md);
     # False tunes in the model's own dtype
     "amp": True,
+    # where SignRound's clipping factors start: "minmax" (each group's min/max, the reference), "search"
+    # (optimized RTN's importance-weighted range), "auto" (search for 2- and 3-bit layers; benchmarks.md)
+    "init_range": "auto",
     "enable_deterministic_algorithms": False,
     "quant_lm_head": False,
     "ignore_layers": "",
@@ -311,6 +314,7 @@ class AutoRound:
                 dynamic_max_gap=self.options["dynamic_max_gap"],
                 enable_adam=self.options["enable_adam"],
                 amp=bool(self.options["amp"]),
+                init_range=self.options["init_range"],
                 seed=self.seed,
             )
         except ValueError as exc:

@@ -15,7 +15,7 @@ from .formats import QuantizedLayer
 from .model_io import decoder_body
 from .schemes import QuantScheme
 from .resume import ResumeStore
-from .signround import SignRoundOptions, tune_block
+from .signround import ImportanceHooks, SignRoundOptions, searches_range, tune_block
 from ..log import logger
 from ..memory import release_host_memory, release_pages
 
@@ -136,7 +136,9 @@ def signround_blocks(
         layers = {
             full[len(block_name) + 1 :]: s for full, s in schemes.items() if full.startswith(block_name + ".")
         }
-        fp_out = run(block, fp_in)
+        # the float forward measures the input importance of the layers whose tuning starts from a searched range
+        with ImportanceHooks(block, [rel for rel, s in layers.items() if searches_range(s, options)]) as hooks:
+            fp_out = run(block, fp_in)
         if not layers:
             q_in = run(block, q_in, amp) if enable_quanted_input else fp_out
             fp_in = fp_out
@@ -151,10 +153,11 @@ def signround_blocks(
                 forward=tuned_forward,
                 progress=lambda it, loss, best: bar.set_postfix(loss=f"{loss:.3g}", best=f"{best:.3g}", refresh=False),
                 loss_mask=loss_mask,
+                importance=hooks.result(),
             )
             weights, loss_before, loss_best = tuned.weights, tuned.loss_before, tuned.loss_best
             logger.info(
-                "%s: loss %.6g (RTN) -> %.6g (tuned, best of %d iterations)",
+                "%s: loss %.6g (start) -> %.6g (tuned, best of %d iterations)",
                 block_name, loss_before, loss_best, options.iters,
             )
             if resume is not None:
@@ -245,7 +248,7 @@ def _tune_lm_head(
         holder, {"head": scheme}, q_x, targets, options,
         forward=lambda b, x: b["head"](x), loss_mask=loss_mask,
     )
-    logger.info("%s: loss %.6g (RTN) -> %.6g (tuned)", name, tuned.loss_before, tuned.loss_best)
+    logger.info("%s: loss %.6g (start) -> %.6g (tuned)", name, tuned.loss_before, tuned.loss_best)
     qw = tuned.weights["head"]
     with torch.no_grad():
         head.weight.copy_(qw.dequantize().to(head.weight.dtype))

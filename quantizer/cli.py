@@ -79,6 +79,9 @@ def build_parser(prog: str = "auto-round", recipe: str = "default") -> argparse.
     g.add_argument("--disable_amp", action="store_true",
                    help="tune in the model's own dtype instead of under bf16 autocast (the default, as the reference)")
     g.add_argument("--disable_minmax_tuning", action="store_true", help="do not tune the per-group min/max scales")
+    g.add_argument("--init_range", choices=["auto", "minmax", "search"], default="auto",
+                   help="where the min/max tuning starts: each group's min/max (the reference), optimized RTN's "
+                        "searched range, or auto = searched for 2- and 3-bit layers (default %(default)s)")
     g.add_argument("--disable_quanted_input", action="store_true",
                    help="tune each block on float inputs instead of the quantized model's inputs")
     g.add_argument("--not_use_best_mse", action="store_true", help="keep the last iteration, not the best one")
@@ -183,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
         dynamic_max_gap=args.dynamic_max_gap,
         enable_adam=args.enable_adam,
         amp=not args.disable_amp,
+        init_range=args.init_range,
         enable_minmax_tuning=not args.disable_minmax_tuning,
         enable_quanted_input=not args.disable_quanted_input,
         not_use_best_mse=args.not_use_best_mse,

@@ -151,16 +151,19 @@ def quantize_weight(
     alpha: torch.Tensor | float = 1.0,
     beta: torch.Tensor | float = 1.0,
     scale: torch.Tensor | None = None,
+    minmax: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> QuantizedWeight:
     """Quantize a float weight ``[out, in]`` (no gradients) and return its integers and parameters.
 
     ``scale`` (symmetric only, grouped shape ``[..., 1]``) replaces the min/max scale, e.g. a searched one.
+    ``minmax``: the per-group (min, max) that ``alpha``/``beta`` shrink, when not the weight's own (SignRound
+    started from a searched range).
     """
     with torch.no_grad():
         w32 = w.detach().to(torch.float32)
         wg = to_groups(w32, group_size)
         if scale is None:
-            scale, zp = compute_params(wg, bits, sym, alpha, beta)
+            scale, zp = compute_params(wg, bits, sym, alpha, beta, minmax)
         else:
             if not sym:
                 raise ValueError("an explicit scale is only supported for symmetric quantization")

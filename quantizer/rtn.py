@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .qmath import SCALE_EPS, QuantizedWeight, compute_params, quantize_groups, quantize_weight, to_groups
+from .qmath import SCALE_EPS, QuantizedWeight, compute_params, group_minmax, quantize_groups, quantize_weight, to_groups
 
 
 def search_grid(lowest: float = 0.7, steps: int = 31) -> torch.Tensor:
@@ -109,3 +109,31 @@ def optimized_rtn_quantize(
         return quantize_weight(w32, bits, group_size, sym, scale=scale)
     ratio = _asym_clip_search(wg, imp_g, bits, search_grid(lowest))
     return quantize_weight(w32, bits, group_size, sym, alpha=ratio, beta=ratio)
+
+
+@torch.no_grad()
+def searched_range(
+    wg: torch.Tensor,
+    bits: int,
+    sym: bool,
+    importance: torch.Tensor | None,
+    shape: tuple[int, int],
+    group_size: int,
+    lowest: float = 0.7,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (min, max) of grouped weights ``wg`` whose plain min/max parameters (``compute_params``) are
+    optimized RTN's: a starting range for SignRound that its alpha/beta then shrink.
+
+    Symmetric: the searched (signed) scale ``s`` becomes a range with one side at ``-s * 2**(bits-1)`` (the side
+    that maps to ``-2**(bits-1)``) and the other at 0.  Asymmetric: the searched clip ratio times min and max."""
+    imp = torch.ones(shape[1], device=wg.device) if importance is None else importance
+    imp_g = _importance_groups(imp.detach().to(device=wg.device, dtype=torch.float32), shape, group_size)
+    if sym:
+        maxq = 2 ** (bits - 1)
+        scale = _sym_scale_search(wg, imp_g, bits, range_grid(bits, lowest))
+        zero = torch.zeros_like(scale)
+        # a positive scale maps the min side to -maxq, a negative one the max side (compute_params' convention)
+        return torch.where(scale > 0, -scale * maxq, zero), torch.where(scale < 0, -scale * maxq, zero)
+    ratio = _asym_clip_search(wg, imp_g, bits, search_grid(lowest))
+    wmin, wmax = group_minmax(wg)
+    return wmin * ratio, wmax * ratio

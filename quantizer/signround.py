@@ -25,8 +25,12 @@ from torch import nn
 from . import gguf_tune
 from .gguf_quant import GGUFWeight, quantize_tensor
 from .qmath import QuantizedWeight, fake_quantize, group_layout, group_minmax, quantize_weight, to_groups
+from .rtn import searched_range
 from .schemes import QuantScheme, gguf_type_of
 from ..log import logger
+
+
+INIT_RANGES = ("minmax", "search", "auto")
 
 
 @dataclass(frozen=True)
@@ -44,8 +48,14 @@ class SignRoundOptions:
     # the reference's amp: run the block's forward and backward under bf16 autocast (the tuned parameters, the
     # loss and the updates stay fp32); on CPUs with a bf16 matmul path a step costs ~40% less (SmolLM2 here)
     amp: bool = False
+    # where alpha/beta start: "minmax" = each group's own min/max (the reference); "search" = optimized RTN's
+    # importance-weighted range (measured on the block's inputs); "auto" = "search" for 2- and 3-bit layers,
+    # whose best clipping lies further from min/max than the factors can travel in a short run
+    init_range: str = "minmax"
 
     def __post_init__(self) -> None:
+        if self.init_range not in INIT_RANGES:
+            raise ValueError(f"init_range must be one of {', '.join(INIT_RANGES)}, got {self.init_range!r}")
         if not isinstance(self.iters, int) or self.iters <= 0:
             raise ValueError(f"iters must be a positive integer for SignRound, got {self.iters!r}")
         if self.batch_size <= 0:
@@ -93,7 +103,11 @@ class _TunedLinear(nn.Module):
     factor_range = (0.0, 1.0)  # alpha / beta shrink the min / max
     default_factor_lr_scale = 1.0  # without minmax_lr, alpha / beta move at this times the rounding lr
 
-    def __init__(self, linear: nn.Linear, scheme: QuantScheme, minmax: bool) -> None:
+    def __init__(
+        self, linear: nn.Linear, scheme: QuantScheme, minmax: bool, search: bool = False,
+        importance: torch.Tensor | None = None,
+    ) -> None:
+        """``search``: alpha/beta start from optimized RTN's range (weighted by ``importance``), not min/max."""
         super().__init__()
         self.linear, self.scheme = linear, scheme
         w = linear.weight
@@ -103,7 +117,11 @@ class _TunedLinear(nn.Module):
         self.v = nn.Parameter(torch.zeros(w.shape, dtype=torch.float32, device=w.device))
         with torch.no_grad():  # the weight is frozen: group it and take its min/max once, not every step
             wg = to_groups(w.detach().to(torch.float32), scheme.group_size)
-            self._grouped = (wg, group_minmax(wg))
+            if search:
+                start = searched_range(wg, scheme.bits, scheme.sym, importance, tuple(w.shape), scheme.group_size)
+            else:
+                start = group_minmax(wg)
+            self._grouped = (wg, start)
         if minmax:
             self.alpha = nn.Parameter(torch.ones(rows, n_groups, 1, device=w.device))
             self.beta = nn.Parameter(torch.ones(rows, n_groups, 1, device=w.device))
@@ -152,7 +170,7 @@ class _TunedLinear(nn.Module):
         return quantize_weight(
             self.linear.weight, s.bits, s.group_size, s.sym, v=self.v.detach(),
             alpha=self.alpha.detach() if self.alpha is not None else 1.0,
-            beta=self.beta.detach() if self.beta is not None else 1.0,
+            beta=self.beta.detach() if self.beta is not None else 1.0, minmax=self._grouped[1],
         )
 
 
@@ -216,7 +234,8 @@ def tune_block(
     ``forward`` defaults to ``block(x)``; pass one that adds the block's keyword arguments (masks, positions).
     The block's weights are left unchanged; the result holds the quantized weights.
 
-    Layers with a llama.cpp block type (``GGUF:*`` schemes) are tuned in that type's block structure
+    Integer layers whose tuning starts from optimized RTN's searched range (``options.init_range``) weight that
+    search by ``importance`` too.  Layers with a llama.cpp block type (``GGUF:*`` schemes) are tuned in that type's block structure
     (``gguf_tune``) from the iters-0 quantizer's result, importance-weighted by ``importance`` (layer name ->
     per-input-channel mean squared activation; by default measured on ``inputs``); their results are
     ``GGUFWeight``s.  Block types SignRound cannot tune (iq4_nl) get the iters-0 quantizer, and are named in
@@ -224,15 +243,18 @@ def tune_block(
     """
     forward = forward or (lambda b, x: b(x))
     gguf_layers = [n for n, s in layers.items() if gguf_type_of(s) is not None]
-    if gguf_layers and importance is None:
-        importance = input_importance(block, gguf_layers, inputs, forward, options.batch_size)
+    searched = {n for n, s in layers.items() if searches_range(s, options)}
+    missing = [n for n in gguf_layers + sorted(searched) if importance is None or n not in importance]
+    if missing:  # measured on the block's tuning inputs
+        importance = {**(importance or {}), **input_importance(block, missing, inputs, forward, options.batch_size)}
     fixed: dict[str, GGUFWeight] = {}
     wrappers: dict[str, _TunedLinear] = {}
     for name, scheme in layers.items():
         linear = block.get_submodule(name)
         qtype = gguf_type_of(scheme)
         if qtype is None:
-            wrappers[name] = _TunedLinear(linear, scheme, options.enable_minmax_tuning)
+            imp = importance.get(name) if importance and name in searched else None
+            wrappers[name] = _TunedLinear(linear, scheme, options.enable_minmax_tuning, name in searched, imp)
         elif gguf_tune.tunable(qtype):
             imp = importance.get(name) if importance else None
             wrappers[name] = _TunedGGUFLinear(linear, scheme, options.enable_minmax_tuning, imp)
@@ -271,6 +293,39 @@ def tune_block(
                 block.get_submodule(name).weight.copy_(w)
 
 
+class ImportanceHooks:
+    """While active (``with``), accumulates each named linear layer's per-input-channel sum of squared input
+    activations over the block's forward calls; ``result()`` gives their means (llama.cpp's importance matrix),
+    float32 on the CPU.  Lets a forward the caller runs anyway (the float targets) measure importance for free."""
+
+    def __init__(self, block: nn.Module, names: list[str]) -> None:
+        self.block, self.names = block, list(names)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts = dict.fromkeys(self.names, 0)
+        self._hooks: list[Any] = []
+
+    def _hook(self, name: str):
+        def hook(_mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            total = x.pow(2).sum(0).to("cpu", torch.float64)
+            self.sums[name] = self.sums[name] + total if name in self.sums else total
+            self.counts[name] += x.shape[0]
+
+        return hook
+
+    def __enter__(self) -> "ImportanceHooks":
+        self._hooks = [self.block.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in self.names]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {n: (self.sums[n] / max(self.counts[n], 1)).to(torch.float32) for n in self.names if n in self.sums}
+
+
 @torch.no_grad()
 def input_importance(
     block: nn.Module,
@@ -281,27 +336,18 @@ def input_importance(
 ) -> dict[str, torch.Tensor]:
     """Per-input-channel mean of squared activations entering each named linear layer of ``block`` over all
     ``inputs`` (llama.cpp's importance matrix), in float32 on the CPU."""
-    sums: dict[str, torch.Tensor] = {}
-    counts = dict.fromkeys(names, 0)
-
-    def make_hook(name: str):
-        def hook(_mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
-            total = x.pow(2).sum(0).to("cpu", torch.float64)
-            sums[name] = sums[name] + total if name in sums else total
-            counts[name] += x.shape[0]
-
-        return hook
-
-    hooks = [block.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
     device = next(block.parameters()).device
-    try:
+    with ImportanceHooks(block, names) as hooks:
         for i in range(0, len(inputs), batch_size):
             forward(block, inputs[i : i + batch_size].to(device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: (sums[n] / max(counts[n], 1)).to(torch.float32) for n in names if n in sums}
+    return hooks.result()
+
+
+def searches_range(scheme: QuantScheme, options: SignRoundOptions) -> bool:
+    """Whether a layer of ``scheme`` starts its min/max tuning from optimized RTN's searched range."""
+    if gguf_type_of(scheme) is not None:
+        return False
+    return options.init_range == "search" or (options.init_range == "auto" and scheme.bits <= 3)
 
 
 def _tune(block, wrappers, inputs, targets, options, forward, progress, loss_mask) -> TuneResult:

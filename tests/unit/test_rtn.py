@@ -41,3 +41,24 @@ def test_symmetric_search_refits_scale_by_least_squares():
     assert weighted_err(w, opt.dequantize(), imp) < 0.8 * weighted_err(w, plain.dequantize(), imp)
     assert torch.equal(opt.scale, opt.scale.half().float())  # stored precision
     assert (range_grid(4) == 8).any()  # plain RTN's range is always a candidate
+
+
+def test_searched_range_gives_optimized_rtn_through_plain_minmax_parameters():
+    """SignRound's searched starting range: the plain min/max parameters of that range reproduce optimized RTN
+    exactly (integers and scales), for both signs of symmetric scale and for asymmetric clipping."""
+    from autoround.quantizer.qmath import group_minmax, to_groups
+    from autoround.quantizer.rtn import searched_range
+
+    g = torch.Generator().manual_seed(3)
+    for sym in (True, False):
+        for bits in (2, 3, 4):
+            w = torch.randn(48, 200, generator=g)  # ragged last group at group 64
+            imp = torch.rand(200, generator=g)
+            wg = to_groups(w, 64)
+            start = searched_range(wg, bits, sym, imp, (48, 200), 64)
+            got = quantize_weight(w, bits, 64, sym, minmax=start)
+            want = optimized_rtn_quantize(w, bits, 64, sym, imp)
+            assert torch.equal(got.qweight, want.qweight) and torch.equal(got.scale, want.scale)
+            assert torch.equal(got.zero, want.zero)
+            plain = quantize_weight(w, bits, 64, sym, minmax=group_minmax(wg))
+            assert not torch.equal(plain.qweight, got.qweight)  # the search moved the range

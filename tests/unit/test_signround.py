@@ -92,6 +92,8 @@ def test_amp_tunes_under_bf16_autocast():
 def test_options_validate():
     with pytest.raises(ValueError, match="iters must be a positive integer"):
         SignRoundOptions(iters=0)
+    with pytest.raises(ValueError, match="init_range must be one of minmax, search, auto"):
+        SignRoundOptions(iters=5, init_range="opt")
     assert SignRoundOptions(iters=50).learning_rate == 0.02
 
 
@@ -161,3 +163,29 @@ def test_a_failing_torch_compile_falls_back_to_eager_with_a_warning(monkeypatch,
     warnings = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
     assert len(warnings) == 1 and "no C++ compiler in this test" in warnings[0]
     assert len(ar.layers) == 14
+
+
+def test_searched_init_range_starts_from_optimized_rtn_and_auto_picks_it_below_4_bits():
+    """init_range="search" starts the min/max factors from optimized RTN's range, weighted by the block's own
+    input activations: with a vanishing learning rate the result is optimized RTN with that importance, and its
+    loss beats the plain min/max start at 2 bits.  "auto" searches at 2 and 3 bits and keeps min/max at 4."""
+    from autoround.quantizer.rtn import optimized_rtn_quantize
+    from autoround.quantizer.signround import input_importance
+
+    mlp, x, y, names = mlp_case()
+    imp = input_importance(mlp, names, x, lambda b, h: b(h), 8)
+    for bits in (2, 3, 4):
+        scheme = QuantScheme(bits=bits, group_size=32)
+        layers = dict.fromkeys(names, scheme)
+        frozen = dict(iters=1, lr=1e-9, batch_size=8)
+        searched = tune_block(mlp, layers, x, y, SignRoundOptions(init_range="search", **frozen))
+        for n in names:
+            want = optimized_rtn_quantize(mlp.get_submodule(n).weight, bits, 32, True, imp[n])
+            assert torch.equal(searched.weights[n].qweight, want.qweight), (bits, n)
+            assert torch.equal(searched.weights[n].scale, want.scale), (bits, n)
+        plain = tune_block(mlp, layers, x, y, SignRoundOptions(init_range="minmax", **frozen))
+        auto = tune_block(mlp, layers, x, y, SignRoundOptions(init_range="auto", **frozen))
+        expected = searched if bits <= 3 else plain
+        assert all(torch.equal(auto.weights[n].qweight, expected.weights[n].qweight) for n in names)
+        if bits == 2:
+            assert block_mse(mlp, searched.weights, x, y) < block_mse(mlp, plain.weights, x, y)
