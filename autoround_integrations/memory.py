@@ -71,3 +71,20 @@ def _file_backed(first: int, last: int) -> bool:
     except OSError:
         return False
     return False
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: the kernel's high-water mark of its own address space (``VmHWM``).
+
+    Not ``getrusage``'s ``ru_maxrss``: Linux carries that across exec from the spawning process (Python starts
+    subprocesses with vfork), so a small worker started by a large parent reports the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

@@ -17,7 +17,7 @@ from .schemes import QuantScheme
 from .resume import ResumeStore
 from .signround import ImportanceHooks, SignRoundOptions, searches_range, tune_block
 from ..log import logger
-from ..memory import release_host_memory, release_pages
+from ..memory import peak_rss_bytes, release_host_memory, release_pages
 
 
 class _Captured(Exception):
@@ -63,9 +63,7 @@ def _first(out: Any) -> torch.Tensor:
 
 def peak_rss_gib() -> float:
     """This process's peak resident memory so far, in GiB."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return peak_rss_bytes() / 2**30
 
 
 def signround_blocks(

@@ -13,6 +13,13 @@ import sys
 import time
 
 
+def _peak_rss_kib() -> int:
+    """The worker's own peak (``VmHWM``): ``ru_maxrss`` carries the spawning driver's peak across exec."""
+    with open("/proc/self/status") as f:
+        hwm = next((line for line in f if line.startswith("VmHWM:")), None)
+    return int(hwm.split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _kernels(model) -> dict:
     counts: dict = {}
     for m in model.modules():
@@ -83,7 +90,7 @@ def main(cfg: dict) -> dict:
         "decode_tok_s": round(cfg["new_tokens"] / decode_s, 2),
         # a shared machine's load spikes hit the mean; the median step shows the kernel's typical speed
         "decode_median_tok_s": round(1 / median_step, 2),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": round(_peak_rss_kib() / 1024, 1),
         "model_mib": _tensor_mib(model),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "kernels": _kernels(model),

@@ -47,7 +47,10 @@ SETTINGS = {"nsamples": 32, "seqlen": 512, "batch_size": 4, "seed": 42, "eval_wi
 
 
 def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """The worker's own peak (``VmHWM``): ``ru_maxrss`` carries the spawning driver's peak across exec."""
+    with open("/proc/self/status") as f:
+        hwm = next((line for line in f if line.startswith("VmHWM:")), None)
+    return int(hwm.split()[1]) / 2**20 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _emit(result: dict) -> None:

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from autoround.memory import release_pages
+from autoround.memory import peak_rss_bytes, release_pages
 
 
 def _rss_file_kib() -> int:
@@ -41,3 +41,21 @@ def test_release_pages_leaves_anonymous_memory_alone():
     tensor = torch.ones(4 * 2**20 // 4)  # 4 MiB on the heap or an anonymous mapping
     assert not release_pages(tensor)
     assert tensor.sum().item() == tensor.numel()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux-only")
+def test_peak_rss_of_a_subprocess_is_its_own_not_its_parents():
+    """A worker spawned by a large process reports its own peak (the benchmarks spawn one per row); getrusage's
+    ru_maxrss carries the parent's peak across exec and reported 0.70 GiB for a 0.43 GiB worker."""
+    import subprocess
+
+    big = torch.ones(768 * 2**20 // 4)  # 768 MiB, touched
+    parent = peak_rss_bytes()
+    assert parent > 768 * 2**20
+    out = subprocess.run(
+        [sys.executable, "-c", "from autoround.memory import peak_rss_bytes; print(peak_rss_bytes())"],
+        capture_output=True, text=True, check=True,
+    )
+    child = int(out.stdout.strip().splitlines()[-1])
+    del big
+    assert 0 < child < parent - 512 * 2**20
