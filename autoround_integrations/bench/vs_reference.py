@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -153,6 +154,8 @@ def worker_ref(a: argparse.Namespace) -> None:
         found = [r for r, _, files in os.walk(staging) if "config.json" in files]
         if len(found) != 1:
             raise RuntimeError(f"cannot find the reference's checkpoint under {staging}: {found}")
+        if os.path.isdir(a.out):  # this benchmark's own earlier checkpoint of the row (a re-run in the same workdir)
+            shutil.rmtree(a.out)
         os.replace(found[0], a.out)
     result.update(seconds=seconds, peak_rss_gib=rss)
     _emit(result)
