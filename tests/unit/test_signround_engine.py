@@ -136,6 +136,8 @@ def test_bad_tuning_option_is_a_clear_error():
     ar = AutoRound(tiny_llama(), iters=2, dataset=_calib(), nsamples=16, seqlen=32, gradient_accumulate_steps=0)
     with pytest.raises(AutoRoundError, match="gradient_accumulate_steps"):
         ar.quantize()
+    with pytest.raises(AutoRoundError, match="init_range must be one of minmax, search, auto, got 'best'"):
+        AutoRound(tiny_llama(), iters=2, init_range="best")
 
 
 # -- resume ---------------------------------------------------------------------------------------------------
