@@ -16,7 +16,7 @@ from autoround.quantizer import compressor
 from autoround.quantizer.blockwise import peak_rss_gib
 from autoround.quantizer.data import DEFAULT_DATASET, calibration_batch
 from autoround.quantizer.errors import AutoRoundError, FormatError
-from autoround.quantizer.signround import INIT_RANGES
+from autoround.quantizer.signround import check_init_range
 from autoround.quantizer.formats import parse_formats
 from autoround.quantizer.formats.writer import check_output_dir
 from autoround.quantizer.model_io import (
@@ -113,10 +113,10 @@ class AutoRound:
         self.disable_opt_rtn = disable_opt_rtn
         self.low_gpu_mem_usage, self.enable_torch_compile = low_gpu_mem_usage, enable_torch_compile
         self.options = {**TUNING_OPTIONS, **kwargs}
-        if self.options["init_range"] not in INIT_RANGES:
-            raise AutoRoundError(
-                f"init_range must be one of {', '.join(INIT_RANGES)}, got {self.options['init_range']!r}"
-            )
+        try:  # a bad value fails here, not when tuning starts
+            check_init_range(self.options["init_range"])
+        except ValueError as exc:
+            raise AutoRoundError(str(exc)) from None
         self.device_map = device_map
         ignore = self.options["ignore_layers"]
         self.ignore_layers = [x for x in ignore.split(",") if x] if isinstance(ignore, str) else list(ignore or [])

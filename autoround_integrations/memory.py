@@ -17,9 +17,12 @@ def _libc():
         return None
     try:
         lib = ctypes.CDLL(name)
-        return lib if hasattr(lib, "malloc_trim") else None
     except OSError:
         return None
+    if not hasattr(lib, "malloc_trim"):
+        return None
+    lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return lib
 
 
 def release_host_memory() -> None:
@@ -55,7 +58,6 @@ def release_pages(tensor) -> bool:
     first, last = (start + page - 1) // page * page, end // page * page
     if last <= first or not _file_backed(first, last):
         return False  # anonymous memory is freed with the tensor (paging it out would only write it to swap)
-    lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return lib.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT) == 0
 
 

@@ -150,25 +150,17 @@ def quantize_weight(
     v: torch.Tensor | float = 0.0,
     alpha: torch.Tensor | float = 1.0,
     beta: torch.Tensor | float = 1.0,
-    scale: torch.Tensor | None = None,
     minmax: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> QuantizedWeight:
     """Quantize a float weight ``[out, in]`` (no gradients) and return its integers and parameters.
 
-    ``scale`` (symmetric only, grouped shape ``[..., 1]``) replaces the min/max scale, e.g. a searched one.
-    ``minmax``: the per-group (min, max) that ``alpha``/``beta`` shrink, when not the weight's own (SignRound
-    started from a searched range).
+    ``minmax``: the per-group (min, max) that ``alpha``/``beta`` shrink, when not the weight's own (a searched
+    range: optimized RTN, or SignRound started from one).
     """
     with torch.no_grad():
         w32 = w.detach().to(torch.float32)
         wg = to_groups(w32, group_size)
-        if scale is None:
-            scale, zp = compute_params(wg, bits, sym, alpha, beta, minmax)
-        else:
-            if not sym:
-                raise ValueError("an explicit scale is only supported for symmetric quantization")
-            scale = _fp16_round(scale.to(torch.float32))
-            zp = torch.full_like(scale, float(2 ** (bits - 1)))
+        scale, zp = compute_params(wg, bits, sym, alpha, beta, minmax)
         if not isinstance(v, float):
             v = to_groups(v.to(torch.float32), group_size)
         q, _ = quantize_groups(wg, scale, zp, bits, v)

@@ -96,19 +96,8 @@ def optimized_rtn_quantize(
     (asymmetric) tried; ``AR_SEARCH_SCALE_RATIO`` sets it.
     """
     w32 = w.detach().to(torch.float32)
-    out_f, in_f = w32.shape
-    if importance is None:
-        importance = torch.ones(in_f, device=w32.device)
-    imp = importance.detach().to(device=w32.device, dtype=torch.float32)
-    if imp.numel() != in_f:
-        raise ValueError(f"importance has {imp.numel()} channels but the weight has {in_f} input features")
-    imp_g = _importance_groups(imp, (out_f, in_f), group_size)
-    wg = to_groups(w32, group_size)
-    if sym:
-        scale = _sym_scale_search(wg, imp_g, bits, range_grid(bits, lowest))
-        return quantize_weight(w32, bits, group_size, sym, scale=scale)
-    ratio = _asym_clip_search(wg, imp_g, bits, search_grid(lowest))
-    return quantize_weight(w32, bits, group_size, sym, alpha=ratio, beta=ratio)
+    start = searched_range(to_groups(w32, group_size), bits, sym, importance, tuple(w32.shape), group_size, lowest)
+    return quantize_weight(w32, bits, group_size, sym, minmax=start)
 
 
 @torch.no_grad()
@@ -121,13 +110,18 @@ def searched_range(
     group_size: int,
     lowest: float = 0.7,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group (min, max) of grouped weights ``wg`` whose plain min/max parameters (``compute_params``) are
-    optimized RTN's: a starting range for SignRound that its alpha/beta then shrink.
+    """Per-group (min, max) of grouped weights ``wg`` (of a weight ``shape``) whose plain min/max parameters
+    (``compute_params``) are optimized RTN's: what ``optimized_rtn_quantize`` quantizes with, and a starting range
+    for SignRound that its alpha/beta then shrink.
 
     Symmetric: the searched (signed) scale ``s`` becomes a range with one side at ``-s * 2**(bits-1)`` (the side
     that maps to ``-2**(bits-1)``) and the other at 0.  Asymmetric: the searched clip ratio times min and max."""
-    imp = torch.ones(shape[1], device=wg.device) if importance is None else importance
-    imp_g = _importance_groups(imp.detach().to(device=wg.device, dtype=torch.float32), shape, group_size)
+    in_f = shape[1]
+    imp = torch.ones(in_f) if importance is None else importance.detach()
+    imp = imp.to(device=wg.device, dtype=torch.float32)
+    if imp.numel() != in_f:
+        raise ValueError(f"importance has {imp.numel()} channels but the weight has {in_f} input features")
+    imp_g = _importance_groups(imp, shape, group_size)
     if sym:
         maxq = 2 ** (bits - 1)
         scale = _sym_scale_search(wg, imp_g, bits, range_grid(bits, lowest))

@@ -33,6 +33,11 @@ from ..log import logger
 INIT_RANGES = ("minmax", "search", "auto")
 
 
+def check_init_range(value: Any) -> None:
+    if value not in INIT_RANGES:
+        raise ValueError(f"init_range must be one of {', '.join(INIT_RANGES)}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class SignRoundOptions:
     iters: int = 200
@@ -54,8 +59,7 @@ class SignRoundOptions:
     init_range: str = "minmax"
 
     def __post_init__(self) -> None:
-        if self.init_range not in INIT_RANGES:
-            raise ValueError(f"init_range must be one of {', '.join(INIT_RANGES)}, got {self.init_range!r}")
+        check_init_range(self.init_range)
         if not isinstance(self.iters, int) or self.iters <= 0:
             raise ValueError(f"iters must be a positive integer for SignRound, got {self.iters!r}")
         if self.batch_size <= 0:

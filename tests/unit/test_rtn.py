@@ -43,11 +43,15 @@ def test_symmetric_search_refits_scale_by_least_squares():
     assert (range_grid(4) == 8).any()  # plain RTN's range is always a candidate
 
 
-def test_searched_range_gives_optimized_rtn_through_plain_minmax_parameters():
-    """SignRound's searched starting range: the plain min/max parameters of that range reproduce optimized RTN
-    exactly (integers and scales), for both signs of symmetric scale and for asymmetric clipping."""
-    from autoround.quantizer.qmath import group_minmax, to_groups
-    from autoround.quantizer.rtn import searched_range
+
+def test_searched_range_gives_the_searched_parameters_through_plain_minmax():
+    """The range that optimized RTN and SignRound's searched start quantize with reproduces the search's own
+    parameters exactly: symmetric, the least-squares scale of either sign (fp16-rounded as stored) and the
+    integers rounded against it; asymmetric, the searched clip ratio applied to min and max."""
+    from autoround.quantizer.qmath import _fp16_round, group_minmax, to_groups
+    from autoround.quantizer.rtn import (
+        _asym_clip_search, _importance_groups, _sym_scale_search, searched_range,
+    )
 
     g = torch.Generator().manual_seed(3)
     for sym in (True, False):
@@ -55,10 +59,20 @@ def test_searched_range_gives_optimized_rtn_through_plain_minmax_parameters():
             w = torch.randn(48, 200, generator=g)  # ragged last group at group 64
             imp = torch.rand(200, generator=g)
             wg = to_groups(w, 64)
-            start = searched_range(wg, bits, sym, imp, (48, 200), 64)
-            got = quantize_weight(w, bits, 64, sym, minmax=start)
-            want = optimized_rtn_quantize(w, bits, 64, sym, imp)
-            assert torch.equal(got.qweight, want.qweight) and torch.equal(got.scale, want.scale)
-            assert torch.equal(got.zero, want.zero)
+            imp_g = _importance_groups(imp, (48, 200), 64)
+            got = quantize_weight(w, bits, 64, sym, minmax=searched_range(wg, bits, sym, imp, (48, 200), 64))
+            if sym:
+                scale = _fp16_round(_sym_scale_search(wg, imp_g, bits, range_grid(bits)))
+                assert (scale > 0).any() and (scale < 0).any()
+                maxq = 2 ** (bits - 1)
+                q = torch.clamp(torch.round(wg / scale), -maxq, maxq - 1) + maxq
+                assert torch.equal(got.scale, scale.squeeze(-1))
+                assert torch.equal(got.qweight.float(), q.reshape(48, -1)[:, :200])
+            else:
+                ratio = _asym_clip_search(wg, imp_g, bits, search_grid())
+                want = quantize_weight(w, bits, 64, sym, alpha=ratio, beta=ratio)
+                assert torch.equal(got.qweight, want.qweight) and torch.equal(got.scale, want.scale)
+                assert torch.equal(got.zero, want.zero)
+            assert torch.equal(got.qweight, optimized_rtn_quantize(w, bits, 64, sym, imp).qweight)
             plain = quantize_weight(w, bits, 64, sym, minmax=group_minmax(wg))
             assert not torch.equal(plain.qweight, got.qweight)  # the search moved the range
