@@ -44,7 +44,8 @@ TUNING_OPTIONS = {
     "enable_adam": False,
     # bf16 autocast while tuning, on by default as in the reference: a SmolLM2 block step costs ~40% less on an
     # AVX2 CPU, the tuned blocks' weights are held in bf16 until the end, perplexity is unchanged (benchmarks.md);
-    # False tunes in the model's own dtype
+    # False tunes in the model's own dtype; on a CPU whose bf16 matmuls are much slower than float32 ones it is
+    # refused with a warning (quantizer.blockwise.cpu_matmul_seconds)
     "amp": True,
     # where SignRound's clipping factors start: "minmax" (each group's min/max, the reference), "search"
     # (optimized RTN's importance-weighted range), "auto" (search for 2- and 3-bit layers; benchmarks.md)

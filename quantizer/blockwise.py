@@ -4,6 +4,7 @@ decoder block in turn, carrying the float and the quantized activations forward.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Mapping
 
@@ -66,6 +67,29 @@ def peak_rss_gib() -> float:
     return peak_rss_bytes() / 2**30
 
 
+# amp on a CPU is refused when bfloat16 matmuls are this many times slower than float32 ones: some CPUs (seen:
+# an AMD EPYC with AVX2 and no AVX-512) have no fast bf16 GEMM in torch's CPU libraries, and there a bf16 product
+# ran 60x slower than the float32 one (1.1 vs 66 GFLOP/s), where CPUs with one run it faster than float32
+CPU_BF16_SLOWDOWN_LIMIT = 2.0
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_matmul_seconds(m: int = 128, k: int = 512, n: int = 512) -> tuple[float, float]:
+    """(bfloat16, float32) seconds of one ``[m, k] @ [k, n]`` product on this CPU, best of three after a warm-up."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    best = []
+    for dtype in (torch.bfloat16, torch.float32):
+        x, y = a.to(dtype), b.to(dtype)
+        x @ y
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - t0)
+        best.append(max(min(times), 1e-9))
+    return best[0], best[1]
+
+
 def signround_blocks(
     model: nn.Module,
     blocks: list[tuple[str, nn.Module]],
@@ -111,6 +135,16 @@ def signround_blocks(
     if options.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         logger.warning("amp: this GPU has no bfloat16 support; tuning in the model's dtype (pass amp=False to silence)")
         options = dataclasses.replace(options, amp=False)
+    if options.amp and device.type == "cpu":
+        t_bf16, t_fp32 = cpu_matmul_seconds()
+        if t_bf16 > CPU_BF16_SLOWDOWN_LIMIT * t_fp32:
+            logger.warning(
+                "amp: bfloat16 matmuls run %.0fx slower than float32 on this CPU (%.2g s vs %.2g s for the same "
+                "product; no native bfloat16 path in this torch build for it), so tuning runs in the model's dtype "
+                "instead of under bf16 autocast (pass amp=False / --disable_amp to silence)",
+                t_bf16 / t_fp32, t_bf16, t_fp32,
+            )
+            options = dataclasses.replace(options, amp=False)
     amp = options.amp
 
     @torch.no_grad()

@@ -95,7 +95,7 @@ def worker_ours(a: argparse.Namespace) -> None:
     ar = AutoRound(
         a.model, scheme="W4A16", bits=bits, group_size=group, sym=True, iters=iters, lr=lr,
         nsamples=SETTINGS["nsamples"], seqlen=SETTINGS["seqlen"], batch_size=SETTINGS["batch_size"],
-        seed=SETTINGS["seed"], dataset=list(calib), disable_opt_rtn=plain,
+        seed=SETTINGS["seed"], dataset=list(calib), disable_opt_rtn=plain, **({"amp": False} if a.disable_amp else {}),
     )
     ar.quantize_and_save(a.out, format="auto_round")
     _emit({"seconds": time.time() - t0, "peak_rss_gib": _peak_rss_gib()})
@@ -132,6 +132,8 @@ def worker_ref(a: argparse.Namespace) -> None:
         kwargs["lr"] = lr
     if plain:
         kwargs["disable_opt_rtn"] = True
+    if a.disable_amp:
+        kwargs["amp"] = False
     model = tok = a.model
     if in_memory:
         model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
@@ -233,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref-loader", choices=["ours", "reference"], default="ours",
                    help="who loads the reference's saved checkpoints for perplexity: our loader in float32 "
                         "(default) or the reference's own, which forces float16 on CPU (about 40x slower here)")
+    p.add_argument("--disable-amp", action="store_true",
+                   help="both tools tune in float32 (amp=False) instead of under their default bf16 autocast")
     p.add_argument("--worker", choices=["ours", "ours-eval", "ref", "ref-eval"], help=argparse.SUPPRESS)
     p.add_argument("--scheme", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
@@ -259,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     ref_version = _ref_version(a.ref_python) if a.ref_python else None
     cache_path = Path(a.ref_cache) if a.ref_cache else None
     cache = json.loads(cache_path.read_text()) if cache_path and cache_path.exists() else {}
+    amp_flag = ["--disable-amp"] if a.disable_amp else []
     rows = []
     for scheme in schemes:
         for method in methods:
@@ -266,18 +271,19 @@ def main(argv: list[str] | None = None) -> int:
             if not a.skip_ours:
                 out = workdir / f"ours-{scheme}-{method}"
                 q = _run([sys.executable, here, "--worker", "ours", "--scheme", scheme, "--method", method,
-                          "--model", model, "--out", str(out), "--workdir", str(workdir)], log)
+                          "--model", model, "--out", str(out), "--workdir", str(workdir)] + amp_flag, log)
                 e = _run([sys.executable, here, "--worker", "ours-eval", "--out", str(out), "--workdir", str(workdir)], log)
                 row["ours"] = {**q, **e}
             if ref_version:
-                key = json.dumps([ref_version, scheme, method, SETTINGS], sort_keys=True)
+                settings = {**SETTINGS, "amp": False} if a.disable_amp else SETTINGS
+                key = json.dumps([ref_version, scheme, method, settings], sort_keys=True)
                 if key in cache:
                     row["ref"] = {**cache[key], "cached": True}
                 else:
                     out = workdir / f"ref-{scheme}-{method}"
                     in_mem = SCHEMES[scheme][1] == 128
                     cmd = [a.ref_python, here, "--worker", "ref", "--scheme", scheme, "--method", method,
-                           "--model", model, "--out", str(out), "--workdir", str(workdir)]
+                           "--model", model, "--out", str(out), "--workdir", str(workdir)] + amp_flag
                     r = _run(cmd + (["--in-memory-eval"] if in_mem else []), log)
                     if not in_mem:
                         if a.ref_loader == "reference":

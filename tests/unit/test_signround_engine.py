@@ -230,3 +230,37 @@ def test_model_digest_tells_models_apart():
     with torch.no_grad():
         b.model.layers[1].mlp.down_proj.weight[0, :8] += 1.0  # inside the first sampled run of that tensor
     assert model_digest(a) != model_digest(b)
+
+
+def test_cpu_amp_is_refused_where_bf16_matmuls_are_slow(caplog):
+    """amp (the default) tunes under bf16 autocast only on a CPU whose bf16 matmuls are not much slower than its
+    float32 ones; where they are, it warns with the measured times and tunes exactly as amp=False does."""
+    import logging
+
+    from autoround import AutoRound
+    from autoround.log import logger
+    from autoround.quantizer.blockwise import CPU_BF16_SLOWDOWN_LIMIT, cpu_matmul_seconds
+
+    t_bf16, t_fp32 = cpu_matmul_seconds()
+    assert t_bf16 > 0 and t_fp32 > 0
+    slow = t_bf16 > CPU_BF16_SLOWDOWN_LIMIT * t_fp32
+
+    def run(**kw):
+        ar = AutoRound(tiny_llama(), scheme="W4A16", group_size=32, iters=3, dataset=_calib(), nsamples=8, seqlen=32,
+                       batch_size=4, **kw)
+        ar.quantize()
+        return {name: layer.weight.qweight for name, layer in ar.layers.items()}
+
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="autoround"):
+            with_amp = run()
+    finally:
+        logger.removeHandler(caplog.handler)
+    refusals = [r.message for r in caplog.records if r.message.startswith("amp: bfloat16 matmuls run")]
+    assert len(refusals) == (1 if slow else 0), (t_bf16, t_fp32, refusals)
+    if slow:
+        assert "--disable_amp" in refusals[0]
+        without = run(amp=False)
+        assert with_amp.keys() == without.keys()
+        assert all(torch.equal(with_amp[k], without[k]) for k in with_amp)
