@@ -17,8 +17,7 @@ from tqdm.auto import tqdm
 from .errors import AutoRoundError, FormatError, SchemeError
 from .formats import ExportFormat, ExportJob, QuantizedLayer, formats_supporting, list_formats
 from .model_io import decoder_body
-from .qmath import quantize_weight
-from .rtn import optimized_rtn_quantize
+from .rtn import optimized_rtn_quantize, rtn_quantize
 from .gguf_quant import GGUFWeight, quantize_tensor
 from .schemes import QuantScheme, gguf_file_type_of, gguf_scheme, gguf_type_of, resolve_scheme
 from ..log import logger
@@ -211,7 +210,7 @@ def quantize_layers(
             imp = None if importance is None or name not in importance else importance[name]
             qw = GGUFWeight(quantize_tensor(w, qtype, imp), qtype, (module.out_features, module.in_features))
         elif importance is None or name not in importance:
-            qw = quantize_weight(w, scheme.bits, scheme.group_size, scheme.sym)
+            qw = rtn_quantize(w, scheme.bits, scheme.group_size, scheme.sym)
         else:
             qw = optimized_rtn_quantize(
                 w, scheme.bits, scheme.group_size, scheme.sym, importance[name], search_lowest

@@ -4,7 +4,7 @@ Plain RTN (``iters=0, disable_opt_rtn=True``) needs no activations, so the model
 the model on the meta device only to learn its decoder blocks, linear layers and shapes, and plans the schemes
 with ``compressor.plan_layers`` (same rules, same errors as the in-memory route).  The format's writer then
 reads each tensor from the source files when it reaches it: a planned layer's weight is rounded by the same
-``qmath.quantize_weight`` call as ``compressor.quantize_layers`` and packed by the format; every other tensor
+``rtn.rtn_quantize`` call as ``compressor.quantize_layers`` and packed by the format; every other tensor
 passes through in the dtype the in-memory route loads it in.  So the checkpoint equals the in-memory route's,
 tensor for tensor, while memory holds the imports, one output shard and the tensor at hand.
 
@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from .errors import ModelLoadError
 from .formats.writer import FileSlice
 from .model_io import find_block_names, linear_dims
-from .qmath import QuantizedWeight, quantize_weight
+from .qmath import QuantizedWeight
+from .rtn import rtn_quantize
 from .schemes import QuantScheme
 from ..log import logger
 
@@ -214,7 +215,7 @@ class StreamedLayer:
         if self._transposed:  # GPT-2 Conv1D stores [in, out]; the in-memory route quantizes its nn.Linear copy
             w = w.t().contiguous()
         s = self.scheme
-        return quantize_weight(w, s.bits, s.group_size, s.sym)
+        return rtn_quantize(w, s.bits, s.group_size, s.sym)
 
     @property
     def bias(self) -> torch.Tensor | None:

@@ -9,7 +9,12 @@ Conventions (see shared/reference/checkpoint-formats.md):
 - asymmetric: ``maxq = 2**bits - 1``; ``s = (wmax - wmin)/maxq``; ``zp = round(-wmin/s)``;
   ``q = clamp(round(w/s + v) + zp, 0, maxq)``.
 - scales are kept away from zero and rounded to fp16 before the integers are computed, because that is
-  the precision a checkpoint stores.
+  the precision a checkpoint stores (``ROUND_WITH_STORED``: each integer is the nearest for the stored scale).
+  Plain RTN rounds with the float32 scale instead (``ROUND_WITH_COMPUTED``), as the reference's default RTN
+  route does (its model-free route runs under torch.compile, whose graph keeps the float32 scale where the eager
+  code casts it to fp16 first), so plain-RTN integers equal the reference's bit for bit.  The two rules differ
+  only where ``w / s`` lies within fp16's rounding of ``s`` of a half (SmolLM2 W2A16 g64: 5,420 of 106 million
+  integers), with the same weight error to six digits.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from dataclasses import dataclass
 import torch
 
 SCALE_EPS = 1e-5
+ROUND_WITH_STORED = "stored"
+ROUND_WITH_COMPUTED = "computed"
+ROUNDING_SCALES = (ROUND_WITH_STORED, ROUND_WITH_COMPUTED)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -69,8 +77,12 @@ def compute_params(
     alpha: torch.Tensor | float = 1.0,
     beta: torch.Tensor | float = 1.0,
     minmax: tuple[torch.Tensor, torch.Tensor] | None = None,
+    fp16: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group (scale, zero point) of grouped weights ``[..., gs]``; both shaped ``[..., 1]``.
+
+    ``fp16``: round the scale to the fp16 value a checkpoint stores (straight-through for its gradient); False
+    keeps the float32 scale (plain RTN rounds with it, ``ROUND_WITH_COMPUTED``).
 
     ``minmax``: ``group_minmax(wg)`` when the caller already has it (SignRound calls this every iteration
     on the same weights).
@@ -88,12 +100,14 @@ def compute_params(
         scale = torch.where(use_min, wmin, wmax) / -maxq
         sign = torch.where(use_min, torch.ones_like(scale), -torch.ones_like(scale))
         scale = sign * scale.abs().clamp(min=SCALE_EPS)
-        scale = scale + (_fp16_round(scale) - scale).detach()
+        if fp16:
+            scale = scale + (_fp16_round(scale) - scale).detach()
         zp = torch.full_like(scale, float(maxq)).detach()
     else:
         maxq = 2**bits - 1
         scale = ((wmax - wmin) / maxq).clamp(min=SCALE_EPS)
-        scale = scale + (_fp16_round(scale) - scale).detach()
+        if fp16:
+            scale = scale + (_fp16_round(scale) - scale).detach()
         zp = torch.round(-wmin / scale).clamp(0, maxq).detach()
     return scale, zp
 
@@ -151,19 +165,28 @@ def quantize_weight(
     alpha: torch.Tensor | float = 1.0,
     beta: torch.Tensor | float = 1.0,
     minmax: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rounding_scale: str = ROUND_WITH_STORED,
 ) -> QuantizedWeight:
     """Quantize a float weight ``[out, in]`` (no gradients) and return its integers and parameters.
 
     ``minmax``: the per-group (min, max) that ``alpha``/``beta`` shrink, when not the weight's own (a searched
-    range: optimized RTN, or SignRound started from one).
+    range: optimized RTN, or SignRound started from one).  ``rounding_scale``: which scale the integers (and an
+    asymmetric zero point) are rounded with, ``ROUND_WITH_STORED`` (the fp16 one the checkpoint keeps, the
+    default) or ``ROUND_WITH_COMPUTED`` (the float32 one; plain RTN).  The stored scale is fp16-exact either way.
     """
+    if rounding_scale not in ROUNDING_SCALES:
+        raise ValueError(f"rounding_scale must be one of {ROUNDING_SCALES}, got {rounding_scale!r}")
     with torch.no_grad():
         w32 = w.detach().to(torch.float32)
         wg = to_groups(w32, group_size)
         scale, zp = compute_params(wg, bits, sym, alpha, beta, minmax)
         if not isinstance(v, float):
             v = to_groups(v.to(torch.float32), group_size)
-        q, _ = quantize_groups(wg, scale, zp, bits, v)
+        if rounding_scale == ROUND_WITH_COMPUTED:
+            computed, zp = compute_params(wg, bits, sym, alpha, beta, minmax, fp16=False)
+            q, _ = quantize_groups(wg, computed, zp, bits, v)
+        else:
+            q, _ = quantize_groups(wg, scale, zp, bits, v)
         out_f, in_f = w.shape
         q = from_groups(q, (out_f, in_f), group_size).to(torch.uint8)
         scale, zp = scale.squeeze(-1), zp.squeeze(-1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .qmath import SCALE_EPS, QuantizedWeight, compute_params, group_minmax, quantize_groups, quantize_weight, to_groups
+from .qmath import ROUND_WITH_COMPUTED, SCALE_EPS, QuantizedWeight, compute_params, group_minmax, quantize_groups, quantize_weight, to_groups
 
 
 def search_grid(lowest: float = 0.7, steps: int = 31) -> torch.Tensor:
@@ -33,7 +33,9 @@ def range_grid(bits: int, lowest: float = 0.7, highest: float = 1.5, steps: int 
 
 
 def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> QuantizedWeight:
-    return quantize_weight(w, bits, group_size, sym)
+    """Plain RTN: each group's min/max range, integers rounded with the float32 scale (``ROUND_WITH_COMPUTED``:
+    the reference's default RTN checkpoints, bit for bit); the stored scale is its fp16 rounding."""
+    return quantize_weight(w, bits, group_size, sym, rounding_scale=ROUND_WITH_COMPUTED)
 
 
 def _importance_groups(imp: torch.Tensor, shape: tuple[int, int], group_size: int) -> torch.Tensor:

@@ -98,3 +98,27 @@ def test_our_checkpoint_loads_through_intel(smollm2_folder, ids_file, tmp_path):
     with torch.no_grad():  # and ours equals the in-memory fake-quantized model
         fake = ar.model(torch.tensor(json.loads(ids_file.read_text()))).logits
     assert torch.allclose(ours, fake, atol=1e-3)
+
+
+def test_plain_rtn_integers_equal_intels_bit_for_bit(smollm2_folder, tmp_path):
+    """Plain RTN at W2A16 g64, where ties are most common on SmolLM2 (its weights lie on a 4-bit grid): every
+    packed integer, zero and scale of ours equals those of Intel's default plain-RTN checkpoint (both round with
+    the float32 scale and store its fp16 rounding)."""
+    from safetensors.torch import load_file
+
+    theirs_dir = tmp_path / "intel-w2g64"
+    peer(SCRIPT, "quantize", "--model", smollm2_folder, "--out", theirs_dir, "--bits", 2, "--group_size", 64,
+         "--iters", 0, "--disable_opt_rtn", "--route", "auto")  # Intel's default routing: its model-free RTN
+    ar = AutoRound(str(smollm2_folder), scheme="W2A16", group_size=64, iters=0, disable_opt_rtn=True)
+    _, (ours_dir,) = ar.quantize_and_save(str(tmp_path / "ours-w2g64"), format="auto_round")
+
+    def packed(folder):
+        tensors = {}
+        for f in sorted(Path(folder).glob("*.safetensors")):
+            tensors.update({k: v for k, v in load_file(f).items() if k.endswith((".qweight", ".qzeros", ".scales"))})
+        return tensors
+
+    ours, theirs = packed(ours_dir), packed(theirs_dir)
+    assert ours.keys() == theirs.keys() and len(ours) == 3 * 210
+    differing = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    assert not differing, differing[:5]

@@ -134,3 +134,40 @@ def test_symmetric_tie_maps_the_max_to_minus_maxq():
     assert qw.scale.item() == pytest.approx(-0.2, rel=1e-3)
     assert qw.dequantize()[0, 2].item() == pytest.approx(0.4, rel=1e-3)  # the max is exact
     assert qw.dequantize()[0, 0].item() == pytest.approx(-0.2, rel=1e-3)  # the min is clipped
+
+
+def test_plain_rtn_rounds_with_the_computed_scale_signround_with_the_stored_one():
+    """A weight exactly half-way between two steps of the float32 scale, but not of the fp16 scale stored.
+
+    Row [2(1 + 2^-12), -(1/2)(1 + 2^-12)], 2-bit symmetric: the positive side maps to -2, so the float32 scale is
+    s = -(1 + 2^-12) and the checkpoint stores fp16(s) = -1.0.  The second weight over s is exactly 0.5, which
+    rounds half to even to 0 (stored 0 + 2 = 0b10); over the stored -1.0 it is 0.5 + 2^-13, which rounds to 1
+    (stored 0b11).  Plain RTN takes the first (the reference's RTN integers, bit for bit); the default takes the
+    second, the nearest integer for the scale a checkpoint keeps.  Both store the scale -1.0."""
+    from autoround.quantizer.qmath import ROUND_WITH_COMPUTED
+    from autoround.quantizer.rtn import rtn_quantize
+
+    w = torch.tensor([[2 * (1 + 2**-12), -0.5 * (1 + 2**-12)]])
+    stored = quantize_weight(w, 2, -1, True)
+    computed = quantize_weight(w, 2, -1, True, rounding_scale=ROUND_WITH_COMPUTED)
+    assert stored.scale.item() == computed.scale.item() == -1.0
+    assert stored.qweight.tolist() == [[0b00, 0b11]]
+    assert computed.qweight.tolist() == [[0b00, 0b10]]
+    assert torch.equal(rtn_quantize(w, 2, -1, True).qweight, computed.qweight)
+    # the stored-scale integer is the nearer one for the scale the checkpoint keeps
+    err = lambda qw: (qw.dequantize() - w).abs()[0, 1].item()  # noqa: E731
+    assert err(stored) < err(computed)
+    with pytest.raises(ValueError, match="rounding_scale"):
+        quantize_weight(w, 2, -1, True, rounding_scale="fp16")
+
+
+def test_rounding_scales_agree_away_from_ties():
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(3))
+    from autoround.quantizer.qmath import ROUND_WITH_COMPUTED
+
+    for bits, sym in ((2, True), (4, True), (4, False), (8, True)):
+        a = quantize_weight(w, bits, 64, sym)
+        b = quantize_weight(w, bits, 64, sym, rounding_scale=ROUND_WITH_COMPUTED)
+        assert torch.equal(a.scale, b.scale)  # the stored scale is the same; only near-ties round differently
+        assert (a.zero != b.zero).float().mean().item() < 0.02  # an asymmetric zero point is rounded too
+        assert (a.qweight != b.qweight).float().mean().item() < 0.01
