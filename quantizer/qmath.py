@@ -179,14 +179,12 @@ def quantize_weight(
     with torch.no_grad():
         w32 = w.detach().to(torch.float32)
         wg = to_groups(w32, group_size)
-        scale, zp = compute_params(wg, bits, sym, alpha, beta, minmax)
+        computed = rounding_scale == ROUND_WITH_COMPUTED
+        rounding, zp = compute_params(wg, bits, sym, alpha, beta, minmax, fp16=not computed)
+        scale = _fp16_round(rounding) if computed else rounding  # the stored scale is fp16-exact either way
         if not isinstance(v, float):
             v = to_groups(v.to(torch.float32), group_size)
-        if rounding_scale == ROUND_WITH_COMPUTED:
-            computed, zp = compute_params(wg, bits, sym, alpha, beta, minmax, fp16=False)
-            q, _ = quantize_groups(wg, computed, zp, bits, v)
-        else:
-            q, _ = quantize_groups(wg, scale, zp, bits, v)
+        q, _ = quantize_groups(wg, rounding, zp, bits, v)
         out_f, in_f = w.shape
         q = from_groups(q, (out_f, in_f), group_size).to(torch.uint8)
         scale, zp = scale.squeeze(-1), zp.squeeze(-1)
