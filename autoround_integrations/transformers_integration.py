@@ -270,3 +270,6 @@ def register() -> None:
     # so GPTQ checkpoints passed with our AutoRoundConfig are converted by our from_dict
     hf_auto.AutoRoundConfig = AutoRoundConfig
     _REGISTERED = True
+
+
+register()  # whoever imports this module (``autoround.AutoRoundConfig``, the import hook) gets it registered
