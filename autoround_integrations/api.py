@@ -28,7 +28,8 @@ from autoround.quantizer.model_io import (
     load_tokenizer,
     quantizable_linears,
 )
-from autoround.quantizer.schemes import QuantScheme, gguf_type_of, resolve_scheme
+from autoround.quantizer.dtypes import family_of
+from autoround.quantizer.schemes import QuantScheme, resolve_scheme
 
 from . import envs
 from .log import logger
@@ -168,7 +169,7 @@ class AutoRound:
         for fmt in fmts or []:
             if not getattr(fmt, "model_free", False):
                 return f"format {fmt.name!r} is written from the loaded model"
-        if fmts is not None and (self.scheme.is_float or gguf_type_of(self.scheme) is not None):
+        if fmts is not None and (self.scheme.is_float or not family_of(self.scheme).model_free):
             return f"scheme {self.scheme.describe()} is not plain integer RTN"
         return None
 

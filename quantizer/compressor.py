@@ -17,9 +17,8 @@ from tqdm.auto import tqdm
 from .errors import AutoRoundError, FormatError, SchemeError
 from .formats import ExportFormat, ExportJob, QuantizedLayer, formats_supporting, list_formats
 from .model_io import decoder_body
-from .rtn import optimized_rtn_quantize, rtn_quantize
-from .gguf_quant import GGUFWeight, quantize_tensor
-from .schemes import QuantScheme, gguf_file_type_of, gguf_scheme, gguf_type_of, resolve_scheme
+from .dtypes import family_of
+from .schemes import QuantScheme, resolve_scheme
 from ..log import logger
 
 
@@ -81,11 +80,11 @@ def plan_layers(
     ``lm_head``: the name of the output projection when it is to be quantized (it is in ``linears``);
     ``lm_head_tied``: whether the model ties it to the input embedding."""
     plan = LayerPlan()
-    gguf_bases = _gguf_layer_schemes(linears, default)
+    bases = _layer_bases(linears, default)
     for name, module in linears.items():
-        scheme = scheme_for_layer(name, gguf_bases.get(name, default), layer_config)
-        if gguf_type_of(scheme) is not None and not scheme.is_float:
-            scheme = _gguf_fit(name, scheme, module.in_features)
+        scheme = scheme_for_layer(name, bases.get(name, default), layer_config)
+        if not scheme.is_float:  # the family's fallback when the shape does not fit (GGUF k-quants, say)
+            scheme = family_of(scheme).fit(name, scheme, module.in_features)
         if ignore_layers and any(_match(k, name) for k in ignore_layers):
             scheme = resolve_scheme("BF16")
         if scheme.is_float:
@@ -139,27 +138,12 @@ def _check_lm_head(formats: list[ExportFormat], tied: bool) -> None:
             )
 
 
-def _gguf_layer_schemes(linears: Mapping[str, nn.Linear], default: QuantScheme) -> dict[str, QuantScheme]:
-    """For a GGUF file-type scheme (e.g. GGUF:Q4_K_M): each layer's block type by llama.cpp's rules."""
-    if gguf_type_of(default) is None or default.is_float:
+def _layer_bases(linears: Mapping[str, nn.Linear], default: QuantScheme) -> dict[str, QuantScheme]:
+    """The per-layer schemes a model-level scheme expands into (a GGUF file type: llama.cpp's rules)."""
+    if default.is_float:
         return {}
-    from .formats.gguf import plan_types
-
     shapes = {n: (m.out_features, m.in_features) for n, m in linears.items()}
-    ftype = gguf_file_type_of(default) or gguf_type_of(default)
-    return {n: gguf_scheme(t) for n, t in plan_types(shapes, ftype).items()}
-
-
-def _gguf_fit(name: str, scheme: QuantScheme, in_features: int) -> QuantScheme:
-    """A block type whose block does not divide the rows falls back as llama.cpp does (q4_k -> q5_0 ...)."""
-    from .gguf_quant import fit_row
-
-    qtype = gguf_type_of(scheme)
-    new = fit_row(qtype, in_features)
-    if new == qtype:
-        return scheme
-    logger.info("%s: %d input features do not fit %s blocks; using %s as llama.cpp does", name, in_features, qtype, new)
-    return gguf_scheme(new)
+    return family_of(default).layer_schemes(shapes, default)
 
 
 @torch.no_grad()
@@ -205,16 +189,8 @@ def quantize_layers(
     for name in tqdm(list(plan.quantize), desc="quantizing layers", leave=False):
         module, scheme = linears[name], plan.quantize[name]
         w = module.weight.data
-        qtype = gguf_type_of(scheme)
-        if qtype is not None:
-            imp = None if importance is None or name not in importance else importance[name]
-            qw = GGUFWeight(quantize_tensor(w, qtype, imp), qtype, (module.out_features, module.in_features))
-        elif importance is None or name not in importance:
-            qw = rtn_quantize(w, scheme.bits, scheme.group_size, scheme.sym)
-        else:
-            qw = optimized_rtn_quantize(
-                w, scheme.bits, scheme.group_size, scheme.sym, importance[name], search_lowest
-            )
+        imp = None if importance is None or name not in importance else importance[name]
+        qw = family_of(scheme).quantize(w, scheme, imp, search_lowest)
         module.weight.data.copy_(qw.dequantize().to(w.dtype))
         bias = module.bias.data.clone() if module.bias is not None else None
         out[name] = QuantizedLayer(name, scheme, qw, bias, module.in_features, module.out_features)

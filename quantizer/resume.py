@@ -19,12 +19,11 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import dtypes
 from .errors import AutoRoundError
-from .gguf_quant import GGUFWeight
-from .qmath import QuantizedWeight
 
 STATE_FILE = "state.json"
-_VERSION = 1
+_VERSION = 2  # 2: every packed weight stored through its weight family
 
 
 def resume_dir_for(output_dir: str | os.PathLike) -> Path:
@@ -112,20 +111,15 @@ class ResumeStore:
     def has(self, block_name: str) -> bool:
         return block_name in self.finished
 
-    def save_block(
-        self, block_name: str, weights: Mapping[str, QuantizedWeight | GGUFWeight], losses: tuple[float, float]
-    ) -> None:
+    def save_block(self, block_name: str, weights: Mapping[str, Any], losses: tuple[float, float]) -> None:
+        """Store a finished block's packed weights (``rel name -> packed weight`` of any weight family)."""
         tensors: dict[str, torch.Tensor] = {}
         meta: dict[str, str] = {}
         for rel, qw in weights.items():
-            if isinstance(qw, GGUFWeight):  # the llama.cpp blocks as they are
-                tensors[f"{rel}.blocks"] = qw.data.contiguous()
-                meta[f"{rel}.meta"] = json.dumps(["gguf", qw.qtype, *qw.shape])
-                continue
-            tensors[f"{rel}.qweight"] = qw.qweight.contiguous()
-            tensors[f"{rel}.scale"] = qw.scale.contiguous()
-            tensors[f"{rel}.zero"] = qw.zero.contiguous()
-            meta[f"{rel}.meta"] = json.dumps([qw.bits, qw.group_size, qw.sym])
+            family = dtypes.family_of_weight(qw)
+            parts, fields = family.weight_state(qw)
+            tensors.update({f"{rel}.{k}": t for k, t in parts.items()})
+            meta[f"{rel}.meta"] = json.dumps({"family": family.name, "tensors": sorted(parts), "fields": fields})
         meta["losses"] = json.dumps(list(losses))
         target = self.path / _block_file(block_name)
         tmp = target.with_suffix(".tmp")
@@ -134,7 +128,7 @@ class ResumeStore:
         self.finished.append(block_name)
         self._write_state()
 
-    def load_block(self, block_name: str) -> tuple[dict[str, QuantizedWeight | GGUFWeight], tuple[float, float]]:
+    def load_block(self, block_name: str) -> tuple[dict[str, Any], tuple[float, float]]:
         from safetensors import safe_open
 
         file = self.path / _block_file(block_name)
@@ -146,15 +140,15 @@ class ResumeStore:
             if not key.endswith(".meta"):
                 continue
             rel = key[: -len(".meta")]
-            fields = json.loads(val)
-            if fields[0] == "gguf":
-                _, qtype, rows, cols = fields
-                out[rel] = GGUFWeight(tensors[f"{rel}.blocks"], qtype, (rows, cols))
-                continue
-            bits, group_size, sym = fields
-            out[rel] = QuantizedWeight(
-                tensors[f"{rel}.qweight"], tensors[f"{rel}.scale"], tensors[f"{rel}.zero"], bits, group_size, sym
-            )
+            entry = json.loads(val)
+            family = dtypes.families().get(entry["family"])
+            if family is None:
+                raise AutoRoundError(
+                    f"resume state {self.path} holds weights of the weight family {entry['family']!r}, which is "
+                    "not registered now; register it or delete the state to start over"
+                )
+            parts = {k: tensors[f"{rel}.{k}"] for k in entry["tensors"]}
+            out[rel] = family.weight_from_state(parts, entry["fields"])
         a, b = json.loads(meta["losses"])
         return out, (a, b)
 

@@ -11,24 +11,14 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .errors import SchemeError
-from .gguf_quant import GGML_TYPES, GGUF_FILE_TYPES
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 FLOAT_BITS = 16  # bits >= 16 means "leave this layer in float"
-# "gguf:<type>": a llama.cpp block type (q4_0 ... q6_k) for one layer, or, for the model default, a llama.cpp
-# file type (q4_k_m ...) whose per-layer types follow llama.cpp's rules (see formats/gguf.py)
-GGUF_PREFIX = "gguf:"
-GGUF_DATA_TYPES = tuple(
-    GGUF_PREFIX + n
-    for n in dict.fromkeys([*(t for t, v in GGML_TYPES.items() if not v.is_float), *GGUF_FILE_TYPES])
-    if n not in ("f16", "bf16")
-)
-DATA_TYPES = ("int",) + GGUF_DATA_TYPES
 
 
 @dataclass(frozen=True)
 class QuantScheme:
-    """Weight-only integer quantization of one layer.
+    """How one layer's weight is quantized; ``data_type`` names its weight family (``dtypes``).
 
     bits: 2..8 (16 = keep float).  group_size: -1 = one group per output row, 0 = one group for the whole
     tensor, N > 0 = N consecutive input channels per group (a ragged last group is allowed).
@@ -53,16 +43,11 @@ class QuantScheme:
             )
         if not isinstance(self.sym, bool):
             raise SchemeError(f"sym must be True or False, got {self.sym!r}")
-        if self.data_type not in DATA_TYPES:
-            raise SchemeError(f"data_type={self.data_type!r} is not supported; valid: {', '.join(DATA_TYPES)}")
-        if self.data_type.startswith(GGUF_PREFIX) and not self.is_float:
-            t = GGML_TYPES[_gguf_block_type(self.data_type)]
-            if (self.bits, self.group_size, self.sym) != (t.bits, t.group_size, t.sym):
-                raise SchemeError(
-                    f"data_type {self.data_type} fixes bits={t.bits}, group_size={t.group_size}, sym={t.sym}; "
-                    f"got bits={self.bits}, group_size={self.group_size}, sym={self.sym}. Pick another GGUF "
-                    f"scheme instead of overriding ({', '.join(n for n in PRESETS if n.startswith('GGUF:'))})"
-                )
+        from .dtypes import family_of  # the data-type registry (it imports this module)
+
+        family = family_of(self)  # an unknown data_type fails here
+        if not self.is_float:
+            family.validate(self)
         if self.act_bits != 16:
             raise SchemeError(
                 f"act_bits={self.act_bits} is not supported: only weight-only schemes (act_bits=16, 'A16') are"
@@ -89,10 +74,9 @@ class QuantScheme:
     def describe(self) -> str:
         if self.is_float:
             return "float (not quantized)"
-        if self.data_type.startswith(GGUF_PREFIX):
-            return f"GGUF {self.data_type[len(GGUF_PREFIX):].upper()} (W{self.bits}A{self.act_bits} llama.cpp blocks)"
-        sym = "sym" if self.sym else "asym"
-        return f"W{self.bits}A{self.act_bits} {self.data_type} group {self.group_size} {sym}"
+        from .dtypes import family_of
+
+        return family_of(self).describe(self)
 
 
 FLOAT = QuantScheme(bits=16, group_size=-1)
@@ -108,39 +92,6 @@ PRESETS: dict[str, QuantScheme] = {
     "BF16": FLOAT,
     "FP16": FLOAT,
 }
-
-
-def _gguf_block_type(data_type: str) -> str:
-    """The block type behind a ``gguf:`` data type (a file type stands for its default block type)."""
-    name = data_type[len(GGUF_PREFIX):]
-    return GGUF_FILE_TYPES[name].default_type if name in GGUF_FILE_TYPES else name
-
-
-def gguf_scheme(name: str) -> QuantScheme:
-    """The scheme of a llama.cpp block type or file type, e.g. ``gguf_scheme("q4_k_m")``."""
-    t = GGML_TYPES[_gguf_block_type(GGUF_PREFIX + name)]
-    if t.is_float:
-        return FLOAT
-    return QuantScheme(bits=t.bits, group_size=t.group_size, sym=t.sym, data_type=GGUF_PREFIX + name)
-
-
-def gguf_type_of(scheme: QuantScheme) -> str | None:
-    """The llama.cpp block type of a layer scheme (None for integer schemes)."""
-    if not scheme.data_type.startswith(GGUF_PREFIX):
-        return None
-    return _gguf_block_type(scheme.data_type)
-
-
-def gguf_file_type_of(scheme: QuantScheme) -> str | None:
-    """The llama.cpp file type a model-level GGUF scheme names (None if it names a bare block type)."""
-    if not scheme.data_type.startswith(GGUF_PREFIX):
-        return None
-    name = scheme.data_type[len(GGUF_PREFIX):]
-    return name if name in GGUF_FILE_TYPES else None
-
-
-# GGUF presets (as the reference tool spells them): one per llama.cpp file type
-PRESETS.update({f"GGUF:{ft.upper()}": gguf_scheme(ft) for ft in GGUF_FILE_TYPES})
 
 
 def _bits_choices() -> str:
@@ -182,4 +133,12 @@ def resolve_scheme(
             f"scheme must be a preset name ({', '.join(PRESETS)}), a dict or a QuantScheme, got {type(scheme).__name__}"
         )
     return base.replace(bits=bits, group_size=group_size, sym=sym)
+
+
+# the registered weight families add their presets (GGUF:Q4_K_M ...); families registered later add theirs
+from .dtypes import families as _families  # noqa: E402
+
+for _family in _families().values():
+    PRESETS.update(_family.presets())
+PRESETS_COMPLETE = True
 

@@ -3,9 +3,9 @@
 The checkpoint is a folder holding one ``<name>-<TYPE>.gguf`` file written with the ``gguf`` package's
 ``GGUFWriter``: architecture metadata (Llama, Qwen2, Qwen3, Gemma3 families), the tokenizer, and every
 tensor under its llama.cpp name.  Linear layers carry the blocks the compressor quantized
-(``gguf_quant.GGUFWeight``); the token embedding and the output projection are quantized here by
+(``dtypes.gguf.GGUFWeight``); the token embedding and the output projection are quantized here by
 llama.cpp's rules for the file type; norms stay float32.  The per-layer type choice for the ``_S/_M/_L``
-mixtures is ``gguf_quant.tensor_type`` (llama.cpp's ``llama_tensor_get_type``); ``plan_types`` applies it
+mixtures is ``dtypes.gguf.types.tensor_type`` (llama.cpp's ``llama_tensor_get_type``); ``plan_types`` applies it
 to a model's linear layers before quantization, so the quantized model in memory decodes exactly as the
 file does.
 
@@ -25,9 +25,10 @@ import torch
 
 from . import ExportJob, QuantizedLayer, register_format
 from .writer import atomic_output_dir, float_state_dict
-from .. import gguf_quant as gq
+from ..dtypes import gguf as gq
+from ..dtypes.gguf.family import gguf_file_type_of, gguf_scheme, gguf_type_of
 from ..errors import FormatError
-from ..schemes import FLOAT, QuantScheme, gguf_file_type_of, gguf_scheme, gguf_type_of
+from ..schemes import FLOAT, QuantScheme
 from ...log import logger
 
 # transformers model_type -> llama.cpp architecture
@@ -41,48 +42,6 @@ ARCHITECTURES = {
 }
 PERMUTE_QK = {"llama"}  # architectures whose rotary embedding is ggml's "normal" (interleaved) layout
 GEMMA_NORM_PLUS_ONE = {"gemma3"}
-
-# HF linear-layer suffix -> llama.cpp tensor category (for the type rules)
-CATEGORIES = {
-    "q_proj": "attn_q",
-    "k_proj": "attn_k",
-    "v_proj": "attn_v",
-    "o_proj": "attn_output",
-    "gate_proj": "ffn_gate",
-    "up_proj": "ffn_up",
-    "down_proj": "ffn_down",
-}
-_LAYER_INDEX = re.compile(r"\.(\d+)\.")
-
-
-def category_of(name: str) -> str:
-    return CATEGORIES.get(name.rsplit(".", 1)[-1], "other")
-
-
-def plan_types(
-    shapes: Mapping[str, tuple[int, int]], ftype: str, n_gqa: int | None = None
-) -> dict[str, str]:
-    """llama.cpp's tensor type for every linear layer (name -> ``[out, in]``) of a ``ftype`` file."""
-    if ftype not in gq.GGUF_FILE_TYPES:
-        ftype_default = ftype  # a plain block type used as the model default: no rules, only the row fit
-        return {n: gq.fit_row(ftype_default, shp[1]) for n, shp in shapes.items()}
-    if n_gqa is None:
-        q = [s[0] for n, s in shapes.items() if category_of(n) == "attn_q"]
-        k = [s[0] for n, s in shapes.items() if category_of(n) == "attn_k"]
-        n_gqa = max(1, q[0] // k[0]) if q and k and k[0] else 1
-    counts: dict[str, int] = {}
-    for n in shapes:
-        counts[category_of(n)] = counts.get(category_of(n), 0) + 1
-    seen: dict[str, int] = {}
-    out = {}
-    for name, (_, in_f) in shapes.items():
-        cat = category_of(name)
-        m = _LAYER_INDEX.search(name)
-        i_layer = int(m.group(1)) if m else seen.get(cat, 0)
-        seen[cat] = seen.get(cat, 0) + 1
-        out[name] = gq.tensor_type(ftype, cat, in_f, i_layer, counts[cat], n_gqa)
-    return out
-
 
 def permute_qk(rows: torch.Tensor, n_head: int) -> torch.Tensor:
     """Reorder the output rows of a q/k projection from HF's rotate-half layout to ggml's interleaved one:

@@ -11,7 +11,7 @@ import torch
 import gguf
 from arhelpers import tiny_llama
 from autoround import AutoRound
-from autoround.quantizer import gguf_quant as gq
+from autoround.quantizer.dtypes import gguf as gq
 from autoround.quantizer.errors import FormatError, SchemeError
 from autoround.quantizer.formats import get_format, list_formats
 from autoround.quantizer.formats.gguf import permute_qk

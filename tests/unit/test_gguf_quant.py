@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gguf
-from autoround.quantizer import gguf_quant as gq
+from autoround.quantizer.dtypes import gguf as gq
 
 ALL_TYPES = gq.QUANT_TYPES + ("bf16", "f16")
 

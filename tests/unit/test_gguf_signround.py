@@ -14,11 +14,12 @@ import torch
 import gguf
 from arhelpers import tiny_llama
 from autoround import AutoRound
-from autoround.quantizer import gguf_quant as gq
-from autoround.quantizer import gguf_tune
-from autoround.quantizer.formats.gguf import permute_qk, plan_types
+from autoround.quantizer.dtypes import gguf as gq
+from autoround.quantizer.dtypes.gguf import tune as gguf_tune
+from autoround.quantizer.dtypes.gguf.types import plan_types
+from autoround.quantizer.formats.gguf import permute_qk
 from autoround.quantizer.resume import ResumeStore
-from autoround.quantizer.schemes import gguf_scheme
+from autoround.quantizer.dtypes.gguf.family import gguf_scheme
 from autoround.quantizer.signround import SignRoundOptions, input_importance, tune_block
 
 TYPES = ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k"]

@@ -60,9 +60,9 @@ def _mlp_case():
 def test_gradient_accumulation_equals_one_big_batch():
     mlp, x, y, names = _mlp_case()
     scheme = QuantScheme(bits=2, group_size=32)
-    big = tune_block(mlp, dict.fromkeys(names, scheme), x, y, SignRoundOptions(iters=20, batch_size=8))
+    big = tune_block(mlp, dict.fromkeys(names, scheme), x, y, SignRoundOptions(iters=20, batch_size=8, amp=False))
     acc = tune_block(mlp, dict.fromkeys(names, scheme), x, y,
-                     SignRoundOptions(iters=20, batch_size=4, gradient_accumulate_steps=2))
+                     SignRoundOptions(iters=20, batch_size=4, gradient_accumulate_steps=2, amp=False))
     rtn = {n: quantize_weight(mlp.get_submodule(n).weight, 2, 32, True) for n in names}
     for n in names:
         same = (big.weights[n].qweight == acc.weights[n].qweight).float().mean().item()

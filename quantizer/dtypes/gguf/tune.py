@@ -32,7 +32,7 @@ scale ``S0*alpha`` to its integer grid against a super-block ``d = fp16(d0 * max
 ``alpha`` = 1 the iters-0 integers come back exactly) and likewise the mins against ``dmin``; then
 ``I = clamp(round((w - B) / S + v))``.  Rounding uses straight-through gradients (forward values are exact).
 ``encode`` runs the same computation without gradients and packs the integers into ggml's byte layout; the
-blocks decode (``gguf_quant.dequantize_tensor`` and the ``gguf`` package alike) to the forward pass's weights
+blocks decode (``dequantize_tensor`` and the ``gguf`` package alike) to the forward pass's weights
 bit for bit, which ``encode`` checks.
 """
 
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import gguf_quant as gq
+from .. import gguf as gq
 
 FACTOR_MIN, FACTOR_MAX = 0.5, 1.5
 # Without an explicit minmax_lr the factors move at this fraction of the rounding learning rate: they start at
@@ -161,7 +161,7 @@ def block_params(blocks: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.
 
 
 def initial_params(w: torch.Tensor, qtype: str, importance: torch.Tensor | None = None) -> GGUFInit:
-    """Quantize ``w`` ``[rows, cols]`` with the iters-0 quantizer (``gguf_quant.quantize_tensor``) and read its
+    """Quantize ``w`` ``[rows, cols]`` with the iters-0 quantizer (``quantize_tensor``) and read its
     group scales/offsets back as the starting point of the tuning (on ``w``'s device)."""
     if not tunable(qtype):
         raise ValueError(f"SignRound cannot tune ggml type {qtype!r}; tunable types: {', '.join(TUNABLE_TYPES)}")
