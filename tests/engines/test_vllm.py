@@ -22,6 +22,18 @@ def vllm_python():
     return engine_python("AR_TEST_VLLM_PYTHON")
 
 
+@pytest.fixture(scope="module")
+def ours_w4a16_awq(smollm2_folder, tmp_path_factory):
+    """Asymmetric 4-bit with whole groups (64 divides SmolLM2's 576 and 1536 inputs): our ``auto_round``
+    writer packs it as ``auto_round:auto_awq``, the AWQ layout (qweight ``[in, out/8]``)."""
+    from autoround import AutoRound
+
+    out = tmp_path_factory.mktemp("engines-vllm") / "ours-w4a16-awq"
+    AutoRound(str(smollm2_folder), scheme="W4A16", sym=False, group_size=64, iters=0,
+              disable_opt_rtn=True).quantize_and_save(str(out), format="auto_round")
+    return out
+
+
 def _vllm_greedy(vllm_python, ckpt, prompt_ids, tmp_path, dtype="float32"):
     out = tmp_path / f"vllm-{dtype}.json"
     proc = run_engine(vllm_python, "vllm-generate", "--model", ckpt, "--ids", prompt_ids, "--out", out,
@@ -42,6 +54,14 @@ def test_vllm_serves_our_checkpoint_like_transformers(vllm_python, ours_w4a16, p
     result = _vllm_greedy(vllm_python, ours_w4a16, prompt_ids, tmp_path)
     _check_ours_ran(result)
     assert_same_tokens(result["tokens"], transformers_greedy(ours_w4a16, prompt_ids), "vLLM, our checkpoint")
+
+
+def test_vllm_serves_awq_packed_checkpoint_like_transformers(vllm_python, ours_w4a16_awq, prompt_ids, tmp_path):
+    qcfg = json.loads((ours_w4a16_awq / "config.json").read_text())["quantization_config"]
+    assert qcfg["packing_format"] == "auto_round:auto_awq" and qcfg["sym"] is False and qcfg["bits"] == 4
+    result = _vllm_greedy(vllm_python, ours_w4a16_awq, prompt_ids, tmp_path)
+    _check_ours_ran(result)
+    assert_same_tokens(result["tokens"], transformers_greedy(ours_w4a16_awq, prompt_ids), "vLLM, AWQ packing")
 
 
 @pytest.mark.peer

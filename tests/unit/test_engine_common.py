@@ -44,6 +44,7 @@ def planner(extra=None, names=None, **changes):
 def test_engines_are_not_imported():
     import autoround  # noqa: F401
     import autoround.engine_common  # noqa: F401
+    import autoround.packed_linear  # noqa: F401
 
     assert "vllm" not in sys.modules and "sglang" not in sys.modules
 
@@ -255,3 +256,183 @@ def test_g_idx_and_partition_checks():
     assert resolve_backend(None) == "auto" and resolve_backend("auto_round:gptq") == "auto"
     with pytest.raises(SchemeError, match="valid backends"):
         resolve_backend("nope")
+
+
+# --- the packed-linear core both engines' methods mix in, driven by a fake engine -----------------------
+class _FakeParam(torch.nn.Parameter):
+    """Stands in for the engines' parameter classes (same constructor keywords)."""
+
+    def __new__(cls, data, weight_loader, **dims):
+        param = super().__new__(cls, data, requires_grad=False)
+        param.weight_loader = weight_loader
+        param.dims = dims
+        return param
+
+
+class _Packed(_FakeParam): pass  # noqa: E701
+class _PackedColumn(_FakeParam): pass  # noqa: E701
+class _ChannelScale(_FakeParam): pass  # noqa: E701
+class _GroupScale(_FakeParam): pass  # noqa: E701
+class _Row(_FakeParam): pass  # noqa: E701
+
+
+def _fake_method_class(tp: int = 1):
+    from autoround.packed_linear import EngineHooks, PackedLinear, ParamKinds
+
+    class FakeMethod(PackedLinear):
+        engine = EngineHooks("Fake", ParamKinds(_Packed, _PackedColumn, _ChannelScale, _GroupScale, _Row),
+                             device=lambda: "cpu", tp_size=lambda layer: tp, is_qkv=lambda layer: False)
+
+    return FakeMethod
+
+
+def _fake_config(**changes):
+    from autoround.packed_linear import AutoRoundConfigBase
+
+    cfg = AutoRoundConfigBase()
+    cfg.packed_modules_mapping = {}
+    cfg.setup(dict(BASE, **changes))
+    return cfg
+
+
+def _column_loader(out_sizes, bits):
+    """A merged column layer's loader as the engines write it: shard ``i`` goes to its output slice (in packed
+    words where the output dimension is the packed one); a parameter without an output dimension is copied."""
+    from autoround.engine_common import shard_index
+
+    def load(param, weight, shard_id=None):
+        dims = param.dims
+        if "output_dim" not in dims or shard_id is None:
+            param.data.copy_(weight)
+            return
+        idx = shard_index(shard_id)
+        offset, size = sum(out_sizes[:idx]), out_sizes[idx]
+        if dims.get("packed_dim") == dims["output_dim"]:
+            offset, size = offset * bits // 32, size * bits // 32
+        param.data.narrow(dims["output_dim"], offset, size).copy_(weight)
+
+    return load
+
+
+_LAYOUTS = [("auto_round:auto_gptq", True), ("auto_round:auto_awq", False)]
+GATE_UP = "model.layers.0.mlp.gate_up_proj"
+
+
+def _part_tensors(plan, part, w, packing):
+    from autoround.quantizer.formats import QuantizedLayer
+    from autoround.quantizer.formats.auto_round import AutoRoundFormat
+    from autoround.quantizer.qmath import quantize_weight
+
+    s = plan.scheme
+    qw = quantize_weight(w, s.bits, s.group_size, s.sym)
+    tensors = AutoRoundFormat().layer_tensors(QuantizedLayer(part, s, qw, None, w.shape[1], w.shape[0]), packing)
+    return tensors, qw.dequantize()
+
+
+def _fused_layer(packing, sym, out_sizes=(64, 96), in_features=128):
+    cfg = _fake_config(packing_format=packing, sym=sym, group_size=32)
+    plan = cfg.linear_plan(GATE_UP)
+    method = _fake_method_class()(cfg, plan)
+    layer = torch.nn.Module()
+    method.create_weights(layer, in_features, list(out_sizes), in_features, sum(out_sizes), torch.float32,
+                          weight_loader=_column_loader(list(out_sizes), plan.scheme.bits))
+    return method, layer, plan
+
+
+@pytest.mark.parametrize("packing,sym", _LAYOUTS)
+def test_packed_linear_loads_a_fused_layer_in_either_layout(packing, sym):
+    torch.manual_seed(0)
+    method, layer, plan = _fused_layer(packing, sym)
+    awq = "awq" in packing
+    kinds = {n: type(p).__name__ for n, p in layer.named_parameters()}
+    want = {"qweight": "_Packed", "qzeros": "_PackedColumn", "scales": "_ChannelScale"}
+    assert kinds == (want if awq else dict(want, g_idx="_Row"))
+    assert tuple(layer.qweight.shape) == ((128, 160 // 8) if awq else (128 // 8, 160))
+    assert layer.qweight.dims["packed_dim"] == (1 if awq else 0)
+    assert tuple(layer.qzeros.shape) == (4, 20) and tuple(layer.scales.shape) == (4, 160)
+    ref = []
+    for shard, (part, out) in enumerate(zip(plan.parts, (64, 96))):
+        tensors, deq = _part_tensors(plan, part, torch.randn(out, 128), packing)
+        ref.append(deq)
+        if not awq:
+            tensors["g_idx"] = torch.arange(128, dtype=torch.int32) // 32
+        tensors["scales"] = tensors["scales"].float()  # another writer's fp32 scales load too
+        for key, t in tensors.items():
+            getattr(layer, key).weight_loader(getattr(layer, key), t, shard)
+    method.process_weights_after_loading(layer)
+    assert not any(hasattr(layer, t) for t in ("qweight", "qzeros", "scales", "g_idx"))
+    assert layer._ar_kernel_name and "_ar_kernel" not in dict(layer.named_modules())
+    x = torch.randn(3, 128)
+    bias = torch.randn(160)
+    torch.testing.assert_close(method.apply(layer, x, bias), x @ torch.cat(ref).t() + bias, rtol=1e-4, atol=1e-4)
+    method.process_weights_after_loading(layer)  # a second call keeps the kernel
+
+
+@pytest.mark.parametrize("packing,sym", _LAYOUTS)
+def test_packed_linear_checks_what_it_loads(packing, sym):
+    torch.manual_seed(0)
+    method, layer, plan = _fused_layer(packing, sym)
+    up = "model.layers.0.mlp.up_proj"
+    tensors, _ = _part_tensors(plan, up, torch.randn(96, 128), packing)
+    with pytest.raises(ModelLoadError, match=rf"{up}\.scales has shape \(3, 96\).*\(4, 96\)"):
+        layer.scales.weight_loader(layer.scales, tensors["scales"][:3], 1)
+    if "awq" not in packing:
+        with pytest.raises(ModelLoadError, match="act-order"):
+            layer.g_idx.weight_loader(layer.g_idx, (torch.arange(128, dtype=torch.int32) // 32).flip(0), 1)
+    for key in ("qweight", "scales"):  # qzeros of up_proj and everything of gate_proj never arrive
+        getattr(layer, key).weight_loader(getattr(layer, key), tensors[key], 1)
+    with pytest.raises(ModelLoadError, match=r"missing quantized tensors: .*gate_proj\.qweight.*up_proj\.qzeros"):
+        method.process_weights_after_loading(layer)
+
+
+@pytest.mark.parametrize("packing,sym", _LAYOUTS)
+def test_packed_linear_lm_head_takes_its_rank_slice_of_the_vocabulary(packing, sym):
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    cfg = _fake_config(packing_format=packing, sym=sym, group_size=32,
+                       extra_config={"lm_head": {"bits": 4, "group_size": 32, "sym": sym}})
+    plan = cfg.linear_plan("lm_head")
+    vocab, hidden, padded = 96, 64, 56  # rank 1 of 2: vocabulary 48..95, padded to 56 rows
+    method = _fake_method_class(tp=2)(cfg, plan, lm_head=True)
+    layer = torch.nn.Module()
+    layer.org_vocab_size = vocab
+    layer.shard_indices = SimpleNamespace(org_vocab_start_index=48, org_vocab_end_index=96)
+    method.create_weights(layer, hidden, [padded], hidden, 2 * padded, torch.float32,
+                          weight_loader=lambda *a: pytest.fail("the engine's embedding loader is not used"))
+    tensors, deq = _part_tensors(plan, "lm_head", torch.randn(vocab, hidden), packing)
+    for key, t in tensors.items():
+        getattr(layer, key).weight_loader(getattr(layer, key), t)
+    assert not layer.scales[:, 48:].any()  # the padding rows stay zero
+    method.process_weights_after_loading(layer)
+    x = torch.randn(2, hidden)
+    torch.testing.assert_close(method.apply(layer, x)[:, :48], x @ deq[48:].t(), rtol=1e-4, atol=1e-4)
+
+
+def test_config_base_float_rule_routes_and_report():
+    from autoround.packed_linear import layer_report
+
+    cfg = _fake_config(extra_config={"model.layers.0.self_attn.o_proj": {"bits": 16}})
+    assert repr(cfg) == "AutoRoundConfigBase(W4A16 int group 128 sym, packing=auto_round:auto_gptq)"
+    assert cfg.get_name() == "auto-round" and "quantize_config.json" in cfg.get_config_filenames()
+    assert cfg.override_quantization_method({"quant_method": "auto-round"}, None) == "auto-round"
+    assert cfg.linear_plan("model.layers.0.self_attn.o_proj") is None  # float: the engine's own method
+    assert cfg.linear_plan("lm_head") is None
+    cfg.planner.set_tensor_names({"model.layers.1.mlp.down_proj.qweight"})
+    with pytest.raises(ModelLoadError, match=r"down_proj\.qzeros"):
+        cfg.linear_plan("model.layers.1.mlp.down_proj")
+    plan = _fake_config().linear_plan("model.layers.0.mlp.down_proj")
+    assert cfg.engine_kernels_fit("Fake", plan, 4096, 4096, 90)
+    assert not cfg.engine_kernels_fit("Fake", plan, 4096, 4096, None)
+    awq = _fake_config(packing_format="auto_round:auto_awq", sym=False, group_size=64)
+    assert not awq.engine_kernels_fit("Fake", awq.linear_plan("model.layers.0.mlp.down_proj"), 4096, 4096, 90)
+    experts = _fake_config().moe_plan("model.layers.0.mlp.experts", 2)
+    assert _fake_config().engine_moe_fits(experts, True) and not _fake_config().engine_moe_fits(experts, False)
+    assert "Fake's GPTQ-Marlin MoE kernels" in str(_fake_config().moe_refusal(experts, "Fake"))
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    for i, m in enumerate(model):
+        m.quant_method = _fake_method_class()(cfg, plan) if i else object()
+        if i:
+            m._ar_kernel_name = "torch"
+    assert layer_report(model) == {"object": 1, "FakeMethod[torch]": 2}
