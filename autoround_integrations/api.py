@@ -5,20 +5,23 @@ Parameter names and defaults follow the reference tool so its documented snippet
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from autoround.quantizer import compressor
 from autoround.quantizer.blockwise import peak_rss_gib
-from autoround.quantizer.data import DEFAULT_DATASET, calibration_batch
+from autoround.quantizer.data import calibration_batch
 from autoround.quantizer.errors import AutoRoundError, FormatError
-from autoround.quantizer.signround import check_init_range
 from autoround.quantizer.formats import parse_formats
+from autoround.quantizer.importance import model_importance
 from autoround.quantizer.formats.writer import check_output_dir
+from autoround.quantizer.options import build_options, check_unsupported
 from autoround.quantizer.model_io import (
     check_safetensors,
     conv1d_to_linear,
@@ -29,41 +32,10 @@ from autoround.quantizer.model_io import (
     quantizable_linears,
 )
 from autoround.quantizer.dtypes import family_of
-from autoround.quantizer.schemes import QuantScheme, resolve_scheme
+from autoround.quantizer.schemes import resolve_scheme
 
 from . import envs
 from .log import logger
-
-# Options of the reference tool that only matter to SignRound tuning (iters > 0); accepted and recorded.
-TUNING_OPTIONS = {
-    "minmax_lr": None,
-    "gradient_accumulate_steps": 1,
-    "enable_minmax_tuning": True,
-    "enable_quanted_input": True,
-    "not_use_best_mse": False,
-    "dynamic_max_gap": -1,
-    "enable_adam": False,
-    # bf16 autocast while tuning, on by default as in the reference: a SmolLM2 block step costs ~40% less on an
-    # AVX2 CPU, the tuned blocks' weights are held in bf16 until the end, perplexity is unchanged (benchmarks.md);
-    # False tunes in the model's own dtype; on a CPU whose bf16 matmuls are much slower than float32 ones it is
-    # refused with a warning (quantizer.blockwise.cpu_matmul_seconds)
-    "amp": True,
-    # where SignRound's clipping factors start: "minmax" (each group's min/max, the reference), "search"
-    # (optimized RTN's importance-weighted range), "auto" (search for 2- and 3-bit layers; benchmarks.md)
-    "init_range": "auto",
-    "enable_deterministic_algorithms": False,
-    "quant_lm_head": False,
-    "ignore_layers": "",
-    "to_quant_block_names": None,
-    "super_bits": None,
-    "super_group_size": None,
-    "act_bits": None,
-    "nblocks": 1,
-    "scale_dtype": "fp16",
-    # plain RTN of a local folder streams the weights without loading the model (see quantize_and_save);
-    # True loads the model and quantizes it in memory instead
-    "disable_model_free": False,
-}
 
 # set by _load(); until then (a folder whose plain RTN may take the model-free route) they load the model on use
 _LAZY_ATTRS = ("model", "tokenizer", "block_names", "conv1d_names", "linears", "lm_head_name", "lm_head_tied")
@@ -72,56 +44,27 @@ _LAZY_ATTRS = ("model", "tokenizer", "block_names", "conv1d_names", "linears", "
 class AutoRound:
     """Quantize a causal language model's linear layers to low-bit integers and export a checkpoint."""
 
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any = None,
-        scheme: "str | QuantScheme | Mapping[str, Any]" = "W4A16",
-        bits: int | None = None,
-        group_size: int | None = None,
-        sym: bool | None = None,
-        layer_config: Mapping[str, Any] | None = None,
-        iters: int = 200,
-        lr: float | None = None,
-        nsamples: int = 128,
-        seqlen: int = 2048,
-        batch_size: int = 8,
-        dataset: Any = DEFAULT_DATASET,
-        device_map: Any = None,
-        seed: int = 42,
-        disable_opt_rtn: bool = False,
-        low_gpu_mem_usage: bool = False,
-        enable_torch_compile: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        unknown = sorted(set(kwargs) - set(TUNING_OPTIONS))
-        if unknown:
-            valid = sorted(
-                ["model", "tokenizer", "scheme", "bits", "group_size", "sym", "layer_config", "iters", "lr", "nsamples",
-                 "seqlen", "batch_size", "dataset", "device_map", "seed", "disable_opt_rtn", "low_gpu_mem_usage",
-                 "enable_torch_compile"] + list(TUNING_OPTIONS)
-            )
-            raise TypeError(f"AutoRound got unknown argument(s) {unknown}; valid arguments: {', '.join(valid)}")
-        if not isinstance(iters, int) or iters < 0:
-            raise AutoRoundError(f"iters must be a non-negative integer, got {iters!r}")
-        for name, val in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size)):
-            if not isinstance(val, int) or val <= 0:
-                raise AutoRoundError(f"{name} must be a positive integer, got {val!r}")
-        self.scheme = resolve_scheme(scheme, bits=bits, group_size=group_size, sym=sym)
-        self.layer_config = dict(layer_config or {})
-        self.iters, self.lr = iters, lr
-        self.nsamples, self.seqlen, self.batch_size = nsamples, seqlen, batch_size
-        self.dataset, self.seed = dataset, seed
-        self.disable_opt_rtn = disable_opt_rtn
-        self.low_gpu_mem_usage, self.enable_torch_compile = low_gpu_mem_usage, enable_torch_compile
-        self.options = {**TUNING_OPTIONS, **kwargs}
-        try:  # a bad value fails here, not when tuning starts
-            check_init_range(self.options["init_range"])
+    def __init__(self, model: Any, tokenizer: Any = None, **options: Any) -> None:
+        """``model``: a local folder, a hub id, a .gguf file or a loaded model; ``tokenizer``: optional.
+
+        Every other keyword is an option of ``quantizer/options.py`` (the reference tool's names and defaults,
+        e.g. ``scheme``, ``bits``, ``group_size``, ``sym``, ``iters``, ``lr``, ``nsamples``, ``seqlen``,
+        ``batch_size``, ``dataset``, ``device_map``, ``seed``, ``disable_opt_rtn``); an unknown keyword is a
+        ``TypeError`` listing the valid ones, a bad value an ``AutoRoundError`` before any work."""
+        try:
+            plan, calib, tuning, runtime = build_options(options)
+            check_unsupported(plan, tuning)
+            envs.check_unsupported()
         except ValueError as exc:
             raise AutoRoundError(str(exc)) from None
-        self.device_map = device_map
-        ignore = self.options["ignore_layers"]
+        self.plan_options, self.calibration_options = plan, calib
+        self.tuning_options, self.runtime_options = tuning, runtime
+        self.scheme = resolve_scheme(plan.scheme, bits=plan.bits, group_size=plan.group_size, sym=plan.sym,
+                                     act_bits=plan.act_bits)
+        self.layer_config = dict(plan.layer_config or {})
+        ignore = plan.ignore_layers
         self.ignore_layers = [x for x in ignore.split(",") if x] if isinstance(ignore, str) else list(ignore or [])
+        self.device_map = runtime.device_map
         self.resume_dir: str | None = None  # set by quantize_and_save(resume=...)
         self.resume = False
         self._resume_store = None
@@ -149,11 +92,11 @@ class AutoRound:
 
     def _model_free_reason(self, model: Any, fmts: list | None = None) -> str | None:
         """Why the model-free route cannot write this run's checkpoint, or None when it can."""
-        if self.options["disable_model_free"]:
+        if self.runtime_options.disable_model_free:
             return "disable_model_free=True"
-        if self.iters > 0:
+        if self.tuning_options.iters > 0:
             return "SignRound (iters > 0) runs the model"
-        if not self.disable_opt_rtn:
+        if not self.tuning_options.disable_opt_rtn:
             return "optimized RTN runs the model on calibration data (disable_opt_rtn=True does not)"
         if not isinstance(model, (str, os.PathLike)):
             return "the model was passed already loaded"
@@ -162,7 +105,7 @@ class AutoRound:
             return "the model is a GGUF file"
         if not path.is_dir():
             return "the model is not a local folder"
-        if self.options["quant_lm_head"]:
+        if self.plan_options.quant_lm_head:
             return "quant_lm_head is set"
         if self.device_map not in (None, "cpu"):
             return f"device_map={self.device_map!r} places the model"
@@ -185,7 +128,7 @@ class AutoRound:
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _block_names_option(self) -> list[str] | None:
-        blocks = self.options["to_quant_block_names"]
+        blocks = self.plan_options.to_quant_block_names
         if not blocks:
             return None
         return [b for b in blocks.split(",") if b] if isinstance(blocks, str) else list(blocks)
@@ -201,7 +144,8 @@ class AutoRound:
         # GPT-2-style Conv1D layers become nn.Linear while quantizing, and are restored afterwards
         self.conv1d_names = conv1d_to_linear(self.model, self.block_names)
         self.linears = quantizable_linears(self.model, self.block_names)
-        self.lm_head_name, self.lm_head_tied = self._find_lm_head() if self.options["quant_lm_head"] else (None, False)
+        quant_head = self.plan_options.quant_lm_head
+        self.lm_head_name, self.lm_head_tied = self._find_lm_head() if quant_head else (None, False)
         if self.lm_head_name is not None:
             self.linears[self.lm_head_name] = self.model.get_submodule(self.lm_head_name)
 
@@ -245,11 +189,11 @@ class AutoRound:
             return self.model, self._layer_config()
         self.plan = self._plan(fmts)
         self._untie_lm_head()
-        torch.manual_seed(self.seed)
-        if self.options["enable_deterministic_algorithms"]:
+        torch.manual_seed(self.tuning_options.seed)
+        if self.runtime_options.enable_deterministic_algorithms:
             torch.use_deterministic_algorithms(True, warn_only=False)
         start = time.time()
-        if self.iters > 0:
+        if self.tuning_options.iters > 0:
             self._signround()
             self._quantize_outside_blocks()
             self._finish()
@@ -257,12 +201,12 @@ class AutoRound:
         if self.resume:
             logger.info("--resume has nothing to resume with iters 0 (round-to-nearest runs in one pass)")
         importance = None
-        if not self.disable_opt_rtn:
-            calib = calibration_batch(self.dataset, self.tokenizer, self.nsamples, self.seqlen, self.seed)
+        if not self.tuning_options.disable_opt_rtn:
+            calib = self._calibration()
             logger.info("collecting activation statistics on %d x %d calibration tokens", *calib.shape)
-            importance = compressor.collect_importance(
+            importance = model_importance(
                 self.model, {n: self.linears[n] for n in self.plan.quantize if n != self.lm_head_name}, calib,
-                self.batch_size,
+                self.tuning_options.batch_size,
             )
         self.layers = compressor.quantize_layers(
             self.linears, self.plan, importance, envs.AR_SEARCH_SCALE_RATIO
@@ -270,7 +214,7 @@ class AutoRound:
         self._finish()
         logger.info(
             "%s done in %.1fs: %d layers quantized (%s), %d kept in float",
-            "RTN" if self.disable_opt_rtn else "optimized RTN",
+            "RTN" if self.tuning_options.disable_opt_rtn else "optimized RTN",
             time.time() - start,
             len(self.layers),
             self.scheme.describe(),
@@ -310,23 +254,10 @@ class AutoRound:
         from autoround.quantizer.signround import SignRoundOptions
 
         try:
-            options = SignRoundOptions(
-                iters=self.iters,
-                lr=self.lr,
-                minmax_lr=self.options["minmax_lr"],
-                batch_size=self.batch_size,
-                gradient_accumulate_steps=self.options["gradient_accumulate_steps"],
-                enable_minmax_tuning=self.options["enable_minmax_tuning"],
-                not_use_best_mse=self.options["not_use_best_mse"],
-                dynamic_max_gap=self.options["dynamic_max_gap"],
-                enable_adam=self.options["enable_adam"],
-                amp=bool(self.options["amp"]),
-                init_range=self.options["init_range"],
-                seed=self.seed,
-            )
+            options = SignRoundOptions(**dataclasses.asdict(self.tuning_options))
         except ValueError as exc:
             raise AutoRoundError(str(exc)) from None
-        calib = calibration_batch(self.dataset, self.tokenizer, self.nsamples, self.seqlen, self.seed)
+        calib = self._calibration()
         mask = loss_mask(calib, getattr(self.tokenizer, "pad_token_id", None))
         blocks = [
             (f"{list_name}.{i}", block)
@@ -339,40 +270,48 @@ class AutoRound:
                 "model": model_digest(self.model),
                 "calibration": tensor_digest(calib),
                 "schemes": {n: s.to_dict() for n, s in self.plan.quantize.items()},
-                "options": {k: getattr(options, k) for k in options.__dataclass_fields__},
-                "enable_quanted_input": self.options["enable_quanted_input"],
+                # every tuning option but the one that only concerns iters 0
+                "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "disable_opt_rtn"},
             }
             store = ResumeStore.open(resume_dir_for(self.resume_dir), fingerprint, self.resume, logger)
         lm_head = None
         if self.lm_head_name is not None:
             lm_head = (self.lm_head_name, final_norm(self.model), self.linears[self.lm_head_name])
-        cache_device = "cpu" if self.low_gpu_mem_usage else None
+        cache_device = "cpu" if self.runtime_options.low_gpu_mem_usage else None
         start = time.time()
         self.layers = signround_blocks(
-            self.model, blocks, self.plan.quantize, calib, options, self.options["enable_quanted_input"],
-            loss_mask=mask, resume=store, cache_device=cache_device, compile_forward=self.enable_torch_compile,
+            self.model, blocks, self.plan.quantize, calib, options, options.enable_quanted_input,
+            loss_mask=mask, resume=store, cache_device=cache_device,
+            compile_forward=self.runtime_options.enable_torch_compile,
             lm_head=lm_head,
         )
         self._resume_store = store
         logger.info(
             "SignRound done in %.1fs: %d layers quantized (%s, iters %d), %d kept in float",
-            time.time() - start, len(self.layers), self.scheme.describe(), self.iters, len(self.plan.keep_float),
+            time.time() - start, len(self.layers), self.scheme.describe(), options.iters, len(self.plan.keep_float),
         )
 
+    def _calibration(self) -> torch.Tensor:
+        c = self.calibration_options
+        return calibration_batch(c.dataset, self.tokenizer, c.nsamples, c.seqlen, self.tuning_options.seed)
+
     def _settings(self) -> dict[str, Any]:
-        settings: dict[str, Any] = {"iters": self.iters}
-        if self.iters > 0:
-            settings["lr"] = self.lr if self.lr is not None else 1.0 / self.iters
-        if self.iters == 0:
-            settings["disable_opt_rtn"] = self.disable_opt_rtn
-        if self.iters > 0 or not self.disable_opt_rtn:
-            settings.update(nsamples=self.nsamples, seqlen=self.seqlen)
-            if isinstance(self.dataset, str):
-                settings["dataset"] = self.dataset
+        """The run's settings recorded in the checkpoint's quantization config."""
+        t, c = self.tuning_options, self.calibration_options
+        settings: dict[str, Any] = {"iters": t.iters}
+        if t.iters > 0:
+            settings["lr"] = t.learning_rate
+        if t.iters == 0:
+            settings["disable_opt_rtn"] = t.disable_opt_rtn
+        if t.iters > 0 or not t.disable_opt_rtn:
+            settings.update(nsamples=c.nsamples, seqlen=c.seqlen)
+            if isinstance(c.dataset, str):
+                settings["dataset"] = c.dataset
         return settings
 
     def save_quantized(self, output_dir: str | os.PathLike, format: str = "auto_round", inplace: bool = True) -> list[str]:
         """Write one checkpoint per format (comma-separated); with several formats, one subfolder each."""
+        _check_inplace(inplace)
         fmts = parse_formats(format)
         check_output_dir(output_dir)
         if not self.quantized:
@@ -420,6 +359,7 @@ class AutoRound:
         the folder tensor by tensor and the model is never loaded, so the returned model is None (``ar.model``
         loads the float model).  The checkpoint is the same as the in-memory route's; ``disable_model_free=True``
         forces the in-memory route."""
+        _check_inplace(inplace)
         check_output_dir(output_dir)
         start = time.time()
         fmts = parse_formats(format)
@@ -472,6 +412,28 @@ class AutoRound:
             paths.append(model_free.export(fmt, src, plan, self.scheme, out, tokenizer, self._settings()))
         self.plan = plan
         return paths
+
+
+def _flat_signature() -> inspect.Signature:
+    """``AutoRound.__init__``'s signature as ``help()`` and IDEs show it: every option by name, with its default."""
+    from autoround.quantizer.options import defaults
+
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [inspect.Parameter("self", kind), inspect.Parameter("model", kind),
+              inspect.Parameter("tokenizer", kind, default=None)]
+    params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=v) for n, v in defaults().items()]
+    return inspect.Signature(params)
+
+
+AutoRound.__init__.__signature__ = _flat_signature()  # type: ignore[attr-defined]
+
+
+def _check_inplace(inplace: bool) -> None:
+    if inplace is not True:
+        raise AutoRoundError(
+            f"inplace={inplace!r} is not supported: quantization replaces the model's weights by their quantized "
+            "values in place; keep inplace=True and load a fresh copy of the model if you need the float one"
+        )
 
 
 class AutoScheme:

@@ -65,23 +65,33 @@ class _Var:
     parse: Callable[[str], Any]
     default: Any
     doc: str
+    # set for a variable of the reference tool whose feature does not exist here: a value other than the default
+    # is refused (``check_unsupported``) with this reason
+    unsupported: str | None = None
 
 
 _VARS: dict[str, _Var] = {
     "AR_LOG_LEVEL": _Var(_log_level, "INFO", "log level of the 'autoround' logger"),
-    "AR_WORK_SPACE": _Var(_path, "ar_work_space", "folder for temporary offloaded tensors"),
-    "AR_USE_MODELSCOPE": _Var(_bool, False, "load hub models and datasets from ModelScope instead of Hugging Face"),
-    "AR_DISABLE_OFFLOAD": _Var(_bool, False, "keep every block in memory instead of offloading finished ones"),
+    "AR_WORK_SPACE": _Var(_path, "ar_work_space", "folder for temporary offloaded tensors",
+                          unsupported="nothing is offloaded to disk yet (finished blocks stay in memory)"),
+    "AR_USE_MODELSCOPE": _Var(_bool, False, "load hub models and datasets from ModelScope instead of Hugging Face",
+                              unsupported="only the Hugging Face hub and local files are read"),
+    "AR_DISABLE_OFFLOAD": _Var(_bool, False, "keep every block in memory instead of offloading finished ones",
+                               unsupported="finished blocks always stay in memory (there is no offload to disable)"),
     "AR_DISABLE_DATASET_SUBPROCESS": _Var(_bool, False, "tokenize calibration data in the main process"),
-    "AR_ACT_SCALE": _Var(_positive_float, 1.0, "multiplier applied to activation ranges"),
-    "AR_ENABLE_ACT_MINMAX_TUNING": _Var(_bool, False, "tune activation min/max as well"),
+    "AR_ACT_SCALE": _Var(_positive_float, 1.0, "multiplier applied to activation ranges",
+                         unsupported="activations are not quantized (weight-only schemes)"),
+    "AR_ENABLE_ACT_MINMAX_TUNING": _Var(_bool, False, "tune activation min/max as well",
+                                        unsupported="activations are not quantized (weight-only schemes)"),
     "AR_SEARCH_SCALE_RATIO": _Var(
         _positive_float,
         0.7,
         "optimized RTN search: lowest integer range (symmetric, x 2**(bits-1)) or clip ratio (asymmetric) tried",
     ),
-    "AR_ENABLE_COMPILE_PACKING": _Var(_bool, False, "torch.compile the packing kernels"),
-    "AR_DYNAMO_CACHE_SIZE_LIMIT": _Var(_positive_int, 64, "torch._dynamo cache size limit when compiling"),
+    "AR_ENABLE_COMPILE_PACKING": _Var(_bool, False, "torch.compile the packing kernels",
+                                      unsupported="packing is not compiled"),
+    "AR_DYNAMO_CACHE_SIZE_LIMIT": _Var(_positive_int, 64,
+                                       "torch._dynamo cache size limit set when enable_torch_compile compiles"),
     "AR_CACHE_DIR": _Var(_path, os.path.join("~", ".cache", "autoround"), "cache for converted models and corpora"),
 }
 
@@ -159,7 +169,28 @@ def set_config(**values: Any) -> None:
         apply_level()
 
 
+def check_unsupported() -> None:
+    """Refuse (``ValueError``) every variable of a feature that does not exist here, set to a non-default value."""
+    bad = []
+    for name, var in _VARS.items():
+        if var.unsupported is None or name not in os.environ:
+            continue
+        value = _read(name)
+        default = os.path.expanduser(var.default) if var.parse is _path else var.default
+        if value != default:
+            bad.append(f"{name}={os.environ[name]!r} ({var.unsupported})")
+    if bad:
+        raise ValueError(
+            "environment variable(s) of features this version does not have: " + "; ".join(bad)
+            + ". Unset them (or set their defaults) to continue"
+        )
+
+
 def describe_all() -> dict[str, str]:
     """name -> one-line description with its default, for ``auto-round -h``."""
-    return {name: f"{var.doc} (default {var.default!r})" for name, var in _VARS.items()}
+    out = {}
+    for name, var in _VARS.items():
+        note = f"; not supported: {var.unsupported}, only the default is accepted" if var.unsupported else ""
+        out[name] = f"{var.doc} (default {var.default!r}{note})"
+    return out
 

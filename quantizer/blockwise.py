@@ -16,7 +16,8 @@ from .formats import QuantizedLayer
 from .model_io import decoder_body
 from .schemes import QuantScheme
 from .resume import ResumeStore
-from .signround import ImportanceHooks, SignRoundOptions, searches_range, tune_block
+from .importance import ImportanceHooks
+from .signround import SignRoundOptions, searches_range, tune_block
 from ..log import logger
 from ..memory import peak_rss_bytes, release_host_memory, release_pages
 
@@ -169,7 +170,7 @@ def signround_blocks(
             full[len(block_name) + 1 :]: s for full, s in schemes.items() if full.startswith(block_name + ".")
         }
         # the float forward measures the input importance of the layers whose tuning starts from a searched range
-        with ImportanceHooks(block, [rel for rel, s in layers.items() if searches_range(s, options)]) as hooks:
+        with ImportanceHooks.of_block(block, [rel for rel, s in layers.items() if searches_range(s, options)]) as hooks:
             fp_out = run(block, fp_in)
         if not layers:
             q_in = run(block, q_in, amp) if enable_quanted_input else fp_out
@@ -232,6 +233,9 @@ def _compiled_or_eager(fn):
     warning with the reason, and the eager ``fn`` from then on."""
     import torch._dynamo  # noqa: F401  (its exception types)
 
+    from .. import envs
+
+    torch._dynamo.config.cache_size_limit = envs.AR_DYNAMO_CACHE_SIZE_LIMIT
     compiled = torch.compile(fn, dynamic=False)
     current = [compiled]
 

@@ -16,6 +16,9 @@ import time
 from typing import Any, Sequence
 
 from .errors import AutoRoundError
+from .options import (
+    CalibrationOptions, PlanOptions, RuntimeOptions, TuningOptions, add_cli_arguments, cli_values, json_fields,
+)
 
 # recipe -> option defaults (the reference tool's published recipes)
 RECIPES: dict[str, dict[str, Any]] = {
@@ -44,60 +47,14 @@ def build_parser(prog: str = "auto-round", recipe: str = "default") -> argparse.
     g.add_argument("--output_dir", default="./tmp_autoround", help="where the checkpoint goes (default %(default)s)")
     g.add_argument("--format", "--formats", dest="format", default="auto_round",
                    help="export format(s), comma-separated (default %(default)s); see 'list format'")
-    g.add_argument("--device_map", "--device", dest="device_map", default=None,
-                   help="device for the model, e.g. cpu, cuda:0, auto (default: cpu)")
-    g = p.add_argument_group("scheme")
-    g.add_argument("--scheme", default="W4A16", help="preset scheme (default %(default)s); see 'list scheme'")
-    g.add_argument("--bits", type=int, default=None, help="override the scheme's weight bits (2, 3, 4, 8)")
-    g.add_argument("--group_size", type=int, default=None,
-                   help="override the group size: -1 per output channel, 0 per tensor, N > 0 input channels per group")
-    g.add_argument("--asym", action="store_true", help="asymmetric quantization (default: symmetric)")
-    g.add_argument("--layer_config", default=None,
-                   help="JSON dict of per-layer overrides, e.g. '{\"mlp.down_proj\": {\"bits\": 8}}' "
-                        "(exact, regex or substring names; bits 16 keeps a layer in float)")
-    g.add_argument("--ignore_layers", "--fp_layers", dest="ignore_layers", default="",
-                   help="comma-separated layer names or patterns to keep in float")
-    g.add_argument("--quant_lm_head", action="store_true", help="also quantize lm_head")
-    g = p.add_argument_group("algorithm")
-    g.add_argument("--iters", type=int, default=r["iters"],
-                   help="SignRound iterations per block; 0 = round-to-nearest (default %(default)s)")
-    g.add_argument("--lr", type=float, default=r["lr"], help="SignRound learning rate (default 1/iters)")
-    g.add_argument("--minmax_lr", type=float, default=None, help="learning rate of the min/max scales (default lr)")
-    g.add_argument("--disable_opt_rtn", action="store_true",
-                   help="with --iters 0: plain RTN, no activation-weighted scale search and no calibration data")
-    g.add_argument("--disable_model_free", action="store_true",
-                   help="with --iters 0 --disable_opt_rtn: load the model and quantize it in memory instead of "
-                        "streaming the folder's weights tensor by tensor (same checkpoint, more memory)")
-    g.add_argument("--seed", type=int, default=42, help="random seed (default %(default)s)")
-    g.add_argument("--low_gpu_mem_usage", action="store_true", help="keep cached activations off the accelerator")
-    g.add_argument("--enable_torch_compile", action="store_true", help="torch.compile the tuning step")
-    g.add_argument("--gradient_accumulate_steps", type=int, default=1,
-                   help="batches whose gradients make one step (default %(default)s)")
-    g.add_argument("--dynamic_max_gap", type=int, default=-1,
-                   help="stop tuning a block after this many iterations without a better loss (default off)")
-    g.add_argument("--enable_adam", action="store_true", help="AdamW instead of signed gradient descent")
-    g.add_argument("--disable_amp", action="store_true",
-                   help="tune in the model's own dtype instead of under bf16 autocast (the default, as the reference)")
-    g.add_argument("--disable_minmax_tuning", action="store_true", help="do not tune the per-group min/max scales")
-    g.add_argument("--init_range", choices=["auto", "minmax", "search"], default="auto",
-                   help="where the min/max tuning starts: each group's min/max (the reference), optimized RTN's "
-                        "searched range, or auto = searched for 2- and 3-bit layers (default %(default)s)")
-    g.add_argument("--disable_quanted_input", action="store_true",
-                   help="tune each block on float inputs instead of the quantized model's inputs")
-    g.add_argument("--not_use_best_mse", action="store_true", help="keep the last iteration, not the best one")
-    g.add_argument("--enable_deterministic_algorithms", action="store_true",
-                   help="torch.use_deterministic_algorithms(True) (slower on some accelerators)")
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted SignRound run from its last finished block (same command and "
                         "settings; the result equals an uninterrupted run)")
-    g = p.add_argument_group("calibration data")
-    g.add_argument("--dataset", default="NeelNanda/pile-10k",
-                   help="name[:split=..][:num=N][:concat=True], comma-separated; a hub id or a local "
-                        ".txt/.json/.jsonl/.parquet file (offline, the default falls back to a packaged corpus)")
-    g.add_argument("--nsamples", type=int, default=r["nsamples"], help="calibration samples (default %(default)s)")
-    g.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sample (default %(default)s)")
-    g.add_argument("--batch_size", "--bs", dest="batch_size", type=int, default=8,
-                   help="calibration batch size (default %(default)s)")
+    # every option of quantizer/options.py, with the recipe's defaults
+    add_cli_arguments(p, PlanOptions, "scheme", r)
+    add_cli_arguments(p, TuningOptions, "algorithm", r)
+    add_cli_arguments(p, CalibrationOptions, "calibration data", r)
+    add_cli_arguments(p, RuntimeOptions, "runtime", r)
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_ppl", default=None, metavar="FILE",
                    help="print perplexity of the float model and of the saved checkpoint on this UTF-8 text "
@@ -152,47 +109,17 @@ def run(args: argparse.Namespace) -> int:
     model = args.model or args.model_pos
     if not model:
         raise AutoRoundError("no model given: pass --model FOLDER (or a hub id or .gguf file)")
-    layer_config = None
-    if args.layer_config:
-        try:
-            layer_config = json.loads(args.layer_config)
-        except json.JSONDecodeError as exc:
-            raise AutoRoundError(f"--layer_config is not valid JSON: {exc}") from None
-        if not isinstance(layer_config, dict):
-            raise AutoRoundError("--layer_config must be a JSON object of layer name -> settings")
+    values = cli_values(args)
+    for name in json_fields():
+        if values.get(name):
+            try:
+                values[name] = json.loads(values[name])
+            except json.JSONDecodeError as exc:
+                raise AutoRoundError(f"--{name} is not valid JSON: {exc}") from None
+            if not isinstance(values[name], dict):
+                raise AutoRoundError(f"--{name} must be a JSON object of layer name -> settings")
     eval_text = _eval_text(args.eval_ppl) if args.eval_ppl else None
-    ar = AutoRound(
-        model,
-        scheme=args.scheme,
-        bits=args.bits,
-        group_size=args.group_size,
-        sym=False if args.asym else None,
-        layer_config=layer_config,
-        iters=args.iters,
-        lr=args.lr,
-        minmax_lr=args.minmax_lr,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        batch_size=args.batch_size,
-        dataset=args.dataset,
-        device_map=args.device_map,
-        seed=args.seed,
-        disable_opt_rtn=args.disable_opt_rtn,
-        low_gpu_mem_usage=args.low_gpu_mem_usage,
-        enable_torch_compile=args.enable_torch_compile,
-        ignore_layers=args.ignore_layers,
-        quant_lm_head=args.quant_lm_head,
-        gradient_accumulate_steps=args.gradient_accumulate_steps,
-        dynamic_max_gap=args.dynamic_max_gap,
-        enable_adam=args.enable_adam,
-        amp=not args.disable_amp,
-        init_range=args.init_range,
-        enable_minmax_tuning=not args.disable_minmax_tuning,
-        enable_quanted_input=not args.disable_quanted_input,
-        not_use_best_mse=args.not_use_best_mse,
-        enable_deterministic_algorithms=args.enable_deterministic_algorithms,
-        disable_model_free=args.disable_model_free,
-    )
+    ar = AutoRound(model, **values)
     fp_ppl = None
     if eval_text is not None:
         if ar.tokenizer is None:

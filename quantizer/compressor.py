@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from .errors import AutoRoundError, FormatError, SchemeError
 from .formats import ExportFormat, ExportJob, QuantizedLayer, formats_supporting, list_formats
-from .model_io import decoder_body
 from .dtypes import family_of
 from .schemes import QuantScheme, resolve_scheme
 from ..log import logger
@@ -147,35 +146,6 @@ def _layer_bases(linears: Mapping[str, nn.Linear], default: QuantScheme) -> dict
 
 
 @torch.no_grad()
-def collect_importance(
-    model: nn.Module, linears: Mapping[str, nn.Linear], calib: torch.Tensor, batch_size: int
-) -> dict[str, torch.Tensor]:
-    """Per-input-channel mean of squared activations of every layer in ``linears`` (an importance matrix)."""
-    sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in linears.items()}
-    counts = dict.fromkeys(linears, 0)
-    hooks = []
-
-    def make_hook(name: str):
-        def hook(_mod, inputs):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float32)
-            sums[name] += x.pow(2).sum(0).to("cpu", torch.float64)
-            counts[name] += x.shape[0]
-
-        return hook
-
-    for name, module in linears.items():
-        hooks.append(module.register_forward_pre_hook(make_hook(name)))
-    device = next(model.parameters()).device
-    body = decoder_body(model)
-    try:
-        for i in tqdm(range(0, len(calib), batch_size), desc="calibration statistics", leave=False):
-            body(input_ids=calib[i : i + batch_size].to(device), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: (sums[n] / max(counts[n], 1)).to(torch.float32) for n in linears}
-
-
 def quantize_layers(
     linears: Mapping[str, nn.Linear],
     plan: LayerPlan,

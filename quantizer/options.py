@@ -11,7 +11,7 @@ the tuner, the planner and the calibration stage read the groups they need.  Fou
 
 A field's ``metadata`` holds its help text and how the CLI spells it: ``flag`` (default ``--<name>``),
 ``aliases``, ``negate`` (a ``--disable_x``-style switch that stores False into a field whose default is True),
-``cli=False`` for fields the CLI does not take (Python objects such as a DataLoader).
+``cli_help`` where the flag's help differs from the field's, ``cli=False`` for fields the CLI does not take.
 
 Options the reference accepts whose feature does not exist here are accepted only at the value that means
 "as usual", and refused otherwise with a message that says so (``check_unsupported``).
@@ -52,7 +52,8 @@ class PlanOptions:
     group_size: int | None = _opt(
         None, "override the group size: -1 per output channel, 0 per tensor, N > 0 input channels per group", type=int
     )
-    sym: bool | None = _opt(None, "symmetric (True) or asymmetric (False) weights", flag="--asym", store=False)
+    sym: bool | None = _opt(None, "symmetric (True) or asymmetric (False) weights (default: the scheme's)",
+                            flag="--asym", store=False, cli_help="asymmetric weights (default: the scheme's)")
     act_bits: int | None = _opt(None, "activation bits: only 16 (weight-only schemes) exists so far", type=int)
     layer_config: Mapping[str, Any] | None = _opt(
         None, "per-layer overrides as a JSON object, e.g. '{\"mlp.down_proj\": {\"bits\": 8}}' (exact, regex or "
@@ -94,10 +95,12 @@ class TuningOptions:
     minmax_lr: float | None = _opt(None, "learning rate of the min/max factors (default lr)", type=float)
     batch_size: int = _opt(8, "calibration batch size", type=int, aliases=["--bs"])
     gradient_accumulate_steps: int = _opt(1, "batches whose gradients make one step", type=int)
-    enable_minmax_tuning: bool = _opt(True, "tune the per-group min/max", flag="--disable_minmax_tuning", negate=True)
+    enable_minmax_tuning: bool = _opt(True, "tune the per-group min/max", flag="--disable_minmax_tuning", negate=True,
+                                      cli_help="do not tune the per-group min/max")
     enable_quanted_input: bool = _opt(
         True, "tune each block on the quantized model's inputs (off: on the float model's)",
         flag="--disable_quanted_input", negate=True,
+        cli_help="tune each block on the float model's inputs instead of the quantized model's",
     )
     not_use_best_mse: bool = _opt(False, "keep the last iteration, not the best one")
     dynamic_max_gap: int = _opt(
@@ -107,6 +110,7 @@ class TuningOptions:
     amp: bool = _opt(
         True, "tuning steps under bf16 autocast, as the reference (refused with a warning where bf16 matmuls are "
         "slow); off: tune in the model's dtype", flag="--disable_amp", negate=True,
+        cli_help="tune in the model's own dtype instead of under bf16 autocast (the default, as the reference)",
     )
     init_range: str = _opt(
         "auto", "where the min/max tuning starts: each group's min/max (the reference), optimized RTN's searched "
@@ -249,7 +253,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser, group: type, title: str,
             continue
         default = (overrides or {}).get(f.name, base[f.name])
         names = [_flag(f), *meta.get("aliases", [])]
-        help_text = meta["help"]
+        help_text = meta.get("cli_help", meta["help"])
         if meta.get("negate"):
             g.add_argument(*names, dest=f.name, action="store_false", default=default, help=help_text)
         elif "store" in meta:
@@ -261,8 +265,13 @@ def add_cli_arguments(parser: argparse.ArgumentParser, group: type, title: str,
             kw: dict[str, Any] = {"type": meta["type"]} if "type" in meta else {}
             if "choices" in meta:
                 kw["choices"] = list(meta["choices"])
-            shown = "" if default is None else " (default %(default)s)"
+            shown = "" if default in (None, "") else " (default %(default)s)"
             g.add_argument(*names, dest=f.name, default=default, help=help_text + shown, **kw)
+
+
+def json_fields() -> list[str]:
+    """Options the CLI takes as a JSON string."""
+    return [f.name for g in GROUPS for f in fields_of(g) if f.metadata.get("json")]
 
 
 def cli_values(args: argparse.Namespace) -> dict[str, Any]:

@@ -118,6 +118,7 @@ def resolve_scheme(
     bits: int | None = None,
     group_size: int | None = None,
     sym: bool | None = None,
+    act_bits: int | None = None,
 ) -> QuantScheme:
     """Turn a preset name, a dict or a scheme plus optional overrides into one validated scheme."""
     if scheme is None:
@@ -132,7 +133,7 @@ def resolve_scheme(
         raise SchemeError(
             f"scheme must be a preset name ({', '.join(PRESETS)}), a dict or a QuantScheme, got {type(scheme).__name__}"
         )
-    return base.replace(bits=bits, group_size=group_size, sym=sym)
+    return base.replace(bits=bits, group_size=group_size, sym=sym, act_bits=act_bits)
 
 
 # the registered weight families add their presets (GGUF:Q4_K_M ...); families registered later add theirs

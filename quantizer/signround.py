@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .dtypes import family_of
+from .importance import block_importance
 # SignRoundOptions and check_init_range live in options; imported here too, where the tuner's callers look
 from .options import INIT_RANGES, SignRoundOptions, TuningOptions, check_init_range  # noqa: F401
 from .schemes import QuantScheme
@@ -95,7 +96,7 @@ def tune_block(
     need = {n for n, s in layers.items() if family_of(s).tuning_importance(s, options)}
     missing = [n for n in sorted(need) if importance is None or n not in importance]
     if missing:  # measured on the block's tuning inputs
-        importance = {**(importance or {}), **input_importance(block, missing, inputs, forward, options.batch_size)}
+        importance = {**(importance or {}), **block_importance(block, missing, inputs, forward, options.batch_size)}
     fixed: dict[str, Any] = {}
     wrappers: dict[str, nn.Module] = {}
     for name, scheme in layers.items():
@@ -136,56 +137,6 @@ def tune_block(
         with torch.no_grad():
             for name, w in originals.items():
                 block.get_submodule(name).weight.copy_(w)
-
-
-class ImportanceHooks:
-    """While active (``with``), accumulates each named linear layer's per-input-channel sum of squared input
-    activations over the block's forward calls; ``result()`` gives their means (llama.cpp's importance matrix),
-    float32 on the CPU.  Lets a forward the caller runs anyway (the float targets) measure importance for free."""
-
-    def __init__(self, block: nn.Module, names: list[str]) -> None:
-        self.block, self.names = block, list(names)
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts = dict.fromkeys(self.names, 0)
-        self._hooks: list[Any] = []
-
-    def _hook(self, name: str):
-        def hook(_mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
-            total = x.pow(2).sum(0).to("cpu", torch.float64)
-            self.sums[name] = self.sums[name] + total if name in self.sums else total
-            self.counts[name] += x.shape[0]
-
-        return hook
-
-    def __enter__(self) -> "ImportanceHooks":
-        self._hooks = [self.block.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in self.names]
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-
-    def result(self) -> dict[str, torch.Tensor]:
-        return {n: (self.sums[n] / max(self.counts[n], 1)).to(torch.float32) for n in self.names if n in self.sums}
-
-
-@torch.no_grad()
-def input_importance(
-    block: nn.Module,
-    names: list[str],
-    inputs: torch.Tensor,
-    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-    batch_size: int,
-) -> dict[str, torch.Tensor]:
-    """Per-input-channel mean of squared activations entering each named linear layer of ``block`` over all
-    ``inputs`` (llama.cpp's importance matrix), in float32 on the CPU."""
-    device = next(block.parameters()).device
-    with ImportanceHooks(block, names) as hooks:
-        for i in range(0, len(inputs), batch_size):
-            forward(block, inputs[i : i + batch_size].to(device))
-    return hooks.result()
 
 
 def searches_range(scheme: QuantScheme, options: TuningOptions) -> bool:

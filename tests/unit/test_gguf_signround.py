@@ -20,7 +20,8 @@ from autoround.quantizer.dtypes.gguf.types import plan_types
 from autoround.quantizer.formats.gguf import permute_qk
 from autoround.quantizer.resume import ResumeStore
 from autoround.quantizer.dtypes.gguf.family import gguf_scheme
-from autoround.quantizer.signround import SignRoundOptions, input_importance, tune_block
+from autoround.quantizer.importance import block_importance as input_importance
+from autoround.quantizer.signround import SignRoundOptions, tune_block
 
 TYPES = ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k"]
 

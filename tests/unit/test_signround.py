@@ -139,7 +139,7 @@ def test_amp_holds_tuned_blocks_in_bf16_and_restores_exact_float32(monkeypatch):
     hook = second.register_forward_pre_hook(lambda m, a: seen.append(first.mlp.down_proj.weight.dtype))
     try:
         ar = AutoRound(model, scheme="W4A16", group_size=32, iters=2, dataset=calib, nsamples=8, seqlen=32, batch_size=4)
-        assert ar.options["amp"] is True
+        assert ar.tuning_options.amp is True
         ar.quantize()
     finally:
         hook.remove()
@@ -175,7 +175,7 @@ def test_searched_init_range_starts_from_optimized_rtn_and_auto_picks_it_below_4
     input activations: with a vanishing learning rate the result is optimized RTN with that importance, and its
     loss beats the plain min/max start at 2 bits.  "auto" searches at 2 and 3 bits and keeps min/max at 4."""
     from autoround.quantizer.rtn import optimized_rtn_quantize
-    from autoround.quantizer.signround import input_importance
+    from autoround.quantizer.importance import block_importance as input_importance
 
     mlp, x, y, names = mlp_case()
     imp = input_importance(mlp, names, x, lambda b, h: b(h), 8)

@@ -1,0 +1,85 @@
+"""Importance of each input channel of a linear layer: the mean of its squared input activations over the
+calibration data (llama.cpp's importance matrix).  Optimized RTN weighs its scale search with it and SignRound's
+searched start (``init_range``) and GGUF types use it.  One collector, ``ImportanceHooks``, measures it during
+any forward a caller runs: the model's (``model_importance``) or one block's (``block_importance``)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+class ImportanceHooks:
+    """While active (``with``), accumulates each named module's per-input-channel sum of squared inputs over the
+    forward calls; ``result()`` gives their means, float32 on the CPU.  Lets a forward the caller runs anyway
+    (SignRound's float targets) measure importance for free."""
+
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        self.modules = dict(modules)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts = dict.fromkeys(self.modules, 0)
+        self._hooks: list[Any] = []
+
+    @classmethod
+    def of_block(cls, block: nn.Module, names: list[str]) -> "ImportanceHooks":
+        return cls({n: block.get_submodule(n) for n in names})
+
+    def _hook(self, name: str):
+        def hook(_mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            total = x.pow(2).sum(0).to("cpu", torch.float64)
+            self.sums[name] = self.sums[name] + total if name in self.sums else total
+            self.counts[name] += x.shape[0]
+
+        return hook
+
+    def __enter__(self) -> "ImportanceHooks":
+        self._hooks = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def result(self, unseen_as_zero: bool = False) -> dict[str, torch.Tensor]:
+        """Means of the modules that saw inputs (``unseen_as_zero``: zeros for the others too)."""
+        out = {n: (self.sums[n] / max(self.counts[n], 1)).to(torch.float32) for n in self.modules if n in self.sums}
+        if unseen_as_zero:
+            for n, m in self.modules.items():
+                out.setdefault(n, torch.zeros(m.in_features, dtype=torch.float32))
+        return {n: out[n] for n in self.modules if n in out}
+
+
+@torch.no_grad()
+def model_importance(
+    model: nn.Module, linears: Mapping[str, nn.Linear], calib: torch.Tensor, batch_size: int
+) -> dict[str, torch.Tensor]:
+    """Importance of every layer in ``linears`` over the decoder body's forward of ``calib`` (one entry each)."""
+    from .model_io import decoder_body
+
+    device = next(model.parameters()).device
+    body = decoder_body(model)
+    with ImportanceHooks(linears) as hooks:
+        for i in tqdm(range(0, len(calib), batch_size), desc="calibration statistics", leave=False):
+            body(input_ids=calib[i : i + batch_size].to(device), use_cache=False)
+    return hooks.result(unseen_as_zero=True)
+
+
+@torch.no_grad()
+def block_importance(
+    block: nn.Module,
+    names: list[str],
+    inputs: torch.Tensor,
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    batch_size: int,
+) -> dict[str, torch.Tensor]:
+    """Importance of each named linear layer of ``block`` over all ``inputs``, through ``forward``."""
+    device = next(block.parameters()).device
+    with ImportanceHooks.of_block(block, names) as hooks:
+        for i in range(0, len(inputs), batch_size):
+            forward(block, inputs[i : i + batch_size].to(device))
+    return hooks.result()
