@@ -6,7 +6,7 @@ devices this machine lacks (CUDA, XPU, Gaudi) still have their conversions prove
 - ``gptq_v1_to_v2_qzeros`` / ``gptq_v2_to_v1_qzeros``: the historic GPTQ ``zp - 1`` storage
   (``auto_round:auto_gptq``, ``auto_gptq``) versus the raw zero points that gptqmodel's kernels
   ("v2") and the ``auto_round`` packing store.
-- ``unpack_awq`` / ``awq_to_gptq``: AWQ words (packed along the output dimension with the
+- ``unpack_awq_layer`` / ``awq_to_gptq``: AWQ words (packed along the output dimension with the
   ``[0, 2, 4, 6, 1, 3, 5, 7]`` interleave) to plain integers and to the GPTQ layout.
 - ``padded_group_layout``: how a kernel that needs whole groups pads a ragged last group.
 - ``marlin_scale_perm``/``marlin_permute_scales``: the scale reordering gptqmodel's Marlin kernel
@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import torch
 
-from autoround.quantizer.formats.packing import pack_gptq_qzeros, pack_stream, unpack_gptq_qzeros
+from autoround.quantizer.formats.packing import pack_awq, pack_gptq_qzeros, pack_stream, unpack_awq, unpack_gptq_qzeros
 
-# column j of an 8-column AWQ word sits at nibble position AWQ_NIBBLE_OF_COLUMN[j]
-AWQ_NIBBLE_OF_COLUMN = (0, 4, 1, 5, 2, 6, 3, 7)
-# nibble position p holds column AWQ_COLUMN_OF_NIBBLE[p]
-AWQ_COLUMN_OF_NIBBLE = (0, 2, 4, 6, 1, 3, 5, 7)
+# the AWQ word layout has one implementation, the formats' (``quantizer/formats/packing.py``); kernels use it
+# under these names: int32 ``[rows, cols/8]`` words <-> uint8 ``[rows, cols]`` in natural column order
+pack_awq_words = pack_awq
+unpack_awq_words = unpack_awq
 
 
 def gptq_v1_to_v2_qzeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
@@ -38,26 +38,7 @@ def gptq_v2_to_v1_qzeros(qzeros: torch.Tensor, bits: int, out_features: int) -> 
     return pack_gptq_qzeros((z - 1) & ((1 << bits) - 1), bits)
 
 
-def unpack_awq_words(words: torch.Tensor) -> torch.Tensor:
-    """int32 ``[rows, cols/8]`` AWQ words -> uint8 ``[rows, cols]`` in natural column order."""
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.tensor([4 * AWQ_NIBBLE_OF_COLUMN[j] for j in range(8)], device=words.device)
-    vals = (w.unsqueeze(-1) >> shifts) & 0xF  # [rows, cols/8, 8], column j of each word
-    return vals.reshape(words.shape[0], -1).to(torch.uint8)
-
-
-def pack_awq_words(values: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[rows, cols]`` (cols a multiple of 8) -> int32 AWQ words ``[rows, cols/8]``."""
-    rows, cols = values.shape
-    if cols % 8:
-        raise ValueError(f"AWQ packs 8 columns per word; {cols} columns is not a multiple of 8")
-    v = values.to(torch.int64).reshape(rows, cols // 8, 8) & 0xF
-    shifts = torch.tensor([4 * AWQ_NIBBLE_OF_COLUMN[j] for j in range(8)], device=values.device)
-    words = (v << shifts).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
-def unpack_awq(qweight: torch.Tensor, qzeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def unpack_awq_layer(qweight: torch.Tensor, qzeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """AWQ ``qweight [in, out/8]``, ``qzeros [groups, out/8]`` -> integers ``[in, out]``, zeros ``[groups, out]``."""
     return unpack_awq_words(qweight), unpack_awq_words(qzeros)
 
@@ -67,7 +48,7 @@ def awq_to_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, zero_offset: int = 
 
     ``zero_offset=1`` writes GPTQ v1 zeros (``zp - 1``), 0 writes raw zero points.
     """
-    q, z = unpack_awq(qweight, qzeros)
+    q, z = unpack_awq_layer(qweight, qzeros)
     z = (z.to(torch.int32) - zero_offset) & 0xF
     return pack_stream(q, 4).contiguous(), pack_gptq_qzeros(z, 4)
 
