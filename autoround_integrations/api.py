@@ -110,7 +110,7 @@ class AutoRound:
         if self.device_map not in (None, "cpu"):
             return f"device_map={self.device_map!r} places the model"
         for fmt in fmts or []:
-            if not getattr(fmt, "model_free", False):
+            if not fmt.model_free:
                 return f"format {fmt.name!r} is written from the loaded model"
         if fmts is not None and (self.scheme.is_float or not family_of(self.scheme).model_free):
             return f"scheme {self.scheme.describe()} is not plain integer RTN"
@@ -181,7 +181,7 @@ class AutoRound:
         """Quantize in memory (weights become their fake-quantized values); returns (model, layer_config)."""
         fmts = parse_formats(formats or "auto_round")
         self._adapt_scheme(fmts)
-        if self.scheme.is_float and all(getattr(f, "float_model_ok", False) for f in fmts):
+        if self.scheme.is_float and all(f.float_model_ok for f in fmts):
             # e.g. gguf:bf16: a float file, nothing to quantize
             self.plan = compressor.LayerPlan(keep_float=list(self.linears))
             self.layers = {}
@@ -237,9 +237,7 @@ class AutoRound:
     def _adapt_scheme(self, fmts: list) -> None:
         """Formats that fix the scheme (gguf:q4_k_m needs GGUF:Q4_K_M) adapt it before any work."""
         for fmt in fmts:
-            adapt = getattr(fmt, "adapt_scheme", None)
-            if adapt is not None:
-                self.scheme = adapt(self.scheme)
+            self.scheme = fmt.adapt_scheme(self.scheme)
 
     def _layer_config(self) -> dict[str, Any]:
         layer_config: dict[str, Any] = {n: layer.scheme.to_dict() for n, layer in self.layers.items()}
@@ -317,10 +315,8 @@ class AutoRound:
         if not self.quantized:
             raise AutoRoundError("call quantize() before save_quantized(), or use quantize_and_save()")
         for fmt in fmts:  # formats chosen after quantize() must still hold the schemes and shapes used
-            adapt = getattr(fmt, "adapt_scheme", None)
-            if adapt is not None:
-                adapt(self.scheme, switch=False)
-            if self.plan is not None and not self.plan.quantize and getattr(fmt, "float_model_ok", False):
+            fmt.adapt_scheme(self.scheme, switch=False)
+            if self.plan is not None and not self.plan.quantize and fmt.float_model_ok:
                 continue
             packable = self._plan([fmt]).quantize
             lost = [n for n in self.layers if n not in packable]

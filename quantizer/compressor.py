@@ -106,7 +106,7 @@ def plan_layers(
     if lm_head is not None and lm_head in plan.quantize:
         _check_lm_head(formats, lm_head_tied)
     for fmt in formats:
-        if getattr(fmt, "uniform", False) and len(set(plan.quantize.values())) > 1:
+        if fmt.uniform and len(set(plan.quantize.values())) > 1:
             kinds = sorted({s.describe() for s in plan.quantize.values()})
             raise FormatError(
                 f"format {fmt.name!r} holds one scheme for every quantized layer, but this run mixes "
@@ -123,14 +123,14 @@ def _check_lm_head(formats: list[ExportFormat], tied: bool) -> None:
 
     every = [get_format(n) for n in list_formats()]
     for fmt in formats:
-        if not getattr(fmt, "lm_head", False):
-            able = [f.name for f in every if getattr(f, "lm_head", False)]
+        if not fmt.lm_head:
+            able = [f.name for f in every if f.lm_head]
             raise FormatError(
                 f"format {fmt.name!r} cannot hold a quantized lm_head; drop quant_lm_head or use one of: "
                 f"{', '.join(able)}"
             )
-        if tied and not getattr(fmt, "tied_lm_head", False):
-            able = [f.name for f in every if getattr(f, "tied_lm_head", False)]
+        if tied and not fmt.tied_lm_head:
+            able = [f.name for f in every if f.tied_lm_head]
             raise FormatError(
                 f"this model ties lm_head to the input embedding and format {fmt.name!r} cannot hold a quantized "
                 f"lm_head with a float embedding; drop quant_lm_head or use one of: {', '.join(able)}"

@@ -7,7 +7,7 @@ it imports nothing from them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Protocol
+from typing import Any, ClassVar, Mapping
 
 import torch
 
@@ -46,39 +46,56 @@ class ExportJob:
     max_shard_bytes: int | None = None  # None: the writer's default
 
 
-class ExportFormat(Protocol):
+class ExportFormat:
+    """Base class of an export format: one subclass per format module, registered with ``register_format``.
+    The defaults below are what a format that does not override them means."""
+
     name: ClassVar[str]
     description: ClassVar[str]
     # whether the format can hold a quantized output projection (lm_head), and whether it can when the
     # model ties it to the input embedding (the checkpoint is then written untied)
-    lm_head: ClassVar[bool]
-    tied_lm_head: ClassVar[bool]
+    lm_head: ClassVar[bool] = False
+    tied_lm_head: ClassVar[bool] = False
     # True: every quantized layer must share one scheme (no per-layer overrides other than float)
-    uniform: ClassVar[bool]
+    uniform: ClassVar[bool] = False
     # True: the format can be written by the model-free route (plain RTN streamed from the source files,
     # ``quantizer/model_free.py``); it then sees a meta-device skeleton as ``job.model``
-    model_free: ClassVar[bool]
+    model_free: ClassVar[bool] = False
+    # True: a model with no quantized layer is a valid export (a float GGUF file)
+    float_model_ok: bool = False
+
+    def adapt_scheme(self, scheme: QuantScheme, switch: bool = True) -> QuantScheme:
+        """The scheme this format needs instead of ``scheme`` (``switch`` False: raise ``FormatError`` rather
+        than switch); by default ``scheme`` itself."""
+        return scheme
 
     def scheme_error(self, scheme: QuantScheme) -> str | None:
         """Why this format cannot hold ``scheme`` at all (checked before any work), or None."""
+        raise NotImplementedError
 
     def shape_error(self, scheme: QuantScheme, in_features: int, out_features: int) -> str | None:
         """Why a layer of this shape cannot be packed (the layer is then kept in float), or None."""
+        return None
 
     def layer_tensors(self, layer: QuantizedLayer) -> dict[str, torch.Tensor]:
         """Tensors replacing ``<name>.weight`` (suffix -> tensor), bias excluded."""
+        raise NotImplementedError
 
     def quantization_config(self, job: ExportJob) -> dict[str, Any]:
         """The ``quantization_config`` dict for config.json."""
+        raise NotImplementedError
 
     def save(self, job: ExportJob, output_dir: str) -> str:
         """Write the checkpoint to ``output_dir`` atomically and return its path."""
+        raise NotImplementedError
 
 
 _REGISTRY: dict[str, type] = {}
 
 
 def register_format(cls: type) -> type:
+    if not issubclass(cls, ExportFormat):
+        raise TypeError(f"{cls.__name__} must subclass formats.ExportFormat to be registered")
     _REGISTRY[cls.name] = cls
     return cls
 

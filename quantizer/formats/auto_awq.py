@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import ExportJob, QuantizedLayer, group_size_of, register_format
+from . import ExportFormat, ExportJob, QuantizedLayer, group_size_of, register_format
 from .packing import awq_layer_tensors
 from .writer import save_format
 from ..schemes import QuantScheme
 
 
 @register_format
-class AutoAWQFormat:
+class AutoAWQFormat(ExportFormat):
     name = "auto_awq"
     description = "AWQ GEMM (quant_method awq, 4-bit, interleaved packing); AutoAWQ, GPTQModel, transformers, vLLM"
     lm_head = False

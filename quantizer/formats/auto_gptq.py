@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from . import ExportJob, QuantizedLayer, autoround_version, group_size_of, register_format
+from . import ExportFormat, ExportJob, QuantizedLayer, autoround_version, group_size_of, register_format
 from .auto_round import AutoRoundFormat
 from .packing import gptq_layer_tensors
 from .writer import save_format
@@ -25,7 +25,7 @@ def _exact(name: str) -> str:
 
 
 @register_format
-class AutoGPTQFormat:
+class AutoGPTQFormat(ExportFormat):
     name = "auto_gptq"
     description = "GPTQ (quant_method gptq, v1 zero points, g_idx); GPTQModel, transformers, vLLM, SGLang"
     lm_head = True

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import ExportJob, QuantizedLayer, autoround_version, register_format
+from . import ExportFormat, ExportJob, QuantizedLayer, autoround_version, register_format
 from .packing import PACK_BITS, gptq_layer_tensors, awq_layer_tensors
 from .writer import save_format
 from ..schemes import QuantScheme
@@ -55,7 +55,7 @@ def _in_blocks(name: str, blocks: list[str]) -> bool:
 
 
 @register_format
-class AutoRoundFormat:
+class AutoRoundFormat(ExportFormat):
     name = "auto_round"
     description = "AutoRound (quant_method auto-round; GPTQ or AWQ int packing); transformers, vLLM, SGLang"
     lm_head = True

@@ -8,13 +8,13 @@ from typing import Any
 
 import torch
 
-from . import ExportJob, QuantizedLayer, register_format
+from . import ExportFormat, ExportJob, QuantizedLayer, register_format
 from .writer import save_format
 from ..schemes import QuantScheme
 
 
 @register_format
-class FakeFormat:
+class FakeFormat(ExportFormat):
     name = "fake"
     description = "float checkpoint holding the dequantized weights (no quantization_config); any float reader"
     lm_head = True

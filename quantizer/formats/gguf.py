@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from . import ExportJob, QuantizedLayer, register_format
+from . import ExportFormat, ExportJob, QuantizedLayer, register_format
 from .writer import atomic_output_dir, float_state_dict
 from ..dtypes import gguf as gq
 from ..dtypes.gguf.family import gguf_file_type_of, gguf_scheme, gguf_type_of
@@ -198,7 +198,7 @@ def _version() -> str:
         return "0+unknown"
 
 
-class GGUFFormat:
+class GGUFFormat(ExportFormat):
     """Base of the ``gguf:<file type>`` formats; one subclass per llama.cpp file type is registered."""
 
     name = "gguf"

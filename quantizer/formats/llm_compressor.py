@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import ExportJob, QuantizedLayer, register_format
+from . import ExportFormat, ExportJob, QuantizedLayer, register_format
 from .packing import pack_rows
 from .writer import save_format
 from ..schemes import QuantScheme
@@ -43,7 +43,7 @@ def _weights_args(layer: QuantizedLayer) -> dict[str, Any]:
 
 
 @register_format
-class LLMCompressorFormat:
+class LLMCompressorFormat(ExportFormat):
     name = "llm_compressor"
     description = "compressed-tensors pack-quantized (W4A16/W8A16); compressed-tensors + transformers, vLLM, SGLang"
     lm_head = True
