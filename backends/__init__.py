@@ -30,7 +30,7 @@ register_kernel(
     )
 )
 
-# --- AWQ layout: the pure-torch reference kernel (issue 4) ---
+# --- AWQ layout: the pure-torch reference kernel ---
 from .torch_awq_kernel import TorchAWQQuantLinear  # noqa: E402
 
 register_kernel(
@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 
-# --- kernels of issue 5 (backends helper): fast CPU paths, declared device kernels, AWQ variants --------
+# --- fast CPU paths, declared device kernels, AWQ variants --------
 # The kernel contract every entry keeps (loaders and the vLLM/SGLang methods rely on it):
 #   info = select_kernel(spec, backend, advice=None)       # spec: LayerSpec; advice: InstallAdvice per model
 #   layer = info.factory(in_features, out_features, bits, group_size, sym, bias,

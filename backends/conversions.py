@@ -1,7 +1,7 @@
 """Packing conversions kernels need after loading.  Pure tensor code: imports no model code.
 
 Everything here is a data/shape transformation that runs on any device (tested on CPU), so kernels for
-devices this machine lacks (CUDA, XPU, Gaudi) still have their conversions proven:
+devices the CI machine lacks (CUDA, XPU, Gaudi) still have their conversions proven:
 
 - ``gptq_v1_to_v2_qzeros`` / ``gptq_v2_to_v1_qzeros``: the historic GPTQ ``zp - 1`` storage
   (``auto_round:auto_gptq``, ``auto_gptq``) versus the raw zero points that gptqmodel's kernels

@@ -5,7 +5,7 @@ All share ``TorchQuantLinear``'s constructor and checkpoint buffers (``qweight``
 frees the checkpoint ``qweight``.  A ragged last group (``in_features % group_size != 0``) is padded
 internally: padded input channels carry zero activations.
 
-Facts about the torch 2.13 ops (checked on this machine):
+Facts about the torch 2.13 ops (checked on an AVX2 CPU):
 - ``_convert_weight_to_int4pack_for_cpu(int32 [N, K] values 0..15, innerKTiles=1)`` -> uint8 ``[N, K/2]``;
   N must be a multiple of 16.
 - ``_weight_int4pack_mm_for_cpu(x [M, K], packed, qGroupSize, scale_and_zeros [K/g, N, 2])`` computes

@@ -1,4 +1,4 @@
-"""Thin adapters for kernels of devices this machine lacks: CUDA (gptqmodel's Marlin, ExLlamaV2, Triton),
+"""Thin adapters for kernels of accelerator devices: CUDA (gptqmodel's Marlin, ExLlamaV2, Triton),
 XPU (Triton, ark) and Gaudi (HPU).
 
 Each adapter keeps ``TorchQuantLinear``'s constructor and checkpoint buffers (so every loader fills it the
