@@ -14,14 +14,16 @@ from typing import Any
 
 import torch
 
-from autoround.quantizer import compressor
 from autoround.quantizer.blockwise import peak_rss_gib
 from autoround.quantizer.data import calibration_batch
 from autoround.quantizer.errors import AutoRoundError, FormatError
-from autoround.quantizer.formats import parse_formats
+from autoround.quantizer.formats import QuantizedLayer, parse_formats
+from autoround.quantizer.formats import export as export_checkpoint
 from autoround.quantizer.importance import model_importance
 from autoround.quantizer.formats.writer import check_output_dir
 from autoround.quantizer.options import build_options, check_unsupported
+from autoround.quantizer.plan import LayerPlan, plan_layers
+from autoround.quantizer.quantize import quantize_layers
 from autoround.quantizer.model_io import (
     check_safetensors,
     conv1d_to_linear,
@@ -68,8 +70,8 @@ class AutoRound:
         self.resume_dir: str | None = None  # set by quantize_and_save(resume=...)
         self.resume = False
         self._resume_store = None
-        self.layers: dict[str, compressor.QuantizedLayer] = {}
-        self.plan: compressor.LayerPlan | None = None
+        self.layers: dict[str, QuantizedLayer] = {}
+        self.plan: LayerPlan | None = None
         self.quantized = False
         self._model_src = model
         # plain RTN of a local folder may never need the model (quantize_and_save streams the weights): its
@@ -160,8 +162,8 @@ class AutoRound:
         tied = emb is not None and getattr(emb, "weight", None) is head.weight
         return name, tied
 
-    def _plan(self, formats: list) -> compressor.LayerPlan:
-        return compressor.plan_layers(
+    def _plan(self, formats: list) -> LayerPlan:
+        return plan_layers(
             self.linears, self.scheme, self.layer_config, formats, self.ignore_layers,
             lm_head=self.lm_head_name, lm_head_tied=self.lm_head_tied,
         )
@@ -183,7 +185,7 @@ class AutoRound:
         self._adapt_scheme(fmts)
         if self.scheme.is_float and all(f.float_model_ok for f in fmts):
             # e.g. gguf:bf16: a float file, nothing to quantize
-            self.plan = compressor.LayerPlan(keep_float=list(self.linears))
+            self.plan = LayerPlan(keep_float=list(self.linears))
             self.layers = {}
             self._finish()
             return self.model, self._layer_config()
@@ -208,7 +210,7 @@ class AutoRound:
                 self.model, {n: self.linears[n] for n in self.plan.quantize if n != self.lm_head_name}, calib,
                 self.tuning_options.batch_size,
             )
-        self.layers = compressor.quantize_layers(
+        self.layers = quantize_layers(
             self.linears, self.plan, importance, envs.AR_SEARCH_SCALE_RATIO
         )
         self._finish()
@@ -231,8 +233,8 @@ class AutoRound:
         """SignRound tunes the blocks; planned layers outside them (lm_head) are rounded to nearest."""
         rest = [n for n in self.plan.quantize if n not in self.layers]
         if rest:
-            sub = compressor.LayerPlan(quantize={n: self.plan.quantize[n] for n in rest})
-            self.layers.update(compressor.quantize_layers(self.linears, sub, None, envs.AR_SEARCH_SCALE_RATIO))
+            sub = LayerPlan(quantize={n: self.plan.quantize[n] for n in rest})
+            self.layers.update(quantize_layers(self.linears, sub, None, envs.AR_SEARCH_SCALE_RATIO))
 
     def _adapt_scheme(self, fmts: list) -> None:
         """Formats that fix the scheme (gguf:q4_k_m needs GGUF:Q4_K_M) adapt it before any work."""
@@ -330,7 +332,7 @@ class AutoRound:
         for fmt in fmts:
             out = str(output_dir) if len(fmts) == 1 else os.path.join(str(output_dir), fmt.name)
             paths.append(
-                compressor.export(
+                export_checkpoint(
                     fmt, self.model, self.layers, self.plan, self.scheme, self.block_names, out, self.tokenizer,
                     self._settings(),
                 )
@@ -398,7 +400,7 @@ class AutoRound:
             "(disable_model_free=True loads it instead)", folder,
         )
         self._adapt_scheme(fmts)
-        plan = compressor.plan_layers(src.linears, self.scheme, self.layer_config, fmts, self.ignore_layers)
+        plan = plan_layers(src.linears, self.scheme, self.layer_config, fmts, self.ignore_layers)
         # a tokenizer the user did not pass is loaded only when it is written, after the tensors, so it is not in
         # memory while they stream (about 80 MB for SmolLM2's)
         tokenizer = self.__dict__.get("tokenizer") or model_free.FolderTokenizer(folder)

@@ -2,9 +2,9 @@
 
 Plain RTN (``iters=0, disable_opt_rtn=True``) needs no activations, so the model need not run.  This route builds
 the model on the meta device only to learn its decoder blocks, linear layers and shapes, and plans the schemes
-with ``compressor.plan_layers`` (same rules, same errors as the in-memory route).  The format's writer then
+with ``plan.plan_layers`` (same rules, same errors as the in-memory route).  The format's writer then
 reads each tensor from the source files when it reaches it: a planned layer's weight is rounded by the same
-``rtn.rtn_quantize`` call as ``compressor.quantize_layers`` and packed by the format; every other tensor
+``rtn.rtn_quantize`` call as ``quantize.quantize_layers`` and packed by the format; every other tensor
 passes through in the dtype the in-memory route loads it in.  So the checkpoint equals the in-memory route's,
 tensor for tensor, while memory holds the imports, one output shard and the tensor at hand.
 
@@ -201,7 +201,7 @@ class FolderTokenizer:
 class StreamedLayer:
     """A planned layer on the model-free route: the fields of ``formats.QuantizedLayer``, with ``weight`` read
     from the source and rounded to nearest each time it is asked for (never kept: one layer in memory at a time),
-    exactly as ``compressor.quantize_layers`` rounds the loaded weight for plain RTN."""
+    exactly as ``quantize.quantize_layers`` rounds the loaded weight for plain RTN."""
 
     def __init__(self, name: str, scheme: QuantScheme, module: nn.Linear, tensors: SourceTensors, transposed: bool):
         self.name, self.scheme = name, scheme
@@ -374,7 +374,7 @@ def export(
 ) -> str:
     """Write one format's checkpoint of ``src`` with the layers of ``plan`` rounded to nearest; shards of at most
     ``max_shard_bytes`` (default ``DEFAULT_MAX_SHARD_BYTES``)."""
-    from .compressor import export as export_job
+    from .formats import export as export_job
 
     layers = {
         name: StreamedLayer(name, s, src.linears[name], src.tensors, name in src.transposed)

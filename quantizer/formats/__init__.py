@@ -154,3 +154,33 @@ def parse_formats(spec: str | list[str]) -> list[ExportFormat]:
     if not names:
         raise FormatError(f"no export format given; valid formats: {', '.join(list_formats())}")
     return [get_format(n) for n in dict.fromkeys(names)]
+
+
+def export(
+    fmt: ExportFormat,
+    model: "torch.nn.Module",
+    layers: Mapping[str, QuantizedLayer],
+    plan: Any,
+    default: QuantScheme,
+    block_names: list[str],
+    output_dir: str,
+    tokenizer: Any,
+    settings: dict[str, Any],
+    float_tensors: Mapping[str, torch.Tensor] | None = None,
+    max_shard_bytes: int | None = None,
+) -> str:
+    """Write one format's checkpoint of the quantized ``layers`` (``plan``: the ``plan.LayerPlan`` whose
+    ``keep_float`` layers are written in float).  ``float_tensors``/``max_shard_bytes``: the model-free route's streamed
+    source tensors and shard size (``model`` is then its meta-device skeleton)."""
+    job = ExportJob(
+        model=model,
+        layers=layers,
+        scheme=default,
+        block_names=block_names,
+        float_layers=plan.keep_float,
+        tokenizer=tokenizer,
+        settings=settings,
+        float_tensors=float_tensors,
+        max_shard_bytes=max_shard_bytes,
+    )
+    return fmt.save(job, output_dir)

@@ -2,7 +2,7 @@
 
 The checkpoint is a folder holding one ``<name>-<TYPE>.gguf`` file written with the ``gguf`` package's
 ``GGUFWriter``: architecture metadata (Llama, Qwen2, Qwen3, Gemma3 families), the tokenizer, and every
-tensor under its llama.cpp name.  Linear layers carry the blocks the compressor quantized
+tensor under its llama.cpp name.  Linear layers carry the blocks the RTN stage or SignRound quantized
 (``dtypes.gguf.GGUFWeight``); the token embedding and the output projection are quantized here by
 llama.cpp's rules for the file type; norms stay float32.  The per-layer type choice for the ``_S/_M/_L``
 mixtures is ``dtypes.gguf.types.tensor_type`` (llama.cpp's ``llama_tensor_get_type``); ``plan_types`` applies it
@@ -346,7 +346,7 @@ class GGUFFormat(ExportFormat):
         return str(Path(output_dir).absolute())
 
     def _other_type(self, module_name: str, t: torch.Tensor, tied: bool, n_head: int, n_kv: int, job: ExportJob) -> str:
-        """Type of a 2-D tensor the compressor did not quantize (embedding, lm_head, layers kept float)."""
+        """Type of a 2-D tensor that was not quantized (embedding, lm_head, layers kept float)."""
         if self.ftype in ("bf16", "f16"):
             return self.ftype
         if module_name.endswith("embed_tokens"):

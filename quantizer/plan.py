@@ -1,21 +1,16 @@
-"""The quantization job: which layers get which scheme, calibration statistics, RTN, export.
-
-SignRound tuning (iters > 0) plugs in here; the math lives in ``qmath``/``rtn`` and imports no model code.
-"""
+"""The plan stage: which scheme each quantizable layer gets (``layer_config`` overrides, the data type's shape
+fallbacks, what the chosen formats can pack) and which layers stay float, with the reason logged."""
 
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .errors import AutoRoundError, FormatError, SchemeError
-from .formats import ExportFormat, ExportJob, QuantizedLayer, formats_supporting, list_formats
+from .formats import ExportFormat, formats_supporting, list_formats
 from .dtypes import family_of
 from .schemes import QuantScheme, resolve_scheme
 from ..log import logger
@@ -143,55 +138,3 @@ def _layer_bases(linears: Mapping[str, nn.Linear], default: QuantScheme) -> dict
         return {}
     shapes = {n: (m.out_features, m.in_features) for n, m in linears.items()}
     return family_of(default).layer_schemes(shapes, default)
-
-
-@torch.no_grad()
-def quantize_layers(
-    linears: Mapping[str, nn.Linear],
-    plan: LayerPlan,
-    importance: Mapping[str, torch.Tensor] | None,
-    search_lowest: float,
-) -> dict[str, QuantizedLayer]:
-    """RTN (``importance`` None) or optimized RTN each planned layer; weights become their dequantized
-    values in place, so the model in memory is the fake-quantized model."""
-    out: dict[str, QuantizedLayer] = {}
-    start = time.time()
-    for name in tqdm(list(plan.quantize), desc="quantizing layers", leave=False):
-        module, scheme = linears[name], plan.quantize[name]
-        w = module.weight.data
-        imp = None if importance is None or name not in importance else importance[name]
-        qw = family_of(scheme).quantize(w, scheme, imp, search_lowest)
-        module.weight.data.copy_(qw.dequantize().to(w.dtype))
-        bias = module.bias.data.clone() if module.bias is not None else None
-        out[name] = QuantizedLayer(name, scheme, qw, bias, module.in_features, module.out_features)
-    logger.info("quantized %d layers in %.1fs", len(out), time.time() - start)
-    return out
-
-
-def export(
-    fmt: ExportFormat,
-    model: nn.Module,
-    layers: Mapping[str, QuantizedLayer],
-    plan: LayerPlan,
-    default: QuantScheme,
-    block_names: list[str],
-    output_dir: str,
-    tokenizer: Any,
-    settings: dict[str, Any],
-    float_tensors: Mapping[str, torch.Tensor] | None = None,
-    max_shard_bytes: int | None = None,
-) -> str:
-    """Write one format's checkpoint.  ``float_tensors``/``max_shard_bytes``: the model-free route's streamed
-    source tensors and shard size (``model`` is then its meta-device skeleton)."""
-    job = ExportJob(
-        model=model,
-        layers=layers,
-        scheme=default,
-        block_names=block_names,
-        float_layers=plan.keep_float,
-        tokenizer=tokenizer,
-        settings=settings,
-        float_tensors=float_tensors,
-        max_shard_bytes=max_shard_bytes,
-    )
-    return fmt.save(job, output_dir)
