@@ -151,7 +151,15 @@ _KERNELS: list[KernelInfo] = []
 
 
 def register_kernel(info: KernelInfo) -> None:
-    """Add a kernel (replacing one of the same name); candidates stay sorted by priority, stable."""
+    """Add a kernel (replacing one of the same name); candidates stay sorted by priority, stable.  Its
+    ``factory`` must be a subclass of ``TorchQuantLinear``, the kernel base class."""
+    from .torch_kernel import TorchQuantLinear
+
+    if not (isinstance(info.factory, type) and issubclass(info.factory, TorchQuantLinear)):
+        raise TypeError(
+            f"kernel {info.name!r}: factory {info.factory!r} must be a subclass of "
+            "autoround.backends.TorchQuantLinear (the kernel base class)"
+        )
     global _KERNELS
     kept = [k for k in _KERNELS if k.name != info.name]
     kept.append(info)

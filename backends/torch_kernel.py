@@ -14,7 +14,14 @@ from autoround.quantizer.qmath import group_layout
 
 
 class TorchQuantLinear(nn.Module):
-    """A linear layer whose weight is stored as ``qweight``/``qzeros``/``scales`` (GPTQ layout)."""
+    """A linear layer whose weight is stored as ``qweight``/``qzeros``/``scales`` (GPTQ layout), and the base
+    class of every kernel (``register_kernel`` refuses a factory that is not a subclass).
+
+    The contract a kernel keeps: this constructor (the loader calls it with the checkpoint's layer shape and
+    scheme) and its buffers, which the checkpoint's tensors are loaded into; ``packed_shapes`` for another
+    checkpoint layout (AWQ); ``post_init`` to repack or hand the tensors to a library once they are loaded;
+    ``forward`` equal to ``dequantize_weight`` then matmul, within the kernel's compute precision (every kernel
+    is tested against this one)."""
 
     kernel_name = "torch"
 

@@ -197,3 +197,10 @@ def test_loader_uses_selector_and_reconciles_fp16_on_cpu(tmp_path, caplog):
         assert len(lines) == 1 and "compute dtype float32" in lines[0] and "float16 requested" in lines[0]
     with pytest.raises(BackendError, match="backend 'marlin' cannot run this layer"):
         AutoModelForCausalLM.from_pretrained(out, quantization_config=AutoRoundConfig(backend="marlin"))
+
+
+def test_a_kernel_must_subclass_the_base_class():
+    with pytest.raises(TypeError, match="must be a subclass of autoround.backends.TorchQuantLinear"):
+        register_kernel(KernelInfo(name="not-a-kernel", priority=1, devices=("cpu",), bits=(4,),
+                                   packing_formats=("auto_round:auto_gptq",), factory=torch.nn.Linear))
+    assert "not-a-kernel" not in {k.name for k in kernels()}
