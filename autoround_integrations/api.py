@@ -64,8 +64,7 @@ class AutoRound:
         self.scheme = resolve_scheme(plan.scheme, bits=plan.bits, group_size=plan.group_size, sym=plan.sym,
                                      act_bits=plan.act_bits)
         self.layer_config = dict(plan.layer_config or {})
-        ignore = plan.ignore_layers
-        self.ignore_layers = [x for x in ignore.split(",") if x] if isinstance(ignore, str) else list(ignore or [])
+        self.ignore_layers = _name_list(plan.ignore_layers)
         self.device_map = runtime.device_map
         self.resume_dir: str | None = None  # set by quantize_and_save(resume=...)
         self.resume = False
@@ -131,9 +130,7 @@ class AutoRound:
 
     def _block_names_option(self) -> list[str] | None:
         blocks = self.plan_options.to_quant_block_names
-        if not blocks:
-            return None
-        return [b for b in blocks.split(",") if b] if isinstance(blocks, str) else list(blocks)
+        return _name_list(blocks) if blocks else None
 
     def _load(self) -> None:
         """Load the model and find what to quantize in it."""
@@ -410,6 +407,13 @@ class AutoRound:
             paths.append(model_free.export(fmt, src, plan, self.scheme, out, tokenizer, self._settings()))
         self.plan = plan
         return paths
+
+
+def _name_list(value: Any) -> list[str]:
+    """A comma-separated string or a sequence of names as a list (empty names dropped)."""
+    if isinstance(value, str):
+        return [x for x in value.split(",") if x]
+    return list(value or [])
 
 
 def _flat_signature() -> inspect.Signature:

@@ -114,11 +114,15 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown autoround environment variable {name!r}; known: {', '.join(sorted(_VARS))}")
 
 
+def _default(var: _Var) -> Any:
+    return os.path.expanduser(var.default) if var.parse is _path else var.default
+
+
 def _read(name: str) -> Any:
     var = _VARS[name]
     raw = os.environ.get(name)
     if raw is None:
-        return os.path.expanduser(var.default) if var.parse is _path else var.default
+        return _default(var)
     try:
         return var.parse(raw)
     except ValueError:
@@ -175,9 +179,7 @@ def check_unsupported() -> None:
     for name, var in _VARS.items():
         if var.unsupported is None or name not in os.environ:
             continue
-        value = _read(name)
-        default = os.path.expanduser(var.default) if var.parse is _path else var.default
-        if value != default:
+        if _read(name) != _default(var):
             bad.append(f"{name}={os.environ[name]!r} ({var.unsupported})")
     if bad:
         raise ValueError(

@@ -47,11 +47,13 @@ class ImportanceHooks:
 
     def result(self, unseen_as_zero: bool = False) -> dict[str, torch.Tensor]:
         """Means of the modules that saw inputs (``unseen_as_zero``: zeros for the others too)."""
-        out = {n: (self.sums[n] / max(self.counts[n], 1)).to(torch.float32) for n in self.modules if n in self.sums}
-        if unseen_as_zero:
-            for n, m in self.modules.items():
-                out.setdefault(n, torch.zeros(m.in_features, dtype=torch.float32))
-        return {n: out[n] for n in self.modules if n in out}
+        out = {}
+        for n, m in self.modules.items():
+            if n in self.sums:
+                out[n] = (self.sums[n] / max(self.counts[n], 1)).to(torch.float32)
+            elif unseen_as_zero:
+                out[n] = torch.zeros(m.in_features, dtype=torch.float32)
+        return out
 
 
 @torch.no_grad()

@@ -126,12 +126,8 @@ class TuningOptions:
         check_init_range(self.init_range)
         if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0:
             raise ValueError(f"iters must be a non-negative integer, got {self.iters!r}")
-        _positive_int("batch_size", self.batch_size)
-        if isinstance(self.gradient_accumulate_steps, bool) or not isinstance(self.gradient_accumulate_steps, int) \
-                or self.gradient_accumulate_steps <= 0:
-            raise ValueError(
-                f"gradient_accumulate_steps must be a positive integer, got {self.gradient_accumulate_steps!r}"
-            )
+        for name in ("batch_size", "gradient_accumulate_steps"):
+            _positive_int(name, getattr(self, name))
         for name in ("lr", "minmax_lr"):
             val = getattr(self, name)
             if val is not None and not val > 0:

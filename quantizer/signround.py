@@ -21,8 +21,8 @@ from torch import nn
 
 from .dtypes import family_of
 from .importance import block_importance
-# SignRoundOptions and check_init_range live in options; imported here too, where the tuner's callers look
-from .options import INIT_RANGES, SignRoundOptions, TuningOptions, check_init_range  # noqa: F401
+# SignRoundOptions lives in options; imported here too, where the tuner's callers look for it
+from .options import SignRoundOptions, TuningOptions  # noqa: F401
 from .schemes import QuantScheme
 from ..log import logger
 
