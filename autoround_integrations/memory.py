@@ -90,3 +90,8 @@ def peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far, in GiB."""
+    return peak_rss_bytes() / 2**30

@@ -90,11 +90,11 @@ def test_inplace_false_is_refused_before_work(tmp_path):
 
 
 def test_dynamo_cache_limit_is_applied_when_compiling(monkeypatch):
-    from autoround.quantizer import blockwise
+    from autoround.quantizer import block_runner
 
     monkeypatch.setenv("AR_DYNAMO_CACHE_SIZE_LIMIT", "17")
     monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 8)
-    blockwise._compiled_or_eager(lambda x: x + 1)
+    block_runner.compiled_or_eager(lambda x: x + 1)
     assert torch._dynamo.config.cache_size_limit == 17
 
 

@@ -126,11 +126,11 @@ def test_amp_holds_tuned_blocks_in_bf16_and_restores_exact_float32(monkeypatch):
     """With amp (the default) a tuned block's weights are held in bf16 while later blocks are tuned, and every
     quantized linear ends in float32 holding exactly its dequantized integers."""
     from autoround import AutoRound
-    from autoround.quantizer import blockwise
+    from autoround.quantizer import block_runner
 
     # amp runs here even on a CPU whose bf16 matmuls are slow (where it is refused by default: see
     # test_cpu_amp_is_refused_where_bf16_matmuls_are_slow); the tiny model keeps that cheap
-    monkeypatch.setattr(blockwise, "CPU_BF16_SLOWDOWN_LIMIT", float("inf"))
+    monkeypatch.setattr(block_runner, "CPU_BF16_SLOWDOWN_LIMIT", float("inf"))
 
     calib = [torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
     model = tiny_llama()

@@ -238,7 +238,7 @@ def test_cpu_amp_is_refused_where_bf16_matmuls_are_slow(caplog):
 
     from autoround import AutoRound
     from autoround.log import logger
-    from autoround.quantizer.blockwise import CPU_BF16_SLOWDOWN_LIMIT, cpu_matmul_seconds
+    from autoround.quantizer.block_runner import CPU_BF16_SLOWDOWN_LIMIT, cpu_matmul_seconds
 
     t_bf16, t_fp32 = cpu_matmul_seconds()
     assert t_bf16 > 0 and t_fp32 > 0
