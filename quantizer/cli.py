@@ -104,7 +104,6 @@ def _eval_text(spec: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..api import AutoRound
-    from .eval import text_perplexity
 
     model = args.model or args.model_pos
     if not model:
@@ -124,22 +123,14 @@ def run(args: argparse.Namespace) -> int:
     if eval_text is not None:
         if ar.tokenizer is None:
             raise AutoRoundError("--eval_ppl needs the model's tokenizer, and none was found with the model")
-        fp_ppl = text_perplexity(ar.model, ar.tokenizer, eval_text, args.eval_seqlen, args.eval_windows)
+        fp_ppl = ar.pipeline.evaluate(eval_text, args.eval_seqlen, args.eval_windows)
         print(f"float perplexity: {fp_ppl:.4f}", flush=True)
     start = time.time()
     _, folders = ar.quantize_and_save(args.output_dir, format=args.format, resume=args.resume)
     print(f"quantized in {time.time() - start:.1f}s; saved: {', '.join(folders)}", flush=True)
     if eval_text is not None:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from pathlib import Path
-
         for folder in folders:
-            gguf_files = sorted(Path(folder).glob("*.gguf"))
-            gguf_kw = {"gguf_file": gguf_files[0].name} if gguf_files else {}
-            loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **gguf_kw)
-            q_ppl = text_perplexity(loaded.eval(), ar.tokenizer, eval_text, args.eval_seqlen, args.eval_windows)
+            q_ppl = ar.pipeline.evaluate(eval_text, args.eval_seqlen, args.eval_windows, folder=folder)
             print(f"quantized perplexity ({folder}): {q_ppl:.4f}  (float {fp_ppl:.4f}, x{q_ppl / fp_ppl:.3f})")
     return 0
 

@@ -62,9 +62,9 @@ def both_routes(folder, tmp_path, fmt="auto_round", **kw):
     kw.setdefault("disable_opt_rtn", True)
     mf = AutoRound(folder, **kw)
     model, (a,) = mf.quantize_and_save(str(tmp_path / "model_free"), format=fmt)
-    assert model is None and "model" not in mf.__dict__  # the model was never loaded
+    assert model is None and not mf.pipeline.loaded  # the model was never loaded
     ref = AutoRound(folder, disable_model_free=True, **kw)
-    assert "model" in ref.__dict__
+    assert ref.pipeline.loaded
     _, (b,) = ref.quantize_and_save(str(tmp_path / "in_memory"), format=fmt)
     return a, b, mf
 
@@ -145,10 +145,10 @@ def test_gpt2_conv1d_layers(tmp_path):
 def test_disable_model_free_and_lazy_model(tmp_path):
     folder = save(tiny_llama(), tmp_path / "src")
     forced = AutoRound(folder, iters=0, disable_opt_rtn=True, disable_model_free=True)
-    assert "model" in forced.__dict__
+    assert forced.pipeline.loaded
     lazy = AutoRound(folder, iters=0, disable_opt_rtn=True)
-    assert "model" not in lazy.__dict__
-    assert lazy.tokenizer is None and "model" not in lazy.__dict__  # the tokenizer alone loads no model
+    assert not lazy.pipeline.loaded
+    assert lazy.tokenizer is None and not lazy.pipeline.loaded  # the tokenizer alone loads no model
     assert isinstance(lazy.model, torch.nn.Module)  # loaded on first use
     model, (out,) = lazy.quantize_and_save(str(tmp_path / "out"))
     assert model is lazy.model and lazy.quantized  # the model was loaded: the in-memory route
@@ -169,7 +169,7 @@ def test_declined_models_and_formats_fall_back(tmp_path):
     # a format written from the loaded model
     ar = AutoRound(folder, iters=0, disable_opt_rtn=True, group_size=32)
     ar.quantize_and_save(str(tmp_path / "fake"), format="fake")
-    assert "model" in ar.__dict__
+    assert ar.pipeline.loaded
     # a tensor the model has no place for: transformers drops it, the route declines rather than guess
     weights = load_file(os.path.join(folder, "model.safetensors"))
     weights["model.unexpected"] = torch.zeros(3)
@@ -178,7 +178,7 @@ def test_declined_models_and_formats_fall_back(tmp_path):
         model_free.open_model(folder)
     ar = AutoRound(folder, iters=0, disable_opt_rtn=True, group_size=32)
     _, (out,) = ar.quantize_and_save(str(tmp_path / "out"))
-    assert "model" in ar.__dict__
+    assert ar.pipeline.loaded
     assert "model.layers.0.mlp.up_proj.qweight" in tensors(out)
 
 
@@ -187,7 +187,7 @@ def test_same_errors_before_any_work(tmp_path):
     ar = AutoRound(folder, iters=0, disable_opt_rtn=True, bits=5)
     with pytest.raises(SchemeError, match="5-bit weights cannot be packed"):
         ar.quantize_and_save(str(tmp_path / "out"))
-    assert not (tmp_path / "out").exists() and "model" not in ar.__dict__
+    assert not (tmp_path / "out").exists() and not ar.pipeline.loaded
 
 
 def test_write_safetensors_shards_incrementally(tmp_path):

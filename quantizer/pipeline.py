@@ -1,0 +1,456 @@
+"""One quantization run, stage by stage, in the order this module owns:
+
+    load -> transform -> plan -> calibrate -> quantize -> export -> evaluate
+
+``Pipeline`` holds what each stage gives the next (the model and its quantizable linears, the ``LayerPlan``,
+the calibration batch, the packed layers) and calls the stage modules: ``model_io`` / ``model_free`` (load),
+``transforms`` (transform), ``plan`` (plan), ``data`` / ``importance`` (calibrate), ``quantize`` (RTN and
+optimized RTN) or ``blockwise`` (SignRound) (quantize), ``formats`` (export) and ``eval`` (evaluate).
+``autoround.AutoRound`` is a facade over it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import model_io
+from .data import calibration_batch, loss_mask
+from .dtypes import family_of
+from .errors import AutoRoundError, FormatError
+from .formats import QuantizedLayer, parse_formats
+from .formats import export as export_checkpoint
+from .formats.writer import check_output_dir
+from .importance import model_importance
+from .options import CalibrationOptions, PlanOptions, RuntimeOptions, SignRoundOptions, TuningOptions
+from .plan import LayerPlan, plan_layers
+from .quantize import quantize_layers
+from .schemes import resolve_scheme
+from .transforms import Transform
+from .. import envs
+from ..log import logger
+from ..memory import peak_rss_gib
+
+STAGES = ("load", "transform", "plan", "calibrate", "quantize", "export", "evaluate")
+
+# set by load(); until then (a folder whose plain RTN may take the model-free route) they load the model on use
+LOADED_ATTRS = ("model", "tokenizer", "block_names", "conv1d_names", "linears", "lm_head_name", "lm_head_tied")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The four option groups of one run (``options.build_options``)."""
+
+    plan: PlanOptions
+    calibration: CalibrationOptions
+    tuning: TuningOptions
+    runtime: RuntimeOptions
+
+
+@dataclass
+class Calibration:
+    """What the calibrate stage gives the quantize stage: the ``[nsamples, seqlen]`` token batch, its loss mask
+    (SignRound) and the per-layer input importance (optimized RTN)."""
+
+    tokens: torch.Tensor
+    loss_mask: torch.Tensor | None = None
+    importance: dict[str, torch.Tensor] | None = None
+
+
+class Pipeline:
+    """The state of one run and its stages.  ``source``: a folder, hub id, .gguf file or loaded model;
+    ``tokenizer``: optional (loaded with the model otherwise); ``transforms``: applied in order by the
+    transform stage."""
+
+    def __init__(
+        self, options: RunOptions, source: Any, tokenizer: Any = None, transforms: list[Transform] | None = None
+    ) -> None:
+        self.options, self.source = options, source
+        self.transforms: list[Transform] = list(transforms or [])
+        self._applied: list[Transform] = []
+        p = options.plan
+        self.scheme = resolve_scheme(p.scheme, bits=p.bits, group_size=p.group_size, sym=p.sym, act_bits=p.act_bits)
+        self.layer_config = dict(p.layer_config or {})
+        self.ignore_layers = name_list(p.ignore_layers)
+        # resume: the output folder whose hidden sibling keeps SignRound's finished blocks, and whether to continue
+        self.resume_dir: str | None = None
+        self.resume = False
+        self.resume_store = None
+        self.layers: dict[str, QuantizedLayer] = {}
+        self.plan: LayerPlan | None = None
+        self.quantized = False
+        # plain RTN of a local folder may never need the model (the model-free route streams the weights): its
+        # load waits until something asks for it (the model, quantize(), a format that needs it)
+        self.deferred_folder = self._model_free_folder()
+        if tokenizer is not None or self.deferred_folder is None:
+            self.tokenizer = tokenizer
+        if self.deferred_folder is None:
+            self.load()
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the load stage has run (the model is in memory)."""
+        return "model" in self.__dict__
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for attributes not set yet: those of a model whose load was deferred
+        if name in LOADED_ATTRS and self.__dict__.get("deferred_folder") is not None:
+            if name == "tokenizer":  # the tokenizer alone does not need the model
+                self.tokenizer = model_io.load_tokenizer(self.deferred_folder)
+            else:
+                logger.info("loading the model from %s", self.deferred_folder)
+                self.load()
+            return self.__dict__[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    # -- load -----------------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load the model and find what to quantize in it."""
+        self.model, self.tokenizer = model_io.load_model(
+            self.source, self.__dict__.get("tokenizer"), device_map=self.options.runtime.device_map
+        )
+        self.deferred_folder = None
+        self.model.eval()
+        self.block_names = self.block_names_option() or model_io.find_block_names(self.model)
+        # GPT-2-style Conv1D layers become nn.Linear while quantizing, and are restored afterwards
+        self.conv1d_names = model_io.conv1d_to_linear(self.model, self.block_names)
+        self.linears = model_io.quantizable_linears(self.model, self.block_names)
+        quant_head = self.options.plan.quant_lm_head
+        self.lm_head_name, self.lm_head_tied = self._find_lm_head() if quant_head else (None, False)
+        if self.lm_head_name is not None:
+            self.linears[self.lm_head_name] = self.model.get_submodule(self.lm_head_name)
+
+    def block_names_option(self) -> list[str] | None:
+        blocks = self.options.plan.to_quant_block_names
+        return name_list(blocks) if blocks else None
+
+    def _find_lm_head(self) -> tuple[str | None, bool]:
+        """(name, tied to the input embedding) of the output projection to quantize."""
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if not isinstance(head, nn.Linear):
+            raise AutoRoundError("quant_lm_head: this model has no linear output projection (lm_head) to quantize")
+        name = next(n for n, m in self.model.named_modules() if m is head)
+        emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        tied = emb is not None and getattr(emb, "weight", None) is head.weight
+        return name, tied
+
+    def _model_free_folder(self) -> str | None:
+        """The folder whose load may be deferred (plain RTN of a local folder), after checking its files."""
+        if self.model_free_reason() is not None:
+            return None
+        path = Path(str(self.source)).expanduser()
+        if not path.is_dir() or not (path / "config.json").is_file():
+            return None  # the normal load reports what is wrong
+        model_io.check_safetensors(path)  # a corrupt file fails now, as it does when the model is loaded here
+        return str(path)
+
+    def model_free_reason(self, fmts: list | None = None) -> str | None:
+        """Why the model-free route cannot write this run's checkpoint, or None when it can."""
+        tuning, runtime = self.options.tuning, self.options.runtime
+        if runtime.disable_model_free:
+            return "disable_model_free=True"
+        if tuning.iters > 0:
+            return "SignRound (iters > 0) runs the model"
+        if not tuning.disable_opt_rtn:
+            return "optimized RTN runs the model on calibration data (disable_opt_rtn=True does not)"
+        if not isinstance(self.source, (str, os.PathLike)):
+            return "the model was passed already loaded"
+        path = Path(str(self.source)).expanduser()
+        if path.suffix.lower() == ".gguf":
+            return "the model is a GGUF file"
+        if not path.is_dir():
+            return "the model is not a local folder"
+        if self.options.plan.quant_lm_head:
+            return "quant_lm_head is set"
+        if runtime.device_map not in (None, "cpu"):
+            return f"device_map={runtime.device_map!r} places the model"
+        if self.transforms:
+            return "transforms rewrite the loaded model"
+        for fmt in fmts or []:
+            if not fmt.model_free:
+                return f"format {fmt.name!r} is written from the loaded model"
+        if fmts is not None and (self.scheme.is_float or not family_of(self.scheme).model_free):
+            return f"scheme {self.scheme.describe()} is not plain integer RTN"
+        return None
+
+    # -- transform ------------------------------------------------------------------------------------
+    def transform(self) -> None:
+        """Apply the run's transforms in order (each once: a second quantize() does not repeat them)."""
+        for t in self.transforms:
+            if t in self._applied:
+                continue
+            logger.info("transform: %s", t.name)
+            self.linears = t.apply(self.model, self.linears, self.block_names)
+            self._applied.append(t)
+
+    # -- plan -----------------------------------------------------------------------------------------
+    def adapt_scheme(self, fmts: list) -> None:
+        """Formats that fix the scheme (gguf:q4_k_m needs GGUF:Q4_K_M) adapt it before any work."""
+        for fmt in fmts:
+            self.scheme = fmt.adapt_scheme(self.scheme)
+
+    def make_plan(self, fmts: list) -> LayerPlan:
+        """The scheme of every layer the formats can hold, and the layers kept float."""
+        return plan_layers(
+            self.linears, self.scheme, self.layer_config, fmts, self.ignore_layers,
+            lm_head=self.lm_head_name, lm_head_tied=self.lm_head_tied,
+        )
+
+    def _untie_lm_head(self) -> None:
+        """Give a tied lm_head its own weight before it is quantized (the embedding stays float)."""
+        if self.lm_head_name is None or not self.lm_head_tied or self.lm_head_name not in self.plan.quantize:
+            return
+        head = self.model.get_submodule(self.lm_head_name)
+        if head.weight is not self.model.get_input_embeddings().weight:
+            return  # already untied by an earlier quantize()
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        self.model.config.tie_word_embeddings = False
+        logger.info("untied %s from the input embedding to quantize it", self.lm_head_name)
+
+    # -- calibrate ------------------------------------------------------------------------------------
+    def calibrate(self) -> Calibration | None:
+        """The calibration batch, with what the quantize stage needs of it; None for plain RTN."""
+        tuning = self.options.tuning
+        if tuning.iters <= 0 and tuning.disable_opt_rtn:
+            return None
+        c = self.options.calibration
+        tokens = calibration_batch(c.dataset, self.tokenizer, c.nsamples, c.seqlen, tuning.seed)
+        if tuning.iters > 0:
+            return Calibration(tokens, loss_mask=loss_mask(tokens, getattr(self.tokenizer, "pad_token_id", None)))
+        logger.info("collecting activation statistics on %d x %d calibration tokens", *tokens.shape)
+        importance = model_importance(
+            self.model, {n: self.linears[n] for n in self.plan.quantize if n != self.lm_head_name}, tokens,
+            tuning.batch_size,
+        )
+        return Calibration(tokens, importance=importance)
+
+    # -- quantize -------------------------------------------------------------------------------------
+    def quantize(self, formats: "str | list | None" = None) -> tuple[Any, dict[str, Any]]:
+        """load -> transform -> plan -> calibrate -> quantize, in memory (weights become their fake-quantized
+        values); returns (model, layer_config)."""
+        fmts = parse_formats(formats or "auto_round")
+        self.adapt_scheme(fmts)
+        if not self.loaded:
+            self.load()
+        self.transform()
+        if self.scheme.is_float and all(f.float_model_ok for f in fmts):
+            # e.g. gguf:bf16: a float file, nothing to quantize
+            self.plan = LayerPlan(keep_float=list(self.linears))
+            self.layers = {}
+            self._finish()
+            return self.model, self.layer_config_out()
+        self.plan = self.make_plan(fmts)
+        self._untie_lm_head()
+        tuning = self.options.tuning
+        torch.manual_seed(tuning.seed)
+        if self.options.runtime.enable_deterministic_algorithms:
+            torch.use_deterministic_algorithms(True, warn_only=False)
+        start = time.time()
+        if tuning.iters > 0:
+            try:
+                options = SignRoundOptions(**dataclasses.asdict(tuning))
+            except ValueError as exc:
+                raise AutoRoundError(str(exc)) from None
+            self._signround(options, self.calibrate())
+            self._quantize_outside_blocks()
+            self._finish()
+            return self.model, self.layer_config_out()
+        if self.resume:
+            logger.info("--resume has nothing to resume with iters 0 (round-to-nearest runs in one pass)")
+        calibration = self.calibrate()
+        importance = calibration.importance if calibration is not None else None
+        self.layers = quantize_layers(self.linears, self.plan, importance, envs.AR_SEARCH_SCALE_RATIO)
+        self._finish()
+        logger.info(
+            "%s done in %.1fs: %d layers quantized (%s), %d kept in float",
+            "RTN" if tuning.disable_opt_rtn else "optimized RTN",
+            time.time() - start, len(self.layers), self.scheme.describe(), len(self.plan.keep_float),
+        )
+        return self.model, self.layer_config_out()
+
+    def _signround(self, options: SignRoundOptions, calibration: Calibration) -> None:
+        from .blockwise import signround_blocks
+        from .resume import ResumeStore, model_digest, resume_dir_for, tensor_digest
+
+        blocks = [
+            (f"{list_name}.{i}", block)
+            for list_name in self.block_names
+            for i, block in enumerate(self.model.get_submodule(list_name))
+        ]
+        store = None
+        if self.resume_dir is not None:
+            fingerprint = {
+                "model": model_digest(self.model),
+                "calibration": tensor_digest(calibration.tokens),
+                "schemes": {n: s.to_dict() for n, s in self.plan.quantize.items()},
+                # every tuning option but the one that only concerns iters 0
+                "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "disable_opt_rtn"},
+            }
+            store = ResumeStore.open(resume_dir_for(self.resume_dir), fingerprint, self.resume, logger)
+        lm_head = None
+        if self.lm_head_name is not None:
+            lm_head = (self.lm_head_name, model_io.final_norm(self.model), self.linears[self.lm_head_name])
+        cache_device = "cpu" if self.options.runtime.low_gpu_mem_usage else None
+        start = time.time()
+        self.layers = signround_blocks(
+            self.model, blocks, self.plan.quantize, calibration.tokens, options, options.enable_quanted_input,
+            loss_mask=calibration.loss_mask, resume=store, cache_device=cache_device,
+            compile_forward=self.options.runtime.enable_torch_compile,
+            lm_head=lm_head,
+        )
+        self.resume_store = store
+        logger.info(
+            "SignRound done in %.1fs: %d layers quantized (%s, iters %d), %d kept in float",
+            time.time() - start, len(self.layers), self.scheme.describe(), options.iters, len(self.plan.keep_float),
+        )
+
+    def _quantize_outside_blocks(self) -> None:
+        """SignRound tunes the blocks; planned layers outside them (lm_head) are rounded to nearest."""
+        rest = [n for n in self.plan.quantize if n not in self.layers]
+        if rest:
+            sub = LayerPlan(quantize={n: self.plan.quantize[n] for n in rest})
+            self.layers.update(quantize_layers(self.linears, sub, None, envs.AR_SEARCH_SCALE_RATIO))
+
+    def _finish(self) -> None:
+        model_io.linear_to_conv1d(self.model, self.conv1d_names)
+        self.conv1d_names = []
+        self.quantized = True
+
+    def layer_config_out(self) -> dict[str, Any]:
+        """Each layer's scheme as quantized, and ``{"bits": 16}`` for those kept float."""
+        layer_config: dict[str, Any] = {n: layer.scheme.to_dict() for n, layer in self.layers.items()}
+        layer_config.update({n: {"bits": 16} for n in self.plan.keep_float})
+        return layer_config
+
+    # -- export ---------------------------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """The run's settings recorded in the checkpoint's quantization config."""
+        t, c = self.options.tuning, self.options.calibration
+        settings: dict[str, Any] = {"iters": t.iters}
+        if t.iters > 0:
+            settings["lr"] = t.learning_rate
+        if t.iters == 0:
+            settings["disable_opt_rtn"] = t.disable_opt_rtn
+        if t.iters > 0 or not t.disable_opt_rtn:
+            settings.update(nsamples=c.nsamples, seqlen=c.seqlen)
+            if isinstance(c.dataset, str):
+                settings["dataset"] = c.dataset
+        return settings
+
+    def export(self, output_dir: str | os.PathLike, format: str = "auto_round") -> list[str]:
+        """Write one checkpoint per format (comma-separated); with several formats, one subfolder each."""
+        fmts = parse_formats(format)
+        check_output_dir(output_dir)
+        if not self.quantized:
+            raise AutoRoundError("call quantize() before save_quantized(), or use quantize_and_save()")
+        for fmt in fmts:  # formats chosen after quantize() must still hold the schemes and shapes used
+            fmt.adapt_scheme(self.scheme, switch=False)
+            if self.plan is not None and not self.plan.quantize and fmt.float_model_ok:
+                continue
+            packable = self.make_plan([fmt]).quantize
+            lost = [n for n in self.layers if n not in packable]
+            if lost:
+                raise FormatError(
+                    f"format {fmt.name!r} cannot pack {len(lost)} layer(s) that were quantized for other formats "
+                    f"(e.g. {lost[0]}: see the warning above); pass every format to quantize() or "
+                    "quantize_and_save(format='a,b') so those layers are planned before quantization"
+                )
+        paths = []
+        for fmt in fmts:
+            out = str(output_dir) if len(fmts) == 1 else os.path.join(str(output_dir), fmt.name)
+            paths.append(
+                export_checkpoint(
+                    fmt, self.model, self.layers, self.plan, self.scheme, self.block_names, out, self.tokenizer,
+                    self.settings(),
+                )
+            )
+        return paths
+
+    def _export_model_free(self, output_dir: str | os.PathLike, fmts: list) -> list[str] | None:
+        """load + plan + quantize + export as one stream from the model folder (``model_free.py``), or None
+        when that route declines this model (the caller then loads it)."""
+        from . import model_free
+
+        folder = self.deferred_folder
+        try:
+            src = model_free.open_model(folder, self.block_names_option())
+        except model_free.Declined as exc:
+            logger.info("in-memory route: loading the model (the model-free route cannot reproduce it: %s)", exc)
+            return None
+        logger.info(
+            "model-free route: plain RTN streamed tensor by tensor from %s without loading the model "
+            "(disable_model_free=True loads it instead)", folder,
+        )
+        self.adapt_scheme(fmts)
+        plan = plan_layers(src.linears, self.scheme, self.layer_config, fmts, self.ignore_layers)
+        # a tokenizer the user did not pass is loaded only when it is written, after the tensors, so it is not in
+        # memory while they stream (about 80 MB for SmolLM2's)
+        tokenizer = self.__dict__.get("tokenizer") or model_free.FolderTokenizer(folder)
+        paths = []
+        for fmt in fmts:
+            out = str(output_dir) if len(fmts) == 1 else os.path.join(str(output_dir), fmt.name)
+            paths.append(model_free.export(fmt, src, plan, self.scheme, out, tokenizer, self.settings()))
+        self.plan = plan
+        return paths
+
+    def run(
+        self, output_dir: str | os.PathLike, format: str = "auto_round", resume: bool = False
+    ) -> tuple[Any, list[str]]:
+        """Every stage through export: the model-free route where it applies, else load -> ... -> export.
+        Returns (model, folders); the model is None when the model-free route wrote the checkpoint."""
+        check_output_dir(output_dir)
+        start = time.time()
+        fmts = parse_formats(format)
+        if self.deferred_folder is not None:
+            reason = self.model_free_reason(fmts)
+            if reason is None:
+                paths = self._export_model_free(output_dir, fmts)
+                if paths is not None:
+                    logger.info(
+                        "quantize_and_save finished in %.1fs; peak RSS %.2f GiB", time.time() - start, peak_rss_gib()
+                    )
+                    return None, paths
+            else:
+                logger.info("in-memory route: loading the model (%s)", reason)
+        else:
+            reason = self.model_free_reason() or "the model is already loaded"
+            logger.info("in-memory route (%s)", reason)
+        self.resume_dir, self.resume = str(output_dir), resume
+        self.resume_store = None
+        self.quantize(format)
+        paths = self.export(output_dir, format)
+        if self.resume_store is not None:
+            self.resume_store.discard()
+        logger.info("quantize_and_save finished in %.1fs; peak RSS %.2f GiB", time.time() - start, peak_rss_gib())
+        return self.model, paths
+
+    # -- evaluate -------------------------------------------------------------------------------------
+    def evaluate(self, text: str, seqlen: int = 512, n_windows: int | None = 40, folder: str | None = None) -> float:
+        """Perplexity on ``text``: of the model in memory, or (``folder``) of a written checkpoint loaded back
+        through transformers, as a user would load it."""
+        from .eval import text_perplexity
+
+        if self.tokenizer is None:
+            raise AutoRoundError("evaluation needs the model's tokenizer, and none was found with the model")
+        if folder is None:
+            return text_perplexity(self.model, self.tokenizer, text, seqlen, n_windows)
+        from transformers import AutoModelForCausalLM
+
+        gguf_files = sorted(Path(folder).glob("*.gguf"))
+        gguf_kw = {"gguf_file": gguf_files[0].name} if gguf_files else {}
+        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **gguf_kw)
+        return text_perplexity(loaded.eval(), self.tokenizer, text, seqlen, n_windows)
+
+
+def name_list(value: Any) -> list[str]:
+    """A comma-separated string or a sequence of names as a list (empty names dropped)."""
+    if isinstance(value, str):
+        return [x for x in value.split(",") if x]
+    return list(value or [])
