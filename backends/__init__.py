@@ -127,7 +127,8 @@ def _aten_slow() -> str | None:
     cap = torch.backends.cpu.get_cpu_capability()
     if cap != "AVX512":
         return (f"not chosen automatically on this CPU ({cap}): torch's weight-only int4/int8 CPU ops are only "
-                "vectorized for AVX512 (about 40x slower than fp32 dense here); force it with its name")
+                "vectorized for AVX512, elsewhere they run a scalar path far slower than fp32 dense; force it with "
+                "its name")
     return None
 
 

@@ -14,7 +14,7 @@ Facts about the torch 2.13 ops (checked on an AVX2 CPU):
   ``zero = (8 - zp) * scale``, which also lets 2- and 3-bit integers (0..7) run unchanged.
 - ``_weight_int8pack_mm(x [M, K], int8 [N, K], scales [N])``: per-channel scales only, so the 8-bit kernel
   takes one group per row; an asymmetric zero point adds ``sum(x) * (128 - zp) * scale``.
-- On a CPU without AVX512 both ops take a scalar path (about 40x slower than fp32 dense here), so they are
+- On a CPU without AVX512 both ops take a scalar path, far slower than fp32 dense (docs/benchmarks.md), so they are
   declared ``slow_on`` AVX2-only CPUs and ``auto`` skips them there (an explicit backend still runs them).
 """
 

@@ -2,8 +2,8 @@
 
 Decision (documented in README/docs): on a CPU, half precision is only kept where the CPU does that math
 natively (oneDNN reports bf16/fp16 support: AVX512-BF16/AMX/AVX512-FP16).  Elsewhere an fp16 or bf16
-request computes in fp32: on this AVX2 machine an fp16 forward is ~40x slower than fp32 and bf16 ~10x, and
-fp32 holds every fp16/bf16 value exactly, so nothing is lost.  fp16 is never forced on a CPU.  On CUDA/XPU
+request computes in fp32: without native support half-precision math takes slow paths (docs/benchmarks.md has
+the numbers), and fp32 holds every fp16/bf16 value exactly, so nothing is lost.  fp16 is never forced on a CPU.  On CUDA/XPU
 a request the best kernel cannot take (e.g. fp32 with the half-only Marlin) moves to the kernel's first
 half dtype; Gaudi kernels compute in bf16.
 """

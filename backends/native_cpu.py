@@ -1,8 +1,9 @@
 """``avx2``: this project's own CPU kernel for 2/3/4/8-bit weights, keeping them packed.
 
 Why it exists: on this class of machine (x86 with AVX2, no AVX512) PyTorch's weight-only int4/int8 ops run
-a scalar path (~40x slower than fp32 dense) and auto-round-lib's ark kernel runs at about dense-fp32 speed,
-while decoding is memory bound: reading 4-bit weights instead of fp32 ones is what makes it faster.
+a scalar path (far slower than fp32 dense; docs/benchmarks.md) and auto-round-lib's ark kernel runs at about
+dense-fp32 speed, while decoding is memory bound: reading 4-bit weights instead of fp32 ones is what makes it
+faster.
 
 Layout after ``post_init()`` (per output row, input channels padded to whole groups of a multiple of 32):
 - 2/3/4-bit: one byte per two integers; in each block of 32 channels byte ``j`` holds channel ``j`` in its
