@@ -11,11 +11,14 @@ import inspect
 import os
 from typing import Any
 
+from autoround.quantizer.autoscheme import AutoScheme  # noqa: F401  (public: autoround.AutoScheme)
 from autoround.quantizer.errors import AutoRoundError
 from autoround.quantizer.options import build_options, check_unsupported
 from autoround.quantizer.pipeline import Pipeline, RunOptions
 
 from . import envs
+
+__all__ = ["AutoRound", "AutoScheme"]
 
 
 class AutoRound:
@@ -123,14 +126,4 @@ def _check_inplace(inplace: bool) -> None:
         raise AutoRoundError(
             f"inplace={inplace!r} is not supported: quantization replaces the model's weights by their quantized "
             "values in place; keep inplace=True and load a fresh copy of the model if you need the float one"
-        )
-
-
-class AutoScheme:
-    """Mixed-bit automatic scheme search (per-layer bit allocation under an average-bits budget)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError(
-            "AutoScheme (automatic mixed-bit search) is not yet supported by autoround; pass a fixed scheme such "
-            "as scheme='W4A16' and per-layer overrides with layer_config={'name': {'bits': 8}}"
         )

@@ -55,6 +55,13 @@ def build_parser(prog: str = "auto-round", recipe: str = "default") -> argparse.
     add_cli_arguments(p, TuningOptions, "algorithm", r)
     add_cli_arguments(p, CalibrationOptions, "calibration data", r)
     add_cli_arguments(p, RuntimeOptions, "runtime", r)
+    g = p.add_argument_group("AutoScheme (mixed bits under an average-bits budget; replaces --scheme)")
+    g.add_argument("--avg_bits", "--target_bits", dest="avg_bits", type=float, default=None,
+                   help="average bits per weight to reach at most, e.g. 3.0 (scales and zero points counted)")
+    g.add_argument("--options", default=None,
+                   help="comma-separated schemes to choose from per layer, e.g. 'W2A16G64,W4A16,W8A16' (BF16 = float)")
+    g.add_argument("--ignore_scale_zp_bits", action="store_true",
+                   help="count only the weight bits against --avg_bits")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_ppl", default=None, metavar="FILE",
                    help="print perplexity of the float model and of the saved checkpoint on this UTF-8 text "
@@ -117,6 +124,18 @@ def run(args: argparse.Namespace) -> int:
                 raise AutoRoundError(f"--{name} is not valid JSON: {exc}") from None
             if not isinstance(values[name], dict):
                 raise AutoRoundError(f"--{name} must be a JSON object of layer name -> settings")
+    if (args.avg_bits is None) != (args.options is None):
+        raise AutoRoundError("AutoScheme needs both --avg_bits (or --target_bits) and --options")
+    if args.avg_bits is not None:
+        from .autoscheme import AutoScheme
+
+        if values.get("scheme") not in (None, PlanOptions.scheme):
+            raise AutoRoundError("--scheme and --avg_bits/--options exclude each other: AutoScheme picks the schemes")
+
+        values["scheme"] = AutoScheme(avg_bits=args.avg_bits, options=args.options,
+                                      ignore_scale_zp_bits=args.ignore_scale_zp_bits)
+    elif args.ignore_scale_zp_bits:
+        raise AutoRoundError("--ignore_scale_zp_bits is an AutoScheme option: pass --avg_bits and --options too")
     eval_text = _eval_text(args.eval_ppl) if args.eval_ppl else None
     ar = AutoRound(model, **values)
     fp_ppl = None

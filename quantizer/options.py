@@ -47,7 +47,8 @@ def _positive_int(name: str, value: Any) -> None:
 class PlanOptions:
     """Which scheme each layer gets."""
 
-    scheme: Any = _opt("W4A16", "preset scheme (see 'list scheme'), a dict or a QuantScheme")
+    scheme: Any = _opt("W4A16", "preset scheme (see 'list scheme'), a dict, a QuantScheme, or an "
+                       "AutoScheme (mixed bits; on the command line --avg_bits and --options)")
     bits: int | None = _opt(None, "override the scheme's weight bits", type=int)
     group_size: int | None = _opt(
         None, "override the group size: -1 per output channel, 0 per tensor, N > 0 input channels per group", type=int

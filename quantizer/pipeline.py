@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import model_io
+from .autoscheme import AutoScheme, allocate, auto_candidates, bits_range, check_options, layer_groups
 from .data import calibration_batch, loss_mask
 from .dtypes import family_of
 from .errors import AutoRoundError, FormatError
@@ -32,7 +33,7 @@ from .importance import model_importance
 from .options import CalibrationOptions, PlanOptions, RuntimeOptions, SignRoundOptions, TuningOptions
 from .plan import LayerPlan, plan_layers
 from .quantize import quantize_layers
-from .schemes import resolve_scheme
+from .schemes import QuantScheme, resolve_scheme
 from .transforms import Transform
 from .. import envs
 from ..log import logger
@@ -76,7 +77,23 @@ class Pipeline:
         self.transforms: list[Transform] = list(transforms or [])
         self._applied: list[Transform] = []
         p = options.plan
-        self.scheme = resolve_scheme(p.scheme, bits=p.bits, group_size=p.group_size, sym=p.sym, act_bits=p.act_bits)
+        self.auto_scheme: AutoScheme | None = p.scheme if isinstance(p.scheme, AutoScheme) else None
+        if self.auto_scheme is not None:
+            given = [n for n in ("bits", "group_size", "sym", "act_bits") if getattr(p, n) is not None]
+            if given:
+                raise AutoRoundError(
+                    f"{', '.join(given)} cannot be combined with scheme=AutoScheme(...): put those settings in the "
+                    "AutoScheme options instead (e.g. options='W2A16G64,W4A16')"
+                )
+            quantized = [o for o in self.auto_scheme.schemes if not o.is_float]
+            if not quantized:
+                raise AutoRoundError("AutoScheme options are all float (BF16): add at least one quantized scheme")
+            self.scheme = quantized[0]  # the plan's default; AutoScheme sets every layer explicitly
+        else:
+            self.scheme = resolve_scheme(p.scheme, bits=p.bits, group_size=p.group_size, sym=p.sym,
+                                         act_bits=p.act_bits)
+        # the per-layer schemes AutoScheme chose (exact layer names), on top of layer_config
+        self.chosen_config: dict[str, QuantScheme] = {}
         self.layer_config = dict(p.layer_config or {})
         self.ignore_layers = name_list(p.ignore_layers)
         # resume: the output folder whose hidden sibling keeps SignRound's finished blocks, and whether to continue
@@ -156,6 +173,8 @@ class Pipeline:
         tuning, runtime = self.options.tuning, self.options.runtime
         if runtime.disable_model_free:
             return "disable_model_free=True"
+        if self.auto_scheme is not None:
+            return "AutoScheme scores the options on the loaded model"
         if tuning.iters > 0:
             return "SignRound (iters > 0) runs the model"
         if not tuning.disable_opt_rtn:
@@ -192,16 +211,72 @@ class Pipeline:
 
     # -- plan -----------------------------------------------------------------------------------------
     def adapt_scheme(self, fmts: list) -> None:
-        """Formats that fix the scheme (gguf:q4_k_m needs GGUF:Q4_K_M) adapt it before any work."""
+        """Formats that fix the scheme (gguf:q4_k_m needs GGUF:Q4_K_M) adapt it before any work; AutoScheme's
+        options must each be writable as they are."""
+        if self.auto_scheme is not None:
+            check_options(self.auto_scheme, fmts)
+            return
         for fmt in fmts:
             self.scheme = fmt.adapt_scheme(self.scheme)
 
     def make_plan(self, fmts: list) -> LayerPlan:
         """The scheme of every layer the formats can hold, and the layers kept float."""
         return plan_layers(
-            self.linears, self.scheme, self.layer_config, fmts, self.ignore_layers,
+            self.linears, self.scheme, {**self.layer_config, **self.chosen_config}, fmts, self.ignore_layers,
             lm_head=self.lm_head_name, lm_head_tied=self.lm_head_tied,
         )
+
+    def auto_plan(self, fmts: list) -> LayerPlan:
+        """AutoScheme: score every option on the calibration data and choose a scheme per layer under the
+        budget, then plan with those choices."""
+        from .model_io import final_norm
+        from .sensitivity import delta_loss_scores
+
+        auto = self.auto_scheme
+        free, fixed = auto_candidates(auto, self.linears, self.layer_config, self.ignore_layers, fmts)
+        shapes = {n: (m.in_features, m.out_features) for n, m in self.linears.items()}
+        low, high = bits_range(auto, shapes, free, fixed)
+        logger.info("AutoScheme: average bits range of these options [%.3f, %.3f], target %.3f", low, high,
+                    auto.avg_bits)
+        if auto.avg_bits > high + 1e-9:
+            raise AutoRoundError(
+                f"AutoScheme avg_bits={auto.avg_bits} is above the dearest choice of these options ({high:.4f} bits "
+                "per weight); lower avg_bits or add a wider option such as W8A16 or BF16"
+            )
+        if auto.avg_bits < low - 1e-9:
+            raise AutoRoundError(
+                f"AutoScheme avg_bits={auto.avg_bits} is below the cheapest choice of these options ({low:.4f} bits "
+                "per weight, layers fixed by layer_config or kept float included); raise avg_bits or add a cheaper "
+                "option"
+            )
+        groups = layer_groups(list(free), self.block_names, auto.shared_layers)
+        c, tuning = self.options.calibration, self.options.tuning
+        tokens = calibration_batch(auto.dataset if auto.dataset is not None else c.dataset, self.tokenizer,
+                                   auto.nsamples or c.nsamples, auto.seqlen or c.seqlen, tuning.seed)
+        mask = loss_mask(tokens, getattr(self.tokenizer, "pad_token_id", None))
+        proj = self.model.get_output_embeddings()
+        if proj is None:
+            raise AutoRoundError("AutoScheme needs the model's output projection (lm_head) for its loss; none found")
+        blocks = [(f"{ln}.{i}", b) for ln in self.block_names for i, b in enumerate(self.model.get_submodule(ln))]
+        head_name = self.lm_head_name if self.lm_head_name in {**free, **fixed} else None
+        start = time.time()
+        logger.info("AutoScheme: scoring %d options on %d x %d calibration tokens", len(auto.schemes), *tokens.shape)
+        scores = delta_loss_scores(
+            self.model, blocks, self.linears,
+            [{n: (s[k] if not s[k].is_float else None) for n, s in free.items()} for k in range(len(auto.schemes))],
+            fixed, tokens, mask, auto.batch_size or tuning.batch_size, (final_norm(self.model), proj, head_name),
+            cache_device="cpu" if self.options.runtime.low_gpu_mem_usage else None,
+        )
+        result = allocate(auto, shapes, free, fixed, groups, scores)
+        logger.info(
+            "AutoScheme: target %.4f bits, achieved %.4f (%s) in %.1fs; layers per option: %s",
+            auto.avg_bits, result.achieved_bits,
+            "weights only" if auto.ignore_scale_zp_bits else "scales and zero points counted",
+            time.time() - start, ", ".join(f"{k}: {v}" for k, v in result.counts.items()),
+        )
+        self.chosen_config = {n: result.schemes[n] for n in free}
+        self.auto_result = result
+        return self.make_plan(fmts)
 
     def _untie_lm_head(self) -> None:
         """Give a tied lm_head its own weight before it is quantized (the embedding stays float)."""
@@ -246,7 +321,7 @@ class Pipeline:
             self.layers = {}
             self._finish()
             return self.model, self.layer_config_out()
-        self.plan = self.make_plan(fmts)
+        self.plan = self.auto_plan(fmts) if self.auto_scheme is not None else self.make_plan(fmts)
         self._untie_lm_head()
         tuning = self.options.tuning
         torch.manual_seed(tuning.seed)
@@ -351,7 +426,10 @@ class Pipeline:
         if not self.quantized:
             raise AutoRoundError("call quantize() before save_quantized(), or use quantize_and_save()")
         for fmt in fmts:  # formats chosen after quantize() must still hold the schemes and shapes used
-            fmt.adapt_scheme(self.scheme, switch=False)
+            if self.auto_scheme is not None:
+                check_options(self.auto_scheme, [fmt])
+            else:
+                fmt.adapt_scheme(self.scheme, switch=False)
             if self.plan is not None and not self.plan.quantize and fmt.float_model_ok:
                 continue
             packable = self.make_plan([fmt]).quantize

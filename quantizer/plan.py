@@ -27,18 +27,24 @@ def _match(key: str, name: str) -> bool:
     return key in name
 
 
-def scheme_for_layer(
-    name: str, default: QuantScheme, layer_config: Mapping[str, Any] | None
-) -> QuantScheme:
-    """Exact name first, then regex / fuzzy (substring) keys in the order given."""
+def layer_config_entry(name: str, layer_config: Mapping[str, Any] | None) -> Any:
+    """The ``layer_config`` entry that applies to layer ``name`` (exact name, then regex / substring keys in the
+    order given), or None."""
     if not layer_config:
-        return default
+        return None
     entry = layer_config.get(name)
     if entry is None:
         for key, val in layer_config.items():
             if _match(key, name):
-                entry = val
-                break
+                return val
+    return entry
+
+
+def scheme_for_layer(
+    name: str, default: QuantScheme, layer_config: Mapping[str, Any] | None
+) -> QuantScheme:
+    """Exact name first, then regex / fuzzy (substring) keys in the order given."""
+    entry = layer_config_entry(name, layer_config)
     if entry is None:
         return default
     if isinstance(entry, (str, QuantScheme)):
@@ -74,7 +80,7 @@ def plan_layers(
     ``lm_head``: the name of the output projection when it is to be quantized (it is in ``linears``);
     ``lm_head_tied``: whether the model ties it to the input embedding."""
     plan = LayerPlan()
-    bases = _layer_bases(linears, default)
+    bases = layer_bases(linears, default)
     for name, module in linears.items():
         scheme = scheme_for_layer(name, bases.get(name, default), layer_config)
         if not scheme.is_float:  # the family's fallback when the shape does not fit (GGUF k-quants, say)
@@ -113,6 +119,17 @@ def plan_layers(
     return plan
 
 
+def fitted_scheme(name: str, module: nn.Module, scheme: QuantScheme, formats: list[ExportFormat]) -> QuantScheme:
+    """``scheme`` as layer ``name`` gets it: after its family's shape fallback, and float when a format cannot
+    pack the shape (``plan_layers``' rules for one layer; the format's ``scheme_error`` is checked elsewhere)."""
+    if scheme.is_float:
+        return scheme
+    scheme = family_of(scheme).fit(name, scheme, module.in_features)
+    if any(f.shape_error(scheme, module.in_features, module.out_features) for f in formats):
+        return resolve_scheme("BF16")
+    return scheme
+
+
 def _check_lm_head(formats: list[ExportFormat], tied: bool) -> None:
     from .formats import get_format
 
@@ -132,7 +149,7 @@ def _check_lm_head(formats: list[ExportFormat], tied: bool) -> None:
             )
 
 
-def _layer_bases(linears: Mapping[str, nn.Linear], default: QuantScheme) -> dict[str, QuantScheme]:
+def layer_bases(linears: Mapping[str, nn.Linear], default: QuantScheme) -> dict[str, QuantScheme]:
     """The per-layer schemes a model-level scheme expands into (a GGUF file type: llama.cpp's rules)."""
     if default.is_float:
         return {}

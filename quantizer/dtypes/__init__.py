@@ -7,6 +7,8 @@ A family owns everything that depends on how a weight is represented:
 - the presets it adds to ``schemes.PRESETS`` (``presets``);
 - planning: a model-level scheme that expands into per-layer schemes (``layer_schemes``, e.g. a llama.cpp
   file type) and a layer's fallback when its shape does not fit (``fit``);
+- the storage a layer of its type takes (``storage_bits``: weight bits plus scales and zero points), which
+  AutoScheme's bit budget counts;
 - round-to-nearest and optimized RTN (``quantize``: importance None = plain RTN), which return the packed
   weight object the formats write (anything with ``dequantize()`` and ``bits``);
 - SignRound: the tunable fake-quantizer that wraps a linear layer (``tuner``), whether the tuner needs an
@@ -68,6 +70,12 @@ class WeightFamily:
     def fit(self, name: str, scheme: "QuantScheme", in_features: int) -> "QuantScheme":
         """The scheme a layer of ``in_features`` inputs actually gets (a fallback when the shape does not fit)."""
         return scheme
+
+    def storage_bits(self, scheme: "QuantScheme", in_features: int, out_features: int,
+                     with_metadata: bool = True) -> int:
+        """Bits an ``[out_features, in_features]`` weight of ``scheme`` takes in a checkpoint: the weights, plus
+        (``with_metadata``) the scales and zero points."""
+        raise NotImplementedError(f"weight family {self.name!r} does not say how many bits its weights take")
 
     def quantize(self, weight: "torch.Tensor", scheme: "QuantScheme", importance: "torch.Tensor | None",
                  search_lowest: float = 0.7) -> Any:

@@ -107,6 +107,17 @@ class IntegerFamily(WeightFamily):
     def data_types(self) -> tuple[str, ...]:
         return ("int",)
 
+    def storage_bits(self, scheme: QuantScheme, in_features: int, out_features: int,
+                     with_metadata: bool = True) -> int:
+        """Weight bits, plus per group a 16-bit scale and a ``bits``-bit zero point (the GPTQ/AWQ layouts keep
+        a packed zero point for symmetric schemes too), as the reference tool's AutoScheme counts them."""
+        weights = scheme.bits * in_features * out_features
+        if not with_metadata:
+            return weights
+        g = scheme.group_size
+        groups = 1 if g == 0 else out_features * (1 if g < 0 else -(-in_features // g))
+        return weights + groups * (16 + scheme.bits)
+
     def quantize(self, weight: torch.Tensor, scheme: QuantScheme, importance: torch.Tensor | None,
                  search_lowest: float = 0.7) -> QuantizedWeight:
         if importance is None:

@@ -221,10 +221,3 @@ def test_loader_reports_missing_tensors(tmp_path):
     save_file(sd, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match="missing quantized tensors: model.layers.1.mlp.up_proj.scales"):
         AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-
-
-def test_autoscheme_not_yet():
-    from autoround import AutoScheme
-
-    with pytest.raises(NotImplementedError, match="not yet supported"):
-        AutoScheme(avg_bits=3)

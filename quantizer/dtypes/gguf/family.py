@@ -123,6 +123,14 @@ class GGUFFamily(WeightFamily):
         logger.info("%s: %d input features do not fit %s blocks; using %s as llama.cpp does", name, in_features, qtype, new)
         return gguf_scheme(new)
 
+    def storage_bits(self, scheme: QuantScheme, in_features: int, out_features: int,
+                     with_metadata: bool = True) -> int:
+        """ggml's block bytes (scales and mins included); without metadata, the nominal weight bits."""
+        t = GGML_TYPES[fit_row(gguf_type_of(scheme), in_features)]
+        if not with_metadata:
+            return t.bits * in_features * out_features
+        return out_features * -(-in_features // t.block_size) * t.type_size * 8
+
     def quantize(self, weight: torch.Tensor, scheme: QuantScheme, importance: torch.Tensor | None,
                  search_lowest: float = 0.7) -> GGUFWeight:
         qtype = gguf_type_of(scheme)
