@@ -117,6 +117,11 @@ class TuningOptions:
         "auto", "where the min/max tuning starts: each group's min/max (the reference), optimized RTN's searched "
         "range, or auto = searched for 2- and 3-bit layers", choices=INIT_RANGES,
     )
+    enable_alg_ext: bool = _opt(
+        False, "SignRoundV2 (the reference's algorithm extension): every integer layer's min/max tuning starts from "
+        "the importance-weighted searched range and its factors may move in [0, 2] instead of [0, 1]; blocks with "
+        "layers below 4 bits are tuned on a loss without the largest 0.1 percent of elementwise errors",
+    )
     disable_opt_rtn: bool = _opt(
         False, "with iters 0: plain RTN, no activation-weighted scale search and no calibration data"
     )

@@ -275,7 +275,7 @@ class Pipeline:
             time.time() - start, ", ".join(f"{k}: {v}" for k, v in result.counts.items()),
         )
         self.chosen_config = {n: result.schemes[n] for n in free}
-        self.auto_result = result
+        self.auto_result, self.auto_scores, self.auto_groups = result, scores, groups
         return self.make_plan(fmts)
 
     def _untie_lm_head(self) -> None:

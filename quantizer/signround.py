@@ -42,14 +42,33 @@ class IndexSampler:
         return torch.tensor(out, dtype=torch.long)
 
 
-def masked_mse(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean squared error over the positions where ``mask`` ([batch, seq] bool) is true (all when None)."""
-    if mask is None:
+# SignRoundV2's outlier-filtered loss leaves out this share of the largest elementwise errors of a batch
+OUTLIER_SHARE = 0.001
+
+
+def masked_mse(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
+               drop_outliers: bool = False) -> torch.Tensor:
+    """Mean squared error over the positions where ``mask`` ([batch, seq] bool) is true (all when None).
+
+    ``drop_outliers``: the ``OUTLIER_SHARE`` largest |out - target| elements of those positions (at least one)
+    count for nothing, so that a few outlier activations do not steer a low-bit block's tuning."""
+    if mask is None and not drop_outliers:
         return torch.nn.functional.mse_loss(out.float(), target.float())
     diff = (out.float() - target.float()).pow(2)
-    m = mask.to(diff.dtype).reshape(*mask.shape, *([1] * (diff.dim() - mask.dim())))
-    denom = m.sum() * (diff[0, 0].numel() if diff.dim() > 2 else 1)
-    return (diff * m).sum() / denom.clamp_min(1)
+    if mask is None:
+        m = torch.ones_like(diff)
+    else:
+        m = mask.to(diff.dtype).reshape(*mask.shape, *([1] * (diff.dim() - mask.dim()))).expand_as(diff)
+    if drop_outliers:
+        counted = int(m.sum().item())
+        k = max(1, int(counted * OUTLIER_SHARE))
+        if counted > k:
+            scored = torch.where(m > 0, diff.detach(), torch.full_like(diff, -1.0)).reshape(-1)
+            top = torch.topk(scored, k).indices
+            m = m.reshape(-1).clone()
+            m[top] = 0
+            m = m.reshape(diff.shape)
+    return (diff * m).sum() / m.sum().clamp_min(1)
 
 
 def _swap(block: nn.Module, name: str, new: nn.Module) -> None:
@@ -169,6 +188,8 @@ def _tune(block, wrappers, inputs, targets, options, forward, progress, loss_mas
     sampler = IndexSampler(n, bs * steps, gen)
     target_of = targets if callable(targets) else (lambda idx: targets[idx])
     device = next(iter(wrappers.values())).v.device
+    # SignRoundV2 below 4 bits: the block loss leaves out its largest elementwise errors
+    drop_outliers = options.enable_alg_ext and min(w.scheme.bits for w in wrappers.values()) < 4
     best_loss, best_state, first_loss, best_iter = math.inf, None, None, 0
     try:
         for it in range(options.iters):
@@ -179,7 +200,7 @@ def _tune(block, wrappers, inputs, targets, options, forward, progress, loss_mas
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.amp):
                     out = forward(block, inputs[idx].to(device))
                 mask = loss_mask[idx].to(device) if loss_mask is not None else None
-                loss = masked_mse(out, target_of(idx).to(device), mask) / len(parts)  # in fp32
+                loss = masked_mse(out, target_of(idx).to(device), mask, drop_outliers) / len(parts)  # in fp32
                 loss.backward()
                 value += loss.item()
             if first_loss is None:

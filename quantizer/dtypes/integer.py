@@ -21,6 +21,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..schemes import QuantScheme
 
 
+# SignRoundV2: the min/max factors may also widen a group's range, up to twice its starting min/max
+ALG_EXT_FACTOR_RANGE = (0.0, 2.0)
+
+
 class TunedIntLinear(nn.Module):
     """Wraps a linear layer: its weight is fake-quantized with learnable v / alpha / beta at every call."""
 
@@ -125,15 +129,20 @@ class IntegerFamily(WeightFamily):
         return optimized_rtn_quantize(weight, scheme.bits, scheme.group_size, scheme.sym, importance, search_lowest)
 
     def tuning_importance(self, scheme: QuantScheme, options) -> bool:
-        # the min/max tuning starts from optimized RTN's searched range: "search", or "auto" at 2 and 3 bits
-        return options.init_range == "search" or (options.init_range == "auto" and scheme.bits <= 3)
+        # the min/max tuning starts from optimized RTN's searched range: "search", SignRoundV2, or "auto" at 2 and
+        # 3 bits
+        return (options.init_range == "search" or options.enable_alg_ext
+                or (options.init_range == "auto" and scheme.bits <= 3))
 
     def float_forward_importance(self, scheme: QuantScheme, options) -> bool:
         return self.tuning_importance(scheme, options)
 
     def tuner(self, linear: nn.Linear, scheme: QuantScheme, options, importance: torch.Tensor | None) -> TunedIntLinear:
         search = self.tuning_importance(scheme, options)
-        return TunedIntLinear(linear, scheme, options.enable_minmax_tuning, search, importance if search else None)
+        tuner = TunedIntLinear(linear, scheme, options.enable_minmax_tuning, search, importance if search else None)
+        if options.enable_alg_ext:
+            tuner.factor_range = ALG_EXT_FACTOR_RANGE
+        return tuner
 
 
 register_family(IntegerFamily())

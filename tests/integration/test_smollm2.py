@@ -53,3 +53,37 @@ def test_optimized_rtn_beats_plain_rtn(smollm2_folder, heldout):
         ppl[opt] = text_perplexity(ar.model, tok, heldout, seqlen=512, n_windows=20, progress=False)
     print(ppl)
     assert ppl[True] < ppl[False]
+
+
+def test_autoscheme_beats_its_inverse_and_reloads(smollm2_folder, heldout, tmp_path):
+    """AutoScheme at 3 bits on the real model: within the budget, a real mix, the checkpoint reloads with the
+    in-memory perplexity, and the DeltaLoss choice beats the worst choice under the same budget (the same
+    knapsack maximising the sensitivity), so the scores carry information."""
+    from autoround import AutoScheme
+    from autoround.quantizer.autoscheme import allocate, auto_candidates
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_folder))
+    text = wikipedia_text()
+    calib = tok(text[: int(len(text) * 0.6)], add_special_tokens=False)["input_ids"]
+    chunks = [calib[i : i + 128] for i in range(0, 4 * 128, 128)]
+    auto = AutoScheme(avg_bits=3.0, options="W2A16G64,W4A16,W8A16")
+    run = dict(iters=0, disable_opt_rtn=True, dataset=chunks, nsamples=4, seqlen=128)
+    ar = AutoRound(str(smollm2_folder), tok, scheme=auto, **run)
+    _, (out,) = ar.quantize_and_save(str(tmp_path / "auto"), format="auto_round")
+    p = ar.pipeline
+    assert p.auto_result.achieved_bits <= 3.0 and sum(v > 0 for v in p.auto_result.counts.values()) >= 2
+    best = text_perplexity(ar.model, tok, heldout, seqlen=512, n_windows=10, progress=False)
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert abs(text_perplexity(loaded, tok, heldout, seqlen=512, n_windows=10, progress=False) / best - 1) < 0.01
+
+    free, fixed = auto_candidates(auto, p.linears, {}, [], [])
+    shapes = {n: (m.in_features, m.out_features) for n, m in p.linears.items()}
+    worst = allocate(auto, shapes, free, fixed, p.auto_groups, {n: [-v for v in s] for n, s in p.auto_scores.items()})
+    assert worst.achieved_bits <= 3.0
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_folder), dtype=torch.float32).eval()
+    inverse = AutoRound(model, tok, scheme="W4A16", layer_config=worst.schemes, iters=0, disable_opt_rtn=True)
+    inverse.quantize()
+    worse = text_perplexity(inverse.model, tok, heldout, seqlen=512, n_windows=10, progress=False)
+    print(f"AutoScheme {best:.3f} ({p.auto_result.achieved_bits:.3f} bits) vs its inverse {worse:.3f} "
+          f"({worst.achieved_bits:.3f} bits)")
+    assert best < worse

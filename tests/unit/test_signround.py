@@ -194,3 +194,60 @@ def test_searched_init_range_starts_from_optimized_rtn_and_auto_picks_it_below_4
         assert all(torch.equal(auto.weights[n].qweight, expected.weights[n].qweight) for n in names)
         if bits == 2:
             assert block_mse(mlp, searched.weights, x, y) < block_mse(mlp, plain.weights, x, y)
+
+
+def test_outlier_filtered_loss_leaves_out_the_largest_errors():
+    from autoround.quantizer.signround import OUTLIER_SHARE, masked_mse
+
+    target = torch.zeros(2, 50, 20)
+    out = torch.full_like(target, 0.1)
+    out[1, 7, 3] = 100.0  # one outlier among 2000 elements: 0.1% of them is 2, at least 1
+    mask = torch.ones(2, 50, dtype=torch.bool)
+    mask[0, -1] = False
+    counted = int(mask.sum()) * 20
+    k = max(1, int(counted * OUTLIER_SHARE))
+    filtered = masked_mse(out, target, mask, drop_outliers=True)
+    assert filtered.item() == pytest.approx(0.01)  # the outlier (and one ordinary element) are gone
+    assert masked_mse(out, target, mask).item() == pytest.approx((0.01 * (counted - 1) + 1e4) / counted)
+    assert masked_mse(out, target, None, drop_outliers=True).item() == pytest.approx(0.01)
+    assert k == 1
+
+
+def test_alg_ext_searches_at_every_width_widens_the_factors_and_filters_below_4_bits(monkeypatch):
+    """enable_alg_ext: a 4-bit layer starts from the searched range as 2- and 3-bit layers do, its min/max
+    factors may grow past 1 (up to 2), and the outlier-filtered loss is used exactly when a layer is below 4 bits."""
+    from autoround.quantizer import signround
+    from autoround.quantizer.dtypes import family_of
+
+    mlp, x, y, names = mlp_case()
+    w4 = QuantScheme(bits=4, group_size=32)
+    on, off = SignRoundOptions(iters=3, enable_alg_ext=True), SignRoundOptions(iters=3)
+    fam = family_of(w4)
+    assert fam.tuning_importance(w4, on) and not fam.tuning_importance(w4, off)
+    imp = {n: torch.ones(mlp.get_submodule(n).in_features) for n in names}
+    for options, high in ((on, 2.0), (off, 1.0)):
+        t = fam.tuner(mlp.gate_proj, w4, options, imp["gate_proj"])
+        with torch.no_grad():
+            t.alpha.fill_(1.7)
+            t.beta.fill_(2.5)
+        t.clamp_()
+        assert torch.all(t.alpha == min(1.7, high)) and torch.all(t.beta == high)
+
+    seen = []
+    real = signround.masked_mse
+    monkeypatch.setattr(signround, "masked_mse", lambda *a: seen.append(a[3] if len(a) > 3 else False) or real(*a))
+    for bits, options, want in ((4, on, False), (3, on, True), (2, off, False)):
+        seen.clear()
+        tune_block(mlp, dict.fromkeys(names, QuantScheme(bits=bits, group_size=32)), x, y, options)
+        assert seen and set(seen) == {want}, (bits, options.enable_alg_ext)
+
+
+def test_alg_ext_end_to_end_changes_the_result_and_beats_rtn():
+    mlp, x, y, names = mlp_case()
+    scheme = QuantScheme(bits=2, group_size=32)
+    rtn = {n: quantize_weight(mlp.get_submodule(n).weight, 2, 32, True) for n in names}
+    base = tune_block(mlp, dict.fromkeys(names, scheme), x, y, SignRoundOptions(iters=40, batch_size=8))
+    ext = tune_block(mlp, dict.fromkeys(names, scheme), x, y,
+                     SignRoundOptions(iters=40, batch_size=8, enable_alg_ext=True))
+    assert any(not torch.equal(ext.weights[n].qweight, base.weights[n].qweight) for n in names)
+    assert block_mse(mlp, ext.weights, x, y) < block_mse(mlp, rtn, x, y)
