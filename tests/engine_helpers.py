@@ -241,3 +241,10 @@ def tiny_prompt_ids(tmp_path) -> Path:
     ids = Path(tmp_path) / "ids.json"
     ids.write_text(json.dumps([[1, 17, 300, 42, 7], [1, 5, 6, 7, 8, 9, 10], [1, 400], [1, 256, 128, 64]]))
     return ids
+
+
+def autoscheme_bits(ckpt):
+    """(default bits, layer name -> bits of the layers in extra_config) of a mixed-bit auto_round checkpoint."""
+    qcfg = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    extra = qcfg.get("extra_config", {})
+    return qcfg["bits"], {k: v.get("bits", qcfg["bits"]) for k, v in extra.items()}

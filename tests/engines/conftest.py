@@ -47,3 +47,22 @@ def prompt_ids(smollm2_folder, tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "ids.json"
     path.write_text(json.dumps(ids))
     return path
+
+
+@pytest.fixture(scope="session")
+def ours_autoscheme(smollm2_folder, tmp_path_factory):
+    """SmolLM2 with AutoScheme at 5 bits over W4A16 and W8A16: a mixed-bit auto_round checkpoint whose fused
+    layers (q/k/v, gate/up) share one choice, as the engines require."""
+    from autoround import AutoRound, AutoScheme
+    from autoround.quantizer.data import wikipedia_text
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_folder))
+    ids = tok(wikipedia_text()[:20000], add_special_tokens=False)["input_ids"]
+    calib = [ids[i : i + 128] for i in range(0, 4 * 128, 128)]
+    out = tmp_path_factory.mktemp("engines") / "ours-autoscheme"
+    ar = AutoRound(str(smollm2_folder), tok, scheme=AutoScheme(avg_bits=5.0, options="W4A16,W8A16"), iters=0,
+                   disable_opt_rtn=True, dataset=calib, nsamples=4, seqlen=128)
+    ar.quantize_and_save(str(out), format="auto_round")
+    return out
+

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from engine_helpers import (
-    assert_same_tokens, assert_sensible_half_output, check_openai_server, copy_checkpoint, engine_python,
+    assert_same_tokens, autoscheme_bits, assert_sensible_half_output, check_openai_server, copy_checkpoint, engine_python,
     rewrite_tensors, run_engine, tiny_checkpoint_with_quantized_lm_head, tiny_prompt_ids, transformers_greedy,
 )
 
@@ -168,6 +168,24 @@ def test_sglang_mixed_bits_layers_match_transformers(sglang_python, mixed_ckpt, 
     report = _compare(sglang_python, mixed_ckpt, MIXED_LAYER, tmp_path)
     assert report["methods"]["o_proj"] == "UnquantizedLinearMethod"  # bits 16 in extra_config: float
     assert report["methods"]["down_proj"] == "AutoRoundLinearMethod"
+
+
+def test_sglang_autoscheme_layers_match_transformers(sglang_python, ours_autoscheme, tmp_path):
+    """A block of the AutoScheme checkpoint whose layers differ in bits: SGLang's fused layers load it and
+    compute what transformers does."""
+    default, bits = autoscheme_bits(ours_autoscheme)
+
+    def layer_bits(b, name):
+        return bits.get(f"model.layers.{b}.{name}", default)
+
+    parts = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
+    mixed = [b for b in range(30) if len({layer_bits(b, p) for p in parts}) > 1]
+    assert mixed, bits
+    for b in range(30):  # the fused parts share one choice
+        assert len({layer_bits(b, f"self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj")}) == 1
+        assert len({layer_bits(b, f"mlp.{p}") for p in ("gate_proj", "up_proj")}) == 1
+    report = _compare(sglang_python, ours_autoscheme, mixed[0], tmp_path)
+    assert set(report["methods"].values()) == {"AutoRoundLinearMethod"}, report["methods"]
 
 
 def test_sglang_awq_packed_layers_match_transformers(sglang_python, awq_ckpt, tmp_path):

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from engine_helpers import (
-    assert_same_tokens, assert_sensible_half_output, check_openai_server, copy_checkpoint, engine_python,
+    assert_same_tokens, autoscheme_bits, assert_sensible_half_output, check_openai_server, copy_checkpoint, engine_python,
     rewrite_tensors, run_engine, tiny_checkpoint_with_quantized_lm_head, tiny_prompt_ids, transformers_greedy,
 )
 
@@ -65,6 +65,14 @@ def test_vllm_serves_awq_packed_checkpoint_like_transformers(vllm_python, ours_w
 
 
 @pytest.mark.peer
+def test_vllm_serves_autoscheme_checkpoint_like_transformers(vllm_python, ours_autoscheme, prompt_ids, tmp_path):
+    default, bits = autoscheme_bits(ours_autoscheme)
+    assert {default, *bits.values()} == {4, 8}  # a real mix
+    result = _vllm_greedy(vllm_python, ours_autoscheme, prompt_ids, tmp_path)
+    _check_ours_ran(result)
+    assert_same_tokens(result["tokens"], transformers_greedy(ours_autoscheme, prompt_ids), "vLLM, AutoScheme")
+
+
 def test_vllm_serves_intel_checkpoint_like_transformers(vllm_python, intel_w4a16, prompt_ids, tmp_path):
     result = _vllm_greedy(vllm_python, intel_w4a16, prompt_ids, tmp_path)
     _check_ours_ran(result)
