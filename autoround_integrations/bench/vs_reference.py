@@ -1,7 +1,8 @@
 """Side by side with Intel's ``auto-round`` on SmolLM2-135M-Instruct: perplexity, quantization time, peak RSS.
 
     python -m autoround.bench.vs_reference --ref-python /path/to/venv-with-auto-round/bin/python \\
-        [--schemes W4G64,W4G128,W2G64] [--methods rtn,opt_rtn,light,default] [--ref-cache FILE]
+        [--schemes W4G64,W4G128,W2G64,AUTO3,AUTO4.5] [--methods rtn,opt_rtn,light,light_ext,default]
+        [--ref-cache FILE]
 
 Installs nothing.  Both tools get identical calibration tokens (consecutive 512-token chunks of the first 60%
 of gensim's shortened English Wikipedia dump) and the same settings (nsamples 32, seqlen 512, batch_size 4,
@@ -33,17 +34,29 @@ import tempfile
 import time
 from pathlib import Path
 
-SCHEMES = {  # name -> (bits, group_size)
+SCHEMES = {  # name -> (bits, group_size), or ("auto", avg_bits) for AutoScheme over AUTO_OPTIONS
     "W4G64": (4, 64),
     "W4G128": (4, 128),
     "W2G64": (2, 64),
+    "AUTO3": ("auto", 3.0),
+    "AUTO4.5": ("auto", 4.5),
 }
-METHODS = {  # name -> (iters, lr, disable_opt_rtn)
-    "rtn": (0, None, True),
-    "opt_rtn": (0, None, False),
-    "light": (50, 5e-3, False),
-    "default": (200, None, False),
+AUTO_OPTIONS = ("W2A16G64", "W4A16", "W8A16")
+METHODS = {  # name -> (iters, lr, disable_opt_rtn, enable_alg_ext)
+    "rtn": (0, None, True, False),
+    "opt_rtn": (0, None, False, False),
+    "light": (50, 5e-3, False, False),
+    "light_ext": (50, 5e-3, False, True),
+    "default": (200, None, False, False),
 }
+
+
+def _scheme_kwargs(name: str, auto_scheme_cls) -> dict:
+    """The scheme arguments of a row, the same for both tools (their AutoScheme classes share the API)."""
+    first, second = SCHEMES[name]
+    if first == "auto":
+        return {"scheme": auto_scheme_cls(avg_bits=second, options=AUTO_OPTIONS)}
+    return {"scheme": "W4A16", "bits": first, "group_size": second, "sym": True}
 SETTINGS = {"nsamples": 32, "seqlen": 512, "batch_size": 4, "seed": 42, "eval_windows": 40}
 
 
@@ -86,16 +99,16 @@ def _perplexity(model, windows) -> float:
 
 def worker_ours(a: argparse.Namespace) -> None:
     torch = _torch()
-    from autoround import AutoRound
+    from autoround import AutoRound, AutoScheme
 
-    bits, group = SCHEMES[a.scheme]
-    iters, lr, plain = METHODS[a.method]
+    iters, lr, plain, ext = METHODS[a.method]
     calib = torch.load(Path(a.workdir) / "calib.pt")
     t0 = time.time()
     ar = AutoRound(
-        a.model, scheme="W4A16", bits=bits, group_size=group, sym=True, iters=iters, lr=lr,
+        a.model, **_scheme_kwargs(a.scheme, AutoScheme), iters=iters, lr=lr,
         nsamples=SETTINGS["nsamples"], seqlen=SETTINGS["seqlen"], batch_size=SETTINGS["batch_size"],
-        seed=SETTINGS["seed"], dataset=list(calib), disable_opt_rtn=plain, **({"amp": False} if a.disable_amp else {}),
+        seed=SETTINGS["seed"], dataset=list(calib), disable_opt_rtn=plain, enable_alg_ext=ext,
+        **({"amp": False} if a.disable_amp else {}),
     )
     ar.quantize_and_save(a.out, format="auto_round")
     _emit({"seconds": time.time() - t0, "peak_rss_gib": _peak_rss_gib()})
@@ -115,19 +128,20 @@ def worker_ref(a: argparse.Namespace) -> None:
     """Intel's auto-round: quantize (and save), evaluate in memory for group 128."""
     torch = _torch()
     import auto_round
-    from auto_round import AutoRound
+    from auto_round import AutoRound, AutoScheme
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    bits, group = SCHEMES[a.scheme]
-    iters, lr, plain = METHODS[a.method]
+    iters, lr, plain, ext = METHODS[a.method]
     calib = torch.load(Path(a.workdir) / "calib.pt")
     in_memory = a.in_memory_eval
     t0 = time.time()
     kwargs = dict(
-        scheme="W4A16", bits=bits, group_size=group, sym=True, iters=iters,
+        **_scheme_kwargs(a.scheme, AutoScheme), iters=iters,
         nsamples=SETTINGS["nsamples"], seqlen=SETTINGS["seqlen"], batch_size=SETTINGS["batch_size"],
         seed=SETTINGS["seed"], dataset=[row.unsqueeze(0) for row in calib], device_map="cpu",
     )
+    if ext:
+        kwargs["enable_alg_ext"] = True
     if lr is not None:
         kwargs["lr"] = lr
     if plain:
@@ -227,8 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m autoround.bench.vs_reference", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ref-python", help="interpreter of a virtualenv with Intel's auto-round")
-    p.add_argument("--schemes", default=",".join(SCHEMES), help="comma-separated subset of " + ", ".join(SCHEMES))
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    p.add_argument("--schemes", default="W4G64,W4G128,W2G64",
+                   help="comma-separated subset of " + ", ".join(SCHEMES) + " (AUTO<bits>: AutoScheme over "
+                        + ",".join(AUTO_OPTIONS) + "; default %(default)s)")
+    p.add_argument("--methods", default="rtn,opt_rtn,light,default",
+                   help="comma-separated subset of " + ", ".join(METHODS) + " (light_ext: light with "
+                        "enable_alg_ext; default %(default)s)")
     p.add_argument("--ref-cache", default=None, help="JSON file caching the reference's rows (read and updated)")
     p.add_argument("--workdir", default=None, help="where tokens, checkpoints and logs go (default: a temp dir)")
     p.add_argument("--skip-ours", action="store_true", help="only the reference's rows (to fill the cache)")
@@ -281,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                     row["ref"] = {**cache[key], "cached": True}
                 else:
                     out = workdir / f"ref-{scheme}-{method}"
-                    in_mem = SCHEMES[scheme][1] == 128
+                    # it cannot load its own group-128 SmolLM2 layers (AutoScheme rows hold W4A16 g128 ones)
+                    in_mem = SCHEMES[scheme][1] == 128 or SCHEMES[scheme][0] == "auto"
                     cmd = [a.ref_python, here, "--worker", "ref", "--scheme", scheme, "--method", method,
                            "--model", model, "--out", str(out), "--workdir", str(workdir)] + amp_flag
                     r = _run(cmd + (["--in-memory-eval"] if in_mem else []), log)

@@ -156,3 +156,13 @@ def test_cli_autoscheme(tmp_path):
                  "--output_dir", str(tmp_path / "o")]) == 2
     assert main([str(src), "--ignore_scale_zp_bits", "--output_dir", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_signround_tunes_the_chosen_schemes():
+    auto = AutoScheme(avg_bits=3.0, options="W2A16G32,W4A16")
+    ar = AutoRound(tiny_llama(), scheme=auto, **{**RUN, "iters": 2})
+    _, layer_config = ar.quantize()
+    assert {c["bits"] for c in layer_config.values()} == {2, 4}
+    for name, layer in ar.layers.items():
+        assert layer.scheme.bits == layer_config[name]["bits"]
+        assert torch.equal(ar.model.get_submodule(name).weight, layer.weight.dequantize())
