@@ -31,6 +31,10 @@ FUSED_SIBLINGS = (
 _EXPERTS = re.compile(r"^(.*\.experts)\.\d+\.")
 
 
+# the sensitivity pass's calibration when the AutoScheme does not set it (the reference's defaults)
+SCORING_NSAMPLES, SCORING_SEQLEN, SCORING_BATCH_SIZE = 16, 256, 8
+
+
 @dataclass(frozen=True)
 class AutoScheme:
     """The reference tool's ``AutoScheme``.
@@ -39,7 +43,8 @@ class AutoScheme:
     from (a comma-separated string, or preset names / ``QuantScheme`` objects / ``"BF16"`` to keep a layer float).
     ``ignore_scale_zp_bits``: count weight bits only.  ``shared_layers``: groups of name patterns (exact names,
     substrings or regexes) whose matching layers in one block get one scheme.  ``nsamples``, ``seqlen``,
-    ``dataset``, ``batch_size``: the sensitivity pass's calibration (default: the run's).  ``method``,
+    ``batch_size``: the sensitivity pass's calibration (default 16 x 256 tokens in batches of 8, as the
+    reference); ``dataset``: its text (default: the run's).  ``method``,
     ``device_map``, ``enable_torch_compile``, ``low_gpu_mem_usage``, ``low_cpu_mem_usage``: accepted at their
     defaults (the pass always runs block by block on the model's device); other values are refused."""
 

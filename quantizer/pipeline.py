@@ -22,7 +22,10 @@ import torch
 from torch import nn
 
 from . import model_io
-from .autoscheme import AutoScheme, allocate, auto_candidates, bits_range, check_options, layer_groups
+from .autoscheme import (
+    SCORING_BATCH_SIZE, SCORING_NSAMPLES, SCORING_SEQLEN, AutoScheme, allocate, auto_candidates, bits_range,
+    check_options, layer_groups,
+)
 from .data import calibration_batch, loss_mask
 from .dtypes import family_of
 from .errors import AutoRoundError, FormatError
@@ -252,7 +255,7 @@ class Pipeline:
         groups = layer_groups(list(free), self.block_names, auto.shared_layers)
         c, tuning = self.options.calibration, self.options.tuning
         tokens = calibration_batch(auto.dataset if auto.dataset is not None else c.dataset, self.tokenizer,
-                                   auto.nsamples or c.nsamples, auto.seqlen or c.seqlen, tuning.seed)
+                                   auto.nsamples or SCORING_NSAMPLES, auto.seqlen or SCORING_SEQLEN, tuning.seed)
         mask = loss_mask(tokens, getattr(self.tokenizer, "pad_token_id", None))
         proj = self.model.get_output_embeddings()
         if proj is None:
@@ -264,7 +267,7 @@ class Pipeline:
         scores = delta_loss_scores(
             self.model, blocks, self.linears,
             [{n: (s[k] if not s[k].is_float else None) for n, s in free.items()} for k in range(len(auto.schemes))],
-            fixed, tokens, mask, auto.batch_size or tuning.batch_size, (final_norm(self.model), proj, head_name),
+            fixed, tokens, mask, auto.batch_size or SCORING_BATCH_SIZE, (final_norm(self.model), proj, head_name),
             cache_device="cpu" if self.options.runtime.low_gpu_mem_usage else None,
         )
         result = allocate(auto, shapes, free, fixed, groups, scores)

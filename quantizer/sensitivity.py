@@ -132,11 +132,15 @@ def _option_pass(blocks, linears, schemes, scored, per, x0, kwargs, tokens, mask
     with _Swap(linears, head_schemes) as swap:
         for i in range(0, len(x), bs):
             h = x[i : i + bs].to(device).requires_grad_(True)
-            logits = proj(norm(h)).float()
             ids, m = tokens[i : i + bs].to(device), mask[i : i + bs].to(device)
             keep = m[:, :-1] & m[:, 1:]
-            loss = nn.functional.cross_entropy(logits[:, :-1][keep], ids[:, 1:][keep]) if keep.any() else logits.sum() * 0
-            loss.backward()
+            count = max(int(keep.sum()), 1)
+            # the batch's mean next-token loss, backpropagated one sample at a time: the logits of a whole batch
+            # (batch x seqlen x vocabulary) would dominate the memory
+            for j in range(len(h)):
+                logits = proj(norm(h[j : j + 1])).float()[0, :-1]
+                ce = nn.functional.cross_entropy(logits[keep[j]], ids[j, 1:][keep[j]], reduction="sum")
+                (ce / count).backward()
             grads.append(h.grad.to(store))
             swap.accumulate(per, [head_name] if head_name in per else [])
     bar.update()

@@ -51,11 +51,13 @@ METHODS = {  # name -> (iters, lr, disable_opt_rtn, enable_alg_ext)
 }
 
 
-def _scheme_kwargs(name: str, auto_scheme_cls) -> dict:
-    """The scheme arguments of a row, the same for both tools (their AutoScheme classes share the API)."""
+def _scheme_kwargs(name: str, auto_scheme_cls, workdir: str) -> dict:
+    """The scheme arguments of a row, the same for both tools (their AutoScheme classes share the API); an
+    AutoScheme row calibrates on the text file both tools can read (``_prepare``)."""
     first, second = SCHEMES[name]
     if first == "auto":
-        return {"scheme": auto_scheme_cls(avg_bits=second, options=AUTO_OPTIONS)}
+        return {"scheme": auto_scheme_cls(avg_bits=second, options=AUTO_OPTIONS),
+                "dataset": str(Path(workdir) / "calib.jsonl")}
     return {"scheme": "W4A16", "bits": first, "group_size": second, "sym": True}
 SETTINGS = {"nsamples": 32, "seqlen": 512, "batch_size": 4, "seed": 42, "eval_windows": 40}
 
@@ -105,9 +107,9 @@ def worker_ours(a: argparse.Namespace) -> None:
     calib = torch.load(Path(a.workdir) / "calib.pt")
     t0 = time.time()
     ar = AutoRound(
-        a.model, **_scheme_kwargs(a.scheme, AutoScheme), iters=iters, lr=lr,
+        a.model, **{"dataset": list(calib), **_scheme_kwargs(a.scheme, AutoScheme, a.workdir)}, iters=iters, lr=lr,
         nsamples=SETTINGS["nsamples"], seqlen=SETTINGS["seqlen"], batch_size=SETTINGS["batch_size"],
-        seed=SETTINGS["seed"], dataset=list(calib), disable_opt_rtn=plain, enable_alg_ext=ext,
+        seed=SETTINGS["seed"], disable_opt_rtn=plain, enable_alg_ext=ext,
         **({"amp": False} if a.disable_amp else {}),
     )
     ar.quantize_and_save(a.out, format="auto_round")
@@ -136,9 +138,9 @@ def worker_ref(a: argparse.Namespace) -> None:
     in_memory = a.in_memory_eval
     t0 = time.time()
     kwargs = dict(
-        **_scheme_kwargs(a.scheme, AutoScheme), iters=iters,
-        nsamples=SETTINGS["nsamples"], seqlen=SETTINGS["seqlen"], batch_size=SETTINGS["batch_size"],
-        seed=SETTINGS["seed"], dataset=[row.unsqueeze(0) for row in calib], device_map="cpu",
+        **{"dataset": [row.unsqueeze(0) for row in calib], **_scheme_kwargs(a.scheme, AutoScheme, a.workdir)},
+        iters=iters, nsamples=SETTINGS["nsamples"], seqlen=SETTINGS["seqlen"], batch_size=SETTINGS["batch_size"],
+        seed=SETTINGS["seed"], device_map="cpu",
     )
     if ext:
         kwargs["enable_alg_ext"] = True
@@ -222,6 +224,14 @@ def _prepare(workdir: Path) -> str:
         if ev.numel() < w * seqlen:
             raise RuntimeError(f"held-out text has {ev.numel()} tokens, fewer than {w} x {seqlen}")
         torch.save(calib.clone(), workdir / "calib.pt")
+        # AutoScheme rows: the reference's AutoScheme takes a dataset name or a local json/jsonl file only, so
+        # both tools read the same text from a file: nsamples chunks of 600 tokens (each tokenizes back to at
+        # least seqlen tokens), tokenized and cut by each tool itself
+        extra = 600
+        chunks = ids[: n * extra].reshape(n, extra)
+        with open(workdir / "calib.jsonl", "w") as f:
+            for row in chunks:
+                f.write(json.dumps({"text": tok.decode(row.tolist())}) + "\n")
         torch.save(ev[: w * seqlen].reshape(w, seqlen).clone(), workdir / "eval.pt")
     return folder
 

@@ -61,7 +61,7 @@ def ours_autoscheme(smollm2_folder, tmp_path_factory):
     ids = tok(wikipedia_text()[:20000], add_special_tokens=False)["input_ids"]
     calib = [ids[i : i + 128] for i in range(0, 4 * 128, 128)]
     out = tmp_path_factory.mktemp("engines") / "ours-autoscheme"
-    ar = AutoRound(str(smollm2_folder), tok, scheme=AutoScheme(avg_bits=5.0, options="W4A16,W8A16"), iters=0,
+    ar = AutoRound(str(smollm2_folder), tok, scheme=AutoScheme(avg_bits=5.0, options="W4A16,W8A16", nsamples=4, seqlen=128), iters=0,
                    disable_opt_rtn=True, dataset=calib, nsamples=4, seqlen=128)
     ar.quantize_and_save(str(out), format="auto_round")
     return out

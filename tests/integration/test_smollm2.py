@@ -66,7 +66,7 @@ def test_autoscheme_beats_its_inverse_and_reloads(smollm2_folder, heldout, tmp_p
     text = wikipedia_text()
     calib = tok(text[: int(len(text) * 0.6)], add_special_tokens=False)["input_ids"]
     chunks = [calib[i : i + 128] for i in range(0, 4 * 128, 128)]
-    auto = AutoScheme(avg_bits=3.0, options="W2A16G64,W4A16,W8A16")
+    auto = AutoScheme(avg_bits=3.0, options="W2A16G64,W4A16,W8A16", nsamples=4, seqlen=128)
     run = dict(iters=0, disable_opt_rtn=True, dataset=chunks, nsamples=4, seqlen=128)
     ar = AutoRound(str(smollm2_folder), tok, scheme=auto, **run)
     _, (out,) = ar.quantize_and_save(str(tmp_path / "auto"), format="auto_round")

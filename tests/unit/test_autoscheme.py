@@ -4,6 +4,7 @@ errors before any work, and a mixed-bit checkpoint that transformers loads."""
 import itertools
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from arhelpers import tiny_llama
 
 CALIB = [torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(i)) for i in range(4)]
 RUN = dict(iters=0, dataset=CALIB, nsamples=4, seqlen=24, batch_size=2)
+SCORING = dict(nsamples=4, seqlen=24, batch_size=2)  # the scoring pass's calibration: all of CALIB
 
 
 def brute_force(costs, scores, budget):
@@ -95,11 +97,11 @@ def _no_scoring(monkeypatch):
 
 
 @pytest.mark.parametrize("auto, fmt, match", [
-    (AutoScheme(avg_bits=1.5, options="W2A16G32,W4A16"), "fake", "below the cheapest"),
-    (AutoScheme(avg_bits=9.0, options="W2A16G32,W4A16"), "fake", "above the dearest"),
-    (AutoScheme(avg_bits=3.0, options="W2A16G32,GGUF:Q4_0"), "auto_round", "option GGUF Q4_0 .* cannot be written as "
-     "'auto_round'"),
-    (AutoScheme(avg_bits=3.0, options="W2A16G32,W4A16"), "auto_awq", "holds one scheme"),
+    (AutoScheme(avg_bits=1.5, options="W2A16G32,W4A16", **SCORING), "fake", "below the cheapest"),
+    (AutoScheme(avg_bits=9.0, options="W2A16G32,W4A16", **SCORING), "fake", "above the dearest"),
+    (AutoScheme(avg_bits=3.0, options="W2A16G32,GGUF:Q4_0", **SCORING), "auto_round",
+     "option GGUF Q4_0 .* cannot be written as 'auto_round'"),
+    (AutoScheme(avg_bits=3.0, options="W2A16G32,W4A16", **SCORING), "auto_awq", "holds one scheme"),
 ])
 def test_errors_before_any_work(tmp_path, monkeypatch, auto, fmt, match):
     _no_scoring(monkeypatch)
@@ -111,11 +113,11 @@ def test_errors_before_any_work(tmp_path, monkeypatch, auto, fmt, match):
 
 def test_overrides_with_autoscheme_are_refused():
     with pytest.raises(AutoRoundError, match="bits cannot be combined with scheme=AutoScheme"):
-        AutoRound(tiny_llama(), scheme=AutoScheme(avg_bits=3, options="W2A16,W4A16"), bits=4)
+        AutoRound(tiny_llama(), scheme=AutoScheme(avg_bits=3, options="W2A16,W4A16", **SCORING), bits=4)
 
 
 def test_budget_fixed_layers_fused_groups_and_determinism(tmp_path):
-    auto = AutoScheme(avg_bits=3.6, options="W2A16G32,W4A16,W8A16")
+    auto = AutoScheme(avg_bits=3.6, options="W2A16G32,W4A16,W8A16", **SCORING)
     fixed = {"model.layers.1.mlp.down_proj": {"bits": 8}}
     ar = AutoRound(tiny_llama(), scheme=auto, layer_config=fixed, **RUN)
     _, layer_config = ar.quantize()
@@ -135,7 +137,7 @@ def test_budget_fixed_layers_fused_groups_and_determinism(tmp_path):
 
 
 def test_float_option_and_checkpoint_loads(tmp_path):
-    auto = AutoScheme(avg_bits=6.0, options=["W2A16G32", "BF16"])
+    auto = AutoScheme(avg_bits=6.0, options=["W2A16G32", "BF16"], **SCORING)
     ar = AutoRound(tiny_llama(), scheme=auto, **RUN)
     model, (out,) = ar.quantize_and_save(str(tmp_path / "out"), format="auto_round")
     assert ar.plan.keep_float and ar.plan.quantize
@@ -159,10 +161,23 @@ def test_cli_autoscheme(tmp_path):
 
 
 def test_signround_tunes_the_chosen_schemes():
-    auto = AutoScheme(avg_bits=3.0, options="W2A16G32,W4A16")
+    auto = AutoScheme(avg_bits=3.0, options="W2A16G32,W4A16", **SCORING)
     ar = AutoRound(tiny_llama(), scheme=auto, **{**RUN, "iters": 2})
     _, layer_config = ar.quantize()
     assert {c["bits"] for c in layer_config.values()} == {2, 4}
     for name, layer in ar.layers.items():
         assert layer.scheme.bits == layer_config[name]["bits"]
         assert torch.equal(ar.model.get_submodule(name).weight, layer.weight.dequantize())
+
+
+def test_auto_gptq_export_records_the_choices_as_dynamic_entries(tmp_path):
+    auto = AutoScheme(avg_bits=3.0, options="W2A16G32,W4A16", **SCORING)
+    ar = AutoRound(tiny_llama(), scheme=auto, **RUN)
+    _, (out,) = ar.quantize_and_save(str(tmp_path / "gptq"), format="auto_gptq")
+    qcfg = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    chosen = {n: layer.scheme.bits for n, layer in ar.layers.items()}
+    dynamic = qcfg.get("dynamic", {})
+    for name, bits in chosen.items():
+        entry = dynamic.get("+:^" + re.escape(name) + "$", {})
+        assert entry.get("bits", qcfg["bits"]) == bits, name
+    assert len(set(chosen.values())) == 2
