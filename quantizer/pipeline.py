@@ -264,11 +264,19 @@ class Pipeline:
         head_name = self.lm_head_name if self.lm_head_name in {**free, **fixed} else None
         start = time.time()
         logger.info("AutoScheme: scoring %d options on %d x %d calibration tokens", len(auto.schemes), *tokens.shape)
+        importance = None
+        if tuning.iters > 0 or not tuning.disable_opt_rtn:
+            # the run ends with importance-weighted quantizers (optimized RTN, or SignRound from its searched
+            # start): score the options with them, not with plain RTN's larger low-bit errors
+            importance = model_importance(
+                self.model, {n: self.linears[n] for n in free if n != self.lm_head_name}, tokens,
+                auto.batch_size or SCORING_BATCH_SIZE,
+            )
         scores = delta_loss_scores(
             self.model, blocks, self.linears,
             [{n: (s[k] if not s[k].is_float else None) for n, s in free.items()} for k in range(len(auto.schemes))],
             fixed, tokens, mask, auto.batch_size or SCORING_BATCH_SIZE, (final_norm(self.model), proj, head_name),
-            cache_device="cpu" if self.options.runtime.low_gpu_mem_usage else None,
+            cache_device="cpu" if self.options.runtime.low_gpu_mem_usage else None, importance=importance,
         )
         result = allocate(auto, shapes, free, fixed, groups, scores)
         logger.info(

@@ -1,7 +1,8 @@
 """Per-layer sensitivity to each quantization option, for AutoScheme: the DeltaLoss of SignRoundV2.
 
 For an option, every scored layer's weight is replaced by its round-to-nearest value ``Ŵ`` under that option
-(the layers ``fixed`` by ``layer_config`` by theirs), the model's language-model loss ``L`` on the calibration
+(importance-weighted when the run ends with optimized RTN or SignRound; the layers ``fixed`` by ``layer_config``
+by theirs), the model's language-model loss ``L`` on the calibration
 tokens is computed, and a layer's score is ``sum |dL/dŴ ⊙ (W - Ŵ)|``, the first-order estimate of what
 quantizing it costs, accumulated batch by batch.
 
@@ -24,23 +25,25 @@ from .dtypes import family_of
 from .schemes import QuantScheme
 
 
-def _rtn(weight: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    return family_of(scheme).quantize(weight.detach(), scheme, None).dequantize().to(weight.dtype)
+def _rtn(weight: torch.Tensor, scheme: QuantScheme, importance: torch.Tensor | None) -> torch.Tensor:
+    return family_of(scheme).quantize(weight.detach(), scheme, importance).dequantize().to(weight.dtype)
 
 
 class _Swap:
-    """Gives ``layers`` their quantized weights (as leaves that collect gradients) and restores the float ones."""
+    """Gives ``layers`` their quantized weights (as leaves that collect gradients) and restores the float ones.
+    ``importance``: layers quantized with their family's importance-weighted RTN rather than plain RTN."""
 
-    def __init__(self, modules: Mapping[str, nn.Linear], schemes: Mapping[str, QuantScheme]) -> None:
+    def __init__(self, modules: Mapping[str, nn.Linear], schemes: Mapping[str, QuantScheme],
+                 importance: Mapping[str, torch.Tensor]) -> None:
         self.modules = {n: modules[n] for n in schemes}
-        self.schemes = schemes
+        self.schemes, self.importance = schemes, importance
         self.float: dict[str, nn.Parameter] = {}
         self.quant: dict[str, nn.Parameter] = {}
 
     def __enter__(self) -> "_Swap":
         for n, m in self.modules.items():
             self.float[n] = m.weight
-            q = nn.Parameter(_rtn(m.weight, self.schemes[n]), requires_grad=True)
+            q = nn.Parameter(_rtn(m.weight, self.schemes[n], self.importance.get(n)), requires_grad=True)
             self.quant[n] = q
             m.weight = q
         return self
@@ -72,10 +75,13 @@ def delta_loss_scores(
     head: tuple[nn.Module, nn.Module, str | None],
     cache_device: torch.device | str | None = None,
     progress: Callable[[str], None] | None = None,
+    importance: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, list[float]]:
     """``scores[layer][k]`` for every layer named in ``option_schemes[k]`` (its scheme under option ``k``;
     None = kept float, score 0).  ``fixed``: quantized with these schemes under every option.  ``head``:
-    (final norm, output projection, the projection's layer name when it is scored or fixed, else None)."""
+    (final norm, output projection, the projection's layer name when it is scored or fixed, else None).
+    ``importance``: per-layer input importance; the layers it names get the importance-weighted RTN (the
+    quantizer the run ends with under optimized RTN) instead of plain RTN."""
     names = sorted({n for o in option_schemes for n in o})
     scores = {n: [0.0] * len(option_schemes) for n in names}
     bs = min(batch_size, len(tokens))
@@ -97,7 +103,8 @@ def delta_loss_scores(
             schemes = {**{n: s for n, s in fixed.items() if not s.is_float}, **quantized}
             per = {n: 0.0 for n in quantized}
             _option_pass(blocks, linears, schemes, list(quantized), per, x0, kwargs, tokens, mask, bs, device, store,
-                         norm, proj, head_name, desc=f"sensitivity {k + 1}/{len(option_schemes)}")
+                         norm, proj, head_name, dict(importance or {}),
+                         desc=f"sensitivity {k + 1}/{len(option_schemes)}")
             for n, v in per.items():
                 scores[n][k] = v
             if progress is not None:
@@ -113,7 +120,7 @@ def _block_layers(block_name: str, schemes: Mapping[str, QuantScheme]) -> dict[s
 
 
 def _option_pass(blocks, linears, schemes, scored, per, x0, kwargs, tokens, mask, bs, device, store, norm, proj,
-                 head_name, desc):
+                 head_name, importance, desc):
     """One option: the quantized forward, the loss, and the backward block by block."""
     inputs: list[torch.Tensor] = []
     x = x0
@@ -121,7 +128,7 @@ def _option_pass(blocks, linears, schemes, scored, per, x0, kwargs, tokens, mask
     with torch.no_grad():
         for block_name, block in blocks:
             inputs.append(x)
-            with _Swap(linears, _block_layers(block_name, schemes)):
+            with _Swap(linears, _block_layers(block_name, schemes), importance):
                 x = torch.cat([
                     first_output(block(x[i : i + bs].to(device), **kwargs)).to(store) for i in range(0, len(x), bs)
                 ])
@@ -129,7 +136,7 @@ def _option_pass(blocks, linears, schemes, scored, per, x0, kwargs, tokens, mask
     # the loss and its gradient at the last block's outputs
     head_schemes = {head_name: schemes[head_name]} if head_name in schemes else {}
     grads = []
-    with _Swap(linears, head_schemes) as swap:
+    with _Swap(linears, head_schemes, importance) as swap:
         for i in range(0, len(x), bs):
             h = x[i : i + bs].to(device).requires_grad_(True)
             ids, m = tokens[i : i + bs].to(device), mask[i : i + bs].to(device)
@@ -149,7 +156,7 @@ def _option_pass(blocks, linears, schemes, scored, per, x0, kwargs, tokens, mask
         layers = _block_layers(block_name, schemes)
         mine = [n for n in scored if n in layers]
         new_grads = []
-        with _Swap(linears, layers) as swap:
+        with _Swap(linears, layers, importance) as swap:
             for j, i in enumerate(range(0, len(x), bs)):
                 xi = x[i : i + bs].to(device).requires_grad_(True)
                 out = first_output(block(xi, **kwargs))
