@@ -42,25 +42,11 @@ class AutoRound:
             raise AutoRoundError(str(exc)) from None
         object.__setattr__(self, "pipeline", Pipeline(RunOptions(plan, calib, tuning, runtime), model, tokenizer))
 
-    @property
-    def plan_options(self):
-        return self.pipeline.options.plan
-
-    @property
-    def calibration_options(self):
-        return self.pipeline.options.calibration
-
-    @property
-    def tuning_options(self):
-        return self.pipeline.options.tuning
-
-    @property
-    def runtime_options(self):
-        return self.pipeline.options.runtime
-
-    @property
-    def device_map(self):
-        return self.pipeline.options.runtime.device_map
+    plan_options = property(lambda self: self.pipeline.options.plan)
+    calibration_options = property(lambda self: self.pipeline.options.calibration)
+    tuning_options = property(lambda self: self.pipeline.options.tuning)
+    runtime_options = property(lambda self: self.pipeline.options.runtime)
+    device_map = property(lambda self: self.pipeline.options.runtime.device_map)
 
     def __getattr__(self, name: str) -> Any:
         # only reached for names this object does not have: the run's state, kept by the pipeline
