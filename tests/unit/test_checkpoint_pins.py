@@ -2,8 +2,8 @@
 they did when the pins were taken (``checkpoint_pins.json``, written by the code before a restructuring).
 
 A pin is the SHA-256 of every file of the output folder. Float reductions may round differently on another
-CPU or torch build, so the pins hold where they were taken: on another machine or torch version the test says
-so and skips. Re-take them only from a commit whose checkpoints are trusted:
+CPU, torch build or transformers release, so the pins hold where they were taken: elsewhere the test says so
+and skips. Re-take them only from a commit whose checkpoints are trusted:
 ``python tests/unit/test_checkpoint_pins.py --write`` (``--slow`` adds the SmolLM2 cases).
 """
 
@@ -65,7 +65,11 @@ def machine() -> dict:
                 break
     except OSError:
         cpu = platform.processor()
-    return {"torch": torch.__version__, "cpu": cpu}
+    import transformers
+
+    # transformers too: its model code (norms, attention) sets the activations that optimized RTN and SignRound
+    # see, and a new release rounds them otherwise (5.25 moved 5 of the tiny pins taken under 5.24)
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "cpu": cpu}
 
 
 def folder_hashes(folder: Path) -> dict[str, str]:

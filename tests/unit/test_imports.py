@@ -30,3 +30,22 @@ def test_transformers_integration_is_registered_in_any_import_order(order):
 def test_public_names_resolve():
     assert _run("import autoround; print(autoround.AutoRound.__name__, autoround.AutoRoundConfig.__name__)") == \
         "AutoRound AutoRoundConfig"
+
+
+def test_every_package_folder_is_in_the_wheel():
+    """pyproject lists the packages explicitly (the import root maps folders): a new subpackage missing from that
+    list imports here (editable install) but not from the wheel the engines' virtualenvs install."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = {name: root / folder for name, folder in tool["package-dir"].items()}
+    listed = set(tool["packages"])
+    found = set()
+    for name, folder in dirs.items():
+        for init in folder.rglob("__init__.py"):
+            rel = init.parent.relative_to(folder).parts
+            found.add(".".join((name, *rel)) if rel else name)
+    missing = found - listed
+    assert not missing, f"packages missing from pyproject's [tool.setuptools] packages: {sorted(missing)}"
