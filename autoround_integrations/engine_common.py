@@ -23,7 +23,7 @@ import torch
 
 from autoround.backends import KernelInfo, LayerSpec, select_kernel
 from autoround.quantizer.errors import ModelLoadError, SchemeError
-from autoround.quantizer.formats.auto_round import PACKING_ALIASES, PACKING_AWQ, PACKING_GPTQ
+from autoround.quantizer.formats.auto_round import PACKING_ALIASES, PACKING_AWQ, PACKING_GPTQ, PACKING_MLX
 from autoround.quantizer.formats.packing import PACK_BITS
 from autoround.quantizer.schemes import FLOAT, QuantScheme
 
@@ -79,6 +79,11 @@ def normalize_quant_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def parse_checkpoint_config(cfg: Mapping[str, Any]) -> CheckpointQuantConfig:
     """``CheckpointQuantConfig`` of a checkpoint as an engine sees it; unservable bits fail here."""
     ckpt = CheckpointQuantConfig.from_dict(normalize_quant_config(cfg))
+    if ckpt.packing_format == PACKING_MLX:
+        raise SchemeError(
+            "this checkpoint uses MLX's packing (auto_round:mlx), which the AutoRound engine method does not "
+            "serve; load it with mlx-lm or transformers, or export again with --format auto_round for serving"
+        )
     check_servable(ckpt.default, "the checkpoint's default scheme")
     return ckpt
 

@@ -177,13 +177,16 @@ class AutoRoundQuantizer(HfQuantizer):
             scheme = ckpt.scheme_for(name)
             if scheme.is_float:
                 continue
-            if present is not None:
-                if f"{name}.qweight" not in present and f"{name}.weight" in present:
-                    continue  # the writer kept this layer in float (e.g. its shape cannot be packed)
-                wanted = ["qweight", "qzeros", "scales"] + (["bias"] if module.bias is not None else [])
-                missing += [f"{name}.{t}" for t in wanted if f"{name}.{t}" not in present]
             spec = layer_spec(scheme, ckpt.packing_format, in_features, out_features, self.device_type, dtype)
+            if present is not None:
+                # every layout has ``scales``; a layer without them was kept in float by the writer (e.g. its
+                # shape cannot be packed) and keeps its float ``weight``
+                if f"{name}.scales" not in present and f"{name}.weight" in present:
+                    continue
             kernel = select_kernel(spec, backend, advice)
+            if present is not None:
+                wanted = list(kernel.factory.checkpoint_tensors) + (["bias"] if module.bias is not None else [])
+                missing += [f"{name}.{t}" for t in wanted if f"{name}.{t}" not in present]
             with torch.device("meta"):
                 qlinear = kernel.factory(
                     in_features,

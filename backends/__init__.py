@@ -44,9 +44,25 @@ register_kernel(
     )
 )
 
+# --- MLX layout (auto_round:mlx): the pure-torch kernel; on a Mac, mlx-lm itself runs these checkpoints ---
+from .torch_mlx_kernel import TorchMlxQuantLinear  # noqa: E402
+
+register_kernel(
+    KernelInfo(
+        name="torch_mlx",
+        priority=0,
+        devices=("cpu", "cuda", "xpu"),
+        bits=(2, 3, 4, 5, 6, 8),
+        packing_formats=("auto_round:mlx",),
+        group_sizes=(32, 64, 128),
+        factory=TorchMlxQuantLinear,
+        description="MLX packing (weight/scales/biases), dequantized per call in float32",
+    )
+)
+
 __all__ = [
-    "KernelInfo", "LayerSpec", "TorchAWQQuantLinear", "TorchQuantLinear", "kernels", "register_kernel",
-    "select_kernel",
+    "KernelInfo", "LayerSpec", "TorchAWQQuantLinear", "TorchMlxQuantLinear", "TorchQuantLinear", "kernels",
+    "register_kernel", "select_kernel",
 ]
 
 

@@ -24,6 +24,8 @@ class TorchQuantLinear(nn.Module):
     is tested against this one)."""
 
     kernel_name = "torch"
+    # the checkpoint tensors of one layer in this kernel's layout (besides ``bias``), as the loader looks for them
+    checkpoint_tensors: tuple[str, ...] = ("qweight", "qzeros", "scales")
 
     def __init__(
         self,

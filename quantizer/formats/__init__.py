@@ -100,7 +100,7 @@ def register_format(cls: type) -> type:
     return cls
 
 
-_BUILTIN = ("auto_round", "auto_gptq", "auto_awq", "llm_compressor", "fake", "gguf")
+_BUILTIN = ("auto_round", "auto_gptq", "auto_awq", "llm_compressor", "fake", "gguf", "mlx")
 
 
 def _load_builtin() -> None:

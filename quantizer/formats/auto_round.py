@@ -4,6 +4,7 @@
 - ``auto_round:auto_awq`` (every layer asymmetric 4-bit with whole groups): the AWQ interleaved layout, as
   the reference tool writes asymmetric 4-bit by default.
 - ``auto_round`` (anything else, e.g. asymmetric 2/3/8-bit or mixed): the GPTQ layout, zero points as is.
+(``auto_round:mlx``, MLX's packing, is its own format module: ``formats/mlx.py``.)
 
 Per-layer settings that differ from the default go to ``extra_config``; layers left in float get
 ``{"bits": 16}`` there; layers outside the quantized blocks (a quantized ``lm_head``) get their full scheme.
@@ -23,6 +24,7 @@ from ..schemes import QuantScheme
 PACKING_GPTQ = "auto_round:auto_gptq"
 PACKING_AWQ = "auto_round:auto_awq"
 PACKING_RAW_ZP = "auto_round"
+PACKING_MLX = "auto_round:mlx"  # the ``auto_round:mlx`` format (``formats/mlx.py``); its checkpoints say "mlx"
 # packing formats as spelled by other writers (and by the other quant methods we load), mapped to ours
 PACKING_ALIASES = {
     "auto_round:gptq": PACKING_GPTQ,
@@ -35,6 +37,8 @@ PACKING_ALIASES = {
     "awq": PACKING_AWQ,
     "auto_round": PACKING_RAW_ZP,
     "auto_round:zp": PACKING_RAW_ZP,
+    "mlx": PACKING_MLX,
+    "auto_round:mlx": PACKING_MLX,
 }
 
 

@@ -4,6 +4,8 @@ GPTQ layout (``auto_gptq`` and ``auto_round:auto_gptq``): values form one contin
 stream along the packed dimension; value ``j`` starts at bit ``j * bits``.  For 2, 4 and 8 bits no value
 crosses a word; for 3 bits this is GPTQ's cross-word layout (10 values, one split, 10, one split, 10 per
 three words).  ``qweight`` packs along the input dimension, ``qzeros`` along the output dimension.
+The same stream along each row of ``[out, in]`` is compressed-tensors' ``pack-quantized`` layout and MLX's
+(``mx.quantize``: 2, 3, 4, 5, 6 and 8 bits, value ``j`` of a row at bit ``j * bits``, words stored as uint32).
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import math
 
 import torch
 
-PACK_BITS = (2, 3, 4, 8)
+PACK_BITS = (2, 3, 4, 8)  # what the GPTQ layout's readers unpack
+STREAM_BITS = (2, 3, 4, 5, 6, 7, 8)  # what the bit stream itself can hold
 
 
 def _check(bits: int, length: int, what: str) -> None:
-    if bits not in PACK_BITS:
-        raise ValueError(f"{bits}-bit values cannot be packed in the GPTQ layout; valid bits: {PACK_BITS}")
+    if bits not in STREAM_BITS:
+        raise ValueError(f"{bits}-bit values cannot be packed in a bit stream; valid bits: {STREAM_BITS}")
     if (length * bits) % 32:
         raise ValueError(
             f"{what} of length {length} at {bits} bits does not fill whole 32-bit words "
@@ -36,7 +39,7 @@ def pack_stream(values: torch.Tensor, bits: int) -> torch.Tensor:
     shape = (-1,) + (1,) * (values.dim() - 1)
     low = (v << shift.view(shape)) & 0xFFFFFFFF
     words.index_add_(0, word, low)
-    spill = shift + bits > 32  # only 3-bit values straddle a word
+    spill = shift + bits > 32  # values of a width that does not divide 32 (3, 5, 6, 7) straddle words
     if spill.any():
         hi = v[spill] >> (32 - shift[spill]).view(shape)
         words.index_add_(0, word[spill] + 1, hi)
@@ -158,3 +161,31 @@ def awq_layer_tensors(qw) -> dict[str, torch.Tensor]:
         "qzeros": pack_awq(qw.zero.t().contiguous()),
         "scales": qw.scale.t().contiguous().to(torch.float16),
     }
+
+
+# --- MLX layout (``mlx`` and ``auto_round:mlx``) -----------------------------------------------------------
+# mlx-lm's QuantizedLinear (affine mode): ``weight`` uint32 [out, in * bits / 32] (the bit stream along each row,
+# as ``pack_rows``), ``scales`` and ``biases`` [out, groups] in one float dtype, and w = scales * q + biases for
+# the unsigned integers q.  This project's w = scale * (q - zero) is that with biases = -scale * zero: exact for
+# symmetric weights (zero = 2**(bits-1), a power of two) and exact for zero points whenever the biases are stored
+# in float32; float16 biases of an asymmetric layer round -scale * zero to float16 (half an ulp of the bias).
+MLX_BITS = (2, 3, 4, 5, 6, 8)
+MLX_GROUP_SIZES = (32, 64, 128)
+
+
+def mlx_layer_tensors(qw, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """``weight``/``scales``/``biases`` of a ``QuantizedWeight`` in MLX's layout, scales and biases in ``dtype``."""
+    if qw.bits not in MLX_BITS:
+        raise ValueError(f"MLX holds {', '.join(map(str, MLX_BITS))}-bit weights, not {qw.bits}-bit")
+    scale = qw.scale.to(torch.float32)
+    return {
+        "weight": pack_rows(qw.qweight, qw.bits).view(torch.uint32),
+        "scales": scale.to(dtype).contiguous(),
+        "biases": (-scale * qw.zero.to(torch.float32)).to(dtype).contiguous(),
+    }
+
+
+def unpack_mlx_weight(weight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """MLX ``weight`` (uint32 or int32 ``[out, in * bits / 32]``) -> uint8 ``[out, in]``."""
+    words = weight.view(torch.int32) if weight.dtype == torch.uint32 else weight
+    return unpack_rows(words, bits, in_features)

@@ -272,9 +272,10 @@ def save_format(
     layer_tensors: Any,
     quantization_config: dict[str, Any] | None,
     extra_json: Mapping[str, dict[str, Any]] | None = None,
+    config_updates: Mapping[str, Any] | None = None,
 ) -> str:
-    """The one writer behind every format's ``save``."""
-    updates: dict[str, Any] = {}
+    """The one writer behind every format's ``save``; ``config_updates``: attributes set on the written config."""
+    updates: dict[str, Any] = dict(config_updates or {})
     if any(_is_output_layer(job.model, n) for n in job.layers):
         # a quantized lm_head is stored apart from the (float) input embedding: the written model is untied
         updates["tie_word_embeddings"] = False

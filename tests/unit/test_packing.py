@@ -72,7 +72,7 @@ def test_round_trips(bits):
 
 
 def test_bad_bits_and_lengths():
-    with pytest.raises(ValueError, match="5-bit values cannot be packed"):
-        pack_stream(torch.zeros(32, 1, dtype=torch.long), 5)
+    with pytest.raises(ValueError, match="9-bit values cannot be packed"):
+        pack_stream(torch.zeros(32, 1, dtype=torch.long), 9)
     with pytest.raises(ValueError, match="does not fill whole 32-bit words"):
         pack_stream(torch.zeros(12, 1, dtype=torch.long), 4)
