@@ -68,6 +68,22 @@ def build_parser(prog: str = "auto-round", recipe: str = "default") -> argparse.
                         "file ('wikipedia' = gensim's Wikipedia test articles)")
     g.add_argument("--eval_seqlen", type=int, default=512, help="perplexity window length (default %(default)s)")
     g.add_argument("--eval_windows", type=int, default=40, help="number of windows (default %(default)s)")
+    g = p.add_argument_group("lm-eval (evaluate with lm-eval's tasks)")
+    g.add_argument("--eval", action="store_true",
+                   help="evaluate --model itself (a float model or a quantized checkpoint) instead of quantizing it")
+    g.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval tasks; without --eval the checkpoint this run writes last is "
+                        "evaluated; default with --eval: the reference's list online, ar_gensim_wikipedia_ppl,"
+                        "ar_gensim_news_lastword offline (local tasks built from gensim's test data)")
+    g.add_argument("--eval_bs", type=int, default=1, help="lm-eval batch size (default %(default)s)")
+    g.add_argument("--limit", type=float, default=None,
+                   help="documents per task: a count, or a fraction below 1 (default: all)")
+    g.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples per task (default: the task's)")
+    g.add_argument("--eval_task_by_task", action="store_true",
+                   help="run one task at a time: a failing task is reported and the others still run")
+    g.add_argument("--eval_backend", default="hf", choices=("hf", "vllm"),
+                   help="hf: transformers (this project's loader); vllm: lm-eval's vLLM model (default %(default)s)")
+    g.add_argument("--vllm_args", default="", help="extra vLLM engine arguments for --eval_backend vllm, 'k=v,k2=v2'")
     return p
 
 
@@ -109,12 +125,70 @@ def _eval_text(spec: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def _lm_eval_options(args: argparse.Namespace):
+    """The lm-eval settings, checked (task names included) before any quantization; None without --eval/--tasks."""
+    given = [f"--{n}" for n in ("eval_task_by_task",) if getattr(args, n)]
+    given += [f"--{n}" for n, d in (("limit", None), ("num_fewshot", None), ("eval_bs", 1), ("eval_backend", "hf"),
+                                    ("vllm_args", "")) if getattr(args, n) != d]
+    if not args.eval and args.tasks is None:
+        if given:
+            raise AutoRoundError(f"{', '.join(given)} apply to lm-eval evaluation: add --tasks (or --eval)")
+        return None
+    from . import lmeval
+
+    limit = args.limit
+    if limit is not None and limit >= 1:
+        if limit != int(limit):
+            raise AutoRoundError(f"--limit {limit} is neither a whole count nor a fraction below 1")
+        limit = int(limit)
+    tasks = tuple(t.strip() for t in (args.tasks or "").split(",") if t.strip())
+    options = lmeval.LmEvalOptions(tasks=tasks, batch_size=args.eval_bs, limit=limit, num_fewshot=args.num_fewshot,
+                                   task_by_task=args.eval_task_by_task, backend=args.eval_backend,
+                                   vllm_args=args.vllm_args)
+    lmeval.check_tasks(options.tasks or lmeval.default_tasks(), lmeval.task_manager())
+    return options
+
+
+def _eval_only(model: str, options, output_dir: str) -> int:
+    """``--eval``: lm-eval on the model given, loaded through transformers (our loader for quantized checkpoints)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from . import lmeval
+    from .pipeline import load_checkpoint
+
+    if options.backend == "vllm":
+        if not Path(model).is_dir():
+            raise AutoRoundError("--eval_backend vllm evaluates a local checkpoint folder: pass --model FOLDER")
+        record = lmeval.run(None, None, options, output_dir, folder=model, label=model)
+    else:
+        from ..api import AutoRound
+
+        if Path(model).expanduser().is_dir():  # a float model or any checkpoint this project loads
+            folder = str(Path(model).expanduser())
+            loaded, tok = load_checkpoint(folder), AutoTokenizer.from_pretrained(folder)
+        else:  # a hub id or a .gguf file: loaded as quantization would load it
+            ar = AutoRound(model)
+            loaded, tok = ar.model, ar.tokenizer
+            if tok is None:
+                raise AutoRoundError(f"no tokenizer found with {model}: lm-eval needs one")
+        record = lmeval.run(loaded, tok, options, output_dir, label=model)
+    return 1 if record["failed"] else 0
+
+
 def run(args: argparse.Namespace) -> int:
     from ..api import AutoRound
 
     model = args.model or args.model_pos
     if not model:
         raise AutoRoundError("no model given: pass --model FOLDER (or a hub id or .gguf file)")
+    lm_eval_options = _lm_eval_options(args)
+    if args.eval:
+        if args.eval_ppl:
+            raise AutoRoundError("--eval evaluates with lm-eval tasks; for perplexity on a text file quantize with "
+                                 "--eval_ppl, or use --tasks ar_gensim_wikipedia_ppl")
+        return _eval_only(model, lm_eval_options, args.output_dir)
     values = cli_values(args)
     for name in json_fields():
         if values.get(name):
@@ -151,6 +225,9 @@ def run(args: argparse.Namespace) -> int:
         for folder in folders:
             q_ppl = ar.pipeline.evaluate(eval_text, args.eval_seqlen, args.eval_windows, folder=folder)
             print(f"quantized perplexity ({folder}): {q_ppl:.4f}  (float {fp_ppl:.4f}, x{q_ppl / fp_ppl:.3f})")
+    if lm_eval_options is not None:  # the reference evaluates the last format written
+        record = ar.pipeline.evaluate_tasks(lm_eval_options, folder=folders[-1], output_dir=folders[-1])
+        return 1 if record["failed"] else 0
     return 0
 
 

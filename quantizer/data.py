@@ -109,7 +109,22 @@ def packaged_texts() -> list[str]:
 
 
 def wikipedia_text() -> str:
-    """The real English Wikipedia articles that ``gensim`` ships as test data (markup stripped)."""
+    """The real English Wikipedia articles that ``gensim`` ships as test data (markup stripped), as one text."""
+    return "\n\n".join(wikipedia_articles())
+
+
+def news_articles() -> list[str]:
+    """The 300 news articles of the Lee corpus that ``gensim`` ships as test data (``lee_background.cor``)."""
+    try:
+        from gensim.test.utils import datapath
+    except ImportError:
+        raise DatasetError("the news evaluation text comes from gensim's test data: pip install gensim") from None
+    lines = Path(datapath("lee_background.cor")).read_text(encoding="utf-8", errors="replace").splitlines()
+    return [line.strip() for line in lines if line.strip()]
+
+
+def wikipedia_articles() -> list[str]:
+    """The real English Wikipedia articles that ``gensim`` ships as test data (markup stripped), title first."""
     try:
         import gensim  # noqa: F401
         from gensim.corpora.wikicorpus import extract_pages, filter_wiki
@@ -125,7 +140,7 @@ def wikipedia_text() -> str:
             body = filter_wiki(text).strip()
             if len(body) > 500:
                 parts.append(f"{title}\n\n{body}")
-    return "\n\n".join(parts)
+    return parts
 
 
 def _read_local(path: Path, text_key: str) -> list[str]:

@@ -530,12 +530,27 @@ class Pipeline:
             raise AutoRoundError("evaluation needs the model's tokenizer, and none was found with the model")
         if folder is None:
             return text_perplexity(self.model, self.tokenizer, text, seqlen, n_windows)
-        from transformers import AutoModelForCausalLM
+        return text_perplexity(load_checkpoint(folder), self.tokenizer, text, seqlen, n_windows)
 
-        gguf_files = sorted(Path(folder).glob("*.gguf"))
-        gguf_kw = {"gguf_file": gguf_files[0].name} if gguf_files else {}
-        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **gguf_kw)
-        return text_perplexity(loaded.eval(), self.tokenizer, text, seqlen, n_windows)
+    def evaluate_tasks(self, options: Any, folder: str | None = None, output_dir: str | None = None) -> dict:
+        """lm-eval tasks (``lmeval.LmEvalOptions``) on the model in memory or (``folder``) on a written checkpoint
+        loaded back through transformers; results also go to ``output_dir``."""
+        from . import lmeval
+
+        if self.tokenizer is None:
+            raise AutoRoundError("evaluation needs the model's tokenizer, and none was found with the model")
+        model = self.model if folder is None else load_checkpoint(folder)
+        return lmeval.run(model, self.tokenizer, options, output_dir, folder=folder, label=folder or "in memory")
+
+
+def load_checkpoint(folder: str) -> nn.Module:
+    """A checkpoint folder (any format this project writes, a GGUF file's folder included) loaded through
+    transformers in float32, as a user would load it."""
+    from transformers import AutoModelForCausalLM
+
+    gguf_files = sorted(Path(folder).glob("*.gguf"))
+    gguf_kw = {"gguf_file": gguf_files[0].name} if gguf_files else {}
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **gguf_kw).eval()
 
 
 def name_list(value: Any) -> list[str]:
