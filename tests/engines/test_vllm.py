@@ -142,3 +142,34 @@ def test_vllm_bad_checkpoints_fail_at_load(vllm_python, ours_w4a16, tmp_path):
     out = _load_fails(vllm_python, fused)
     assert "fused layer model.layers.1.self_attn.qkv_proj" in out and "model.layers.1.self_attn.v_proj: W8A16" in out
 
+
+
+def test_lm_eval_vllm_backend_scores_like_hf(vllm_python, ours_w4a16, tmp_path):
+    """``--eval --eval_backend vllm`` in the vLLM virtualenv (lm-eval's VLLM model on our checkpoint, our
+    ``auto-round`` method inside) scores the local tasks as the hf backend does in this one."""
+    import subprocess
+
+    from autoround.quantizer import cli
+    from autoround.quantizer.lmeval import LOCAL_TASKS, NEWS_TASK, RESULTS_FILE, WIKI_TASK
+
+    common = ["--model", str(ours_w4a16), "--eval", "--tasks", ",".join(LOCAL_TASKS), "--limit", "8",
+              "--eval_bs", "8"]
+    assert cli.main([*common, "--output_dir", str(tmp_path / "hf")]) == 0
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run(
+        [vllm_python, "-m", "autoround.quantizer.cli", *common, "--eval_backend", "vllm", "--vllm_args",
+         "max_model_len=2048,enforce_eager=true", "--output_dir", str(tmp_path / "vllm")],
+        capture_output=True, text=True, timeout=1500, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    hf, vl = (json.loads((tmp_path / side / RESULTS_FILE).read_text()) for side in ("hf", "vllm"))
+    assert vl["backend"] == "vllm" and hf["backend"] == "hf"
+    # a different kernel and attention: the same scores within float32 summation noise; a wrong load (float
+    # weights, a misread packing) moves word perplexity by tens of percent
+    for metric in ("word_perplexity,none", "bits_per_byte,none"):
+        a, b = hf["results"][WIKI_TASK][metric], vl["results"][WIKI_TASK][metric]
+        assert abs(a - b) / a < 0.01, (metric, a, b)
+    a, b = hf["results"][NEWS_TASK]["perplexity,none"], vl["results"][NEWS_TASK]["perplexity,none"]
+    assert abs(a - b) / a < 0.02, ("last-word perplexity", a, b)
+    assert abs(hf["results"][NEWS_TASK]["acc,none"] - vl["results"][NEWS_TASK]["acc,none"]) <= 1 / 8  # one passage

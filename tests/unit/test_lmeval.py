@@ -100,3 +100,20 @@ def test_vllm_args_parse():
 def test_default_tasks_offline_are_the_local_ones():
     assert lmeval.default_tasks() == lmeval.LOCAL_TASKS  # the tests run with HF_HUB_OFFLINE=1
     assert torch is not None
+
+
+def test_vllm_backend_without_vllm_is_one_clear_error(tiny_folder, tmp_path, capsys):
+    import importlib.metadata as md
+
+    for dist, _ in lmeval.VLLM_DISTRIBUTIONS:
+        try:
+            md.version(dist)
+            pytest.skip(f"{dist} is installed here")
+        except md.PackageNotFoundError:
+            pass
+    rc = cli.main(["--model", str(tiny_folder), "--eval", "--tasks", lmeval.NEWS_TASK, "--eval_backend", "vllm",
+                   "--output_dir", str(tmp_path / "out")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "needs vLLM in this environment" in err and len(err.strip().splitlines()) == 1
+    assert md.version is not None and md.version("torch")  # importlib.metadata left as it was
