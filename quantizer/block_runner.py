@@ -23,20 +23,21 @@ CPU_BF16_SLOWDOWN_LIMIT = 2.0
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_matmul_seconds(m: int = 128, k: int = 512, n: int = 512) -> tuple[float, float]:
-    """(bfloat16, float32) seconds of one ``[m, k] @ [k, n]`` product on this CPU, best of three after a warm-up."""
+def cpu_matmul_seconds(m: int = 128, k: int = 512, n: int = 512, repeats: int = 25) -> tuple[float, float]:
+    """(bfloat16, float32) seconds of one ``[m, k] @ [k, n]`` product on this CPU: the fastest of ``repeats``
+    after a warm-up, the two dtypes alternating so that a burst of load from other processes slows both alike
+    (each product takes well under a millisecond, so one time slice lost to another process would decide it)."""
     a, b = torch.randn(m, k), torch.randn(k, n)
-    best = []
-    for dtype in (torch.bfloat16, torch.float32):
-        x, y = a.to(dtype), b.to(dtype)
+    pairs = [(a.to(dtype), b.to(dtype)) for dtype in (torch.bfloat16, torch.float32)]
+    for x, y in pairs:
         x @ y
-        times = []
-        for _ in range(3):
+    best = [float("inf"), float("inf")]
+    for _ in range(repeats):
+        for i, (x, y) in enumerate(pairs):
             t0 = time.perf_counter()
             x @ y
-            times.append(time.perf_counter() - t0)
-        best.append(max(min(times), 1e-9))
-    return best[0], best[1]
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return max(best[0], 1e-9), max(best[1], 1e-9)
 
 
 def resolve_amp(options: SignRoundOptions, device: torch.device) -> SignRoundOptions:

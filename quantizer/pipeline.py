@@ -362,6 +362,7 @@ class Pipeline:
         return self.model, self.layer_config_out()
 
     def _signround(self, options: SignRoundOptions, calibration: Calibration) -> None:
+        from .block_runner import resolve_amp
         from .blockwise import signround_blocks
         from .resume import ResumeStore, model_digest, resume_dir_for, tensor_digest
 
@@ -372,6 +373,9 @@ class Pipeline:
         ]
         store = None
         if self.resume_dir is not None:
+            # amp as this run resolves it (off where bf16 is slow here): blocks tuned under another amp policy
+            # must not be mixed into this checkpoint
+            options = resolve_amp(options, next(self.model.parameters()).device)
             fingerprint = {
                 "model": model_digest(self.model),
                 "calibration": tensor_digest(calibration.tokens),

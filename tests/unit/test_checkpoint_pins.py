@@ -52,7 +52,7 @@ METHODS = {
     "rtn": {"iters": 0, "disable_opt_rtn": True},
     "rtn-folder": {"iters": 0, "disable_opt_rtn": True},
     "opt_rtn": {"iters": 0},
-    "signround": {"iters": 5},
+    "signround": {"iters": 5, "amp": False},
 }
 
 

@@ -146,8 +146,10 @@ RUN = textwrap.dedent(
     import sys, torch
     from autoround import AutoRound
     model, calib, out, resume, iters = sys.argv[1:6]
+    # amp fixed: left on, each process times bf16 against float32 to decide it, and under load two processes
+    # may decide differently (a resume across that is refused, tested below)
     ar = AutoRound(model, scheme="W2A16G32", iters=int(iters), dataset=list(torch.load(calib)), nsamples=8,
-                   seqlen=32, batch_size=4)
+                   seqlen=32, batch_size=4, amp=False)
     ar.quantize_and_save(out, resume=resume == "1")
     """
 )
@@ -218,6 +220,30 @@ def test_resume_with_other_settings_is_refused(tmp_path):
                       batch_size=4)
     with pytest.raises(AutoRoundError, match="other settings.*iters"):
         other.quantize_and_save(str(out), resume=True)
+
+
+def test_resume_across_amp_policies_is_refused(tmp_path):
+    """The resume fingerprint holds amp as the run resolved it: blocks tuned without amp are not mixed into a
+    run that tunes under bf16 autocast (where this CPU's bf16 is fast enough for amp to stay on)."""
+    from autoround import AutoRound
+    from autoround.quantizer.block_runner import CPU_BF16_SLOWDOWN_LIMIT, cpu_matmul_seconds
+
+    out = tmp_path / "out"
+
+    def make(**kw):
+        return AutoRound(tiny_llama(), scheme="W2A16G32", iters=3, dataset=_calib(), nsamples=16, seqlen=32,
+                         batch_size=4, **kw)
+
+    ar = make(amp=False)
+    ar.resume_dir, ar.resume = str(out), False
+    ar.quantize()
+    t_bf16, t_fp32 = cpu_matmul_seconds()
+    if t_bf16 > CPU_BF16_SLOWDOWN_LIMIT * t_fp32:  # amp resolves to off here: the same settings, so it resumes
+        make(amp=True).quantize_and_save(str(out), resume=True)
+        assert not resume_dir_for(out).exists()
+    else:
+        with pytest.raises(AutoRoundError, match="other settings.*amp"):
+            make(amp=True).quantize_and_save(str(out), resume=True)
 
 
 def test_model_digest_tells_models_apart():
