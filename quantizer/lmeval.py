@@ -20,6 +20,7 @@ data cannot be loaded gives one line naming these local tasks.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
 import re
@@ -198,11 +199,18 @@ def task_dir() -> Path:
 
 
 def task_manager(include_local: bool = True):
+    """lm-eval's task index (with the local tasks' folder), built once per folder: indexing lm-eval's task files
+    takes seconds, and a run needs it both to check the names before any work and to evaluate."""
+    return _task_manager(str(task_dir()) if include_local else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _task_manager(include_path: str | None):
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise AutoRoundError("evaluation with --tasks needs lm-eval: pip install 'lm-eval>=0.4.13'") from None
-    return TaskManager(include_path=str(task_dir()) if include_local else None)
+    return TaskManager(include_path=include_path)
 
 
 def check_tasks(names: tuple[str, ...], manager) -> None:
