@@ -45,6 +45,8 @@ register_kernel(
 )
 
 # --- MLX layout (auto_round:mlx): the pure-torch kernel; on a Mac, mlx-lm itself runs these checkpoints ---
+from autoround.quantizer.formats.packing import MLX_BITS, MLX_GROUP_SIZES  # noqa: E402
+
 from .torch_mlx_kernel import TorchMlxQuantLinear  # noqa: E402
 
 register_kernel(
@@ -52,9 +54,9 @@ register_kernel(
         name="torch_mlx",
         priority=0,
         devices=("cpu", "cuda", "xpu"),
-        bits=(2, 3, 4, 5, 6, 8),
+        bits=MLX_BITS,
         packing_formats=("auto_round:mlx",),
-        group_sizes=(32, 64, 128),
+        group_sizes=MLX_GROUP_SIZES,
         factory=TorchMlxQuantLinear,
         description="MLX packing (weight/scales/biases), dequantized per call in float32",
     )
