@@ -46,11 +46,12 @@ class AutoAWQFormat(ExportFormat):
         return awq_layer_tensors(layer.weight)
 
     def quantization_config(self, job: ExportJob) -> dict[str, Any]:
-        first = next(iter(job.layers.values()))
+        # one group size for every layer: a layer narrower than a group has one group per row either way
+        grouped = [group_size_of(layer) for layer in job.layers.values() if group_size_of(layer) != -1]
         return {
             "quant_method": "awq",
             "bits": 4,
-            "group_size": group_size_of(first),
+            "group_size": grouped[0] if grouped else -1,
             "zero_point": not job.scheme.sym,
             "version": "gemm",
             "modules_to_not_convert": list(job.float_layers) or None,
