@@ -135,3 +135,44 @@ class AutoRoundFormat(ExportFormat):
             self, job, output_dir, lambda layer: self.layer_tensors(layer, packing), qconfig,
             {"quantization_config.json": qconfig},
         )
+
+
+class _FixedPacking(AutoRoundFormat):
+    """``auto_round`` with the packing named in the format (``--format auto_round:auto_gptq``) instead of the one
+    the schemes pick; a scheme that packing cannot hold is refused before any work."""
+
+    packing: str
+
+    def packing_for(self, job: ExportJob) -> str:  # type: ignore[override]
+        return self.packing
+
+
+@register_format
+class AutoRoundGptqPacking(_FixedPacking):
+    name = PACKING_GPTQ
+    description = "AutoRound with the GPTQ packing (zero point - 1, as GPTQ v1) for every layer: symmetric weights"
+    packing = PACKING_GPTQ
+
+    def scheme_error(self, scheme: QuantScheme) -> str | None:
+        if not scheme.is_float and not scheme.sym:
+            return ("auto_round:auto_gptq stores zero point - 1 (GPTQ v1), which cannot hold an asymmetric zero "
+                    "point of 0; use format auto_round (or auto_round:auto_awq for 4 bits)")
+        return super().scheme_error(scheme)
+
+
+@register_format
+class AutoRoundAwqPacking(_FixedPacking):
+    name = PACKING_AWQ
+    description = "AutoRound with the AWQ packing for every layer: 4-bit weights in whole groups"
+    packing = PACKING_AWQ
+
+    def scheme_error(self, scheme: QuantScheme) -> str | None:
+        if not scheme.is_float and scheme.data_type == "int" and scheme.bits != 4:
+            return f"auto_round:auto_awq packs 4-bit weights only, not {scheme.bits}-bit; use format auto_round"
+        return super().scheme_error(scheme)
+
+    def shape_error(self, scheme: QuantScheme, in_features: int, out_features: int) -> str | None:
+        gs = scheme.group_size
+        if gs > 0 and in_features > gs and in_features % gs:
+            return f"{in_features} input features are not a whole number of groups of {gs} (AWQ packing)"
+        return super().shape_error(scheme, in_features, out_features)

@@ -265,7 +265,7 @@ def test_multi_format_one_pass(tmp_path):
 def test_incompatible_pair_fails_before_tuning(tmp_path):
     ar = AutoRound(tiny_llama(), bits=3, group_size=32, iters=0, disable_opt_rtn=True)
     with pytest.raises(SchemeError, match=r"'auto_awq' cannot store .*4-bit.*formats that can hold W3A16 .*: "
-                                          r"auto_round, auto_gptq"):
+                                          r"auto_round, auto_round:auto_gptq, auto_gptq"):
         ar.quantize_and_save(str(tmp_path / "ckpt"), format="auto_round,auto_awq")
     assert not ar.quantized and not (tmp_path / "ckpt").exists()
 
