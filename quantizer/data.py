@@ -1,7 +1,7 @@
 """Calibration and evaluation text: dataset specs, offline corpora, tokenized sample batches.
 
 Dataset spec syntax (as the reference tool): ``name[:split=a+b][:num=N][:concat=True]``, several
-comma-separated.  ``name`` is a local ``.txt``/``.json``/``.jsonl`` file or a Hugging Face dataset id; a
+comma-separated; a bare split name (``mbpp:train+validation+test``) is short for ``split=...``.  ``name`` is a local ``.txt``/``.json``/``.jsonl`` file or a Hugging Face dataset id; a
 list of strings, a list of token-id tensors/lists/dicts or a torch ``DataLoader`` also work.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -21,6 +22,7 @@ from ..log import logger
 DEFAULT_DATASET = "NeelNanda/pile-10k"
 PACKAGED_CORPUS = "pydoc"  # Python's own documentation prose, always installed
 _SPEC_KEYS = ("split", "num", "concat", "apply_chat_template", "system_prompt", "text_key")
+_SPLIT_NAME = re.compile(r"(train|validation|valid|test|dev)(\[[^\]]*\])?(\+(train|validation|valid|test|dev)(\[[^\]]*\])?)*")
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ def parse_dataset_spec(spec: str) -> list[DatasetSpec]:
         for opt in opts:
             key, eq, val = opt.partition("=")
             key = key.strip()
+            if not eq and key not in _SPEC_KEYS and _SPLIT_NAME.fullmatch(key):
+                key, val = "split", key  # the reference's bare split: 'name:train', 'name:train+validation'
             if key not in _SPEC_KEYS:
                 raise DatasetError(f"unknown dataset option {key!r} in {part!r}; valid options: {', '.join(_SPEC_KEYS)}")
             if key == "num":
