@@ -290,6 +290,19 @@ def _load_task(name: str, manager) -> str:
         ) from None
 
 
+def check_ready(options: LmEvalOptions, manager) -> None:
+    """Before a quantization run that evaluates its checkpoint: the tasks' data loads (unless task by task, where
+    a failing task is reported and the others run) and the backend is installed, so a task that cannot run fails
+    before any quantization minute."""
+    names = options.tasks or default_tasks()
+    check_tasks(names, manager)
+    if not options.task_by_task:
+        for name in names:
+            _load_task(name, manager)
+    if options.backend == "vllm":
+        _lm_eval_vllm_class()
+
+
 def _evaluate(lm: Any, tasks: list, options: LmEvalOptions, manager) -> dict:
     import lm_eval
 
