@@ -88,6 +88,9 @@ PRESETS: dict[str, QuantScheme] = {
     "W2A16G64": QuantScheme(bits=2, group_size=64, sym=True),
     "W3A16": QuantScheme(bits=3, group_size=128, sym=True),
     "W4A16": QuantScheme(bits=4, group_size=128, sym=True),
+    "W5A16": QuantScheme(bits=5, group_size=128, sym=True),
+    "W6A16": QuantScheme(bits=6, group_size=128, sym=True),
+    "W7A16": QuantScheme(bits=7, group_size=128, sym=True),
     "W8A16": QuantScheme(bits=8, group_size=128, sym=True),
     "BF16": FLOAT,
     "FP16": FLOAT,
@@ -105,8 +108,22 @@ def _check_keys(values: Mapping[str, Any], what: str) -> None:
         raise SchemeError(f"unknown {what} key(s) {unknown}; valid keys: {', '.join(valid)}")
 
 
+# The reference tool's presets whose data types are not built here yet: named in the error instead of "unknown".
+NOT_BUILT: dict[str, str] = {
+    **{n: "OCP microscaling (MX) floating-point weights" for n in ("MXFP4", "MXFP4_RCEIL", "MXFP8", "MXFP8_RCEIL")},
+    "MXINT4": "OCP microscaling (MX) integer weights",
+    "NVFP4": "NVIDIA's FP4 (E2M1, FP8 group scales)",
+    **{n: "FP8 weights" for n in ("FPW8A16", "FP8_STATIC", "FP8_BLOCK", "FP8")},
+    "INT8_W8A8": "INT8 weights with INT8 activations",
+}
+
+
 def preset(name: str) -> QuantScheme:
     key = name.strip().upper()
+    if key in NOT_BUILT and key not in PRESETS:
+        raise SchemeError(
+            f"scheme {name!r} ({NOT_BUILT[key]}) is not built yet; built schemes: {', '.join(PRESETS)}"
+        )
     if key not in PRESETS:
         raise SchemeError(f"unknown scheme {name!r}; valid schemes: {', '.join(PRESETS)}")
     return PRESETS[key]

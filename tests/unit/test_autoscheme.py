@@ -79,7 +79,7 @@ def test_layer_bits_count_scales_and_zero_points():
 
 @pytest.mark.parametrize("kw, match", [
     (dict(avg_bits=[3, 4], options="W2A16,W4A16"), "one positive number"),
-    (dict(avg_bits=3, options="W2A16,W5A16"), "AutoScheme option 'W5A16'"),
+    (dict(avg_bits=3, options="W2A16,W9A16"), "AutoScheme option 'W9A16'"),
     (dict(avg_bits=3, options=""), "at least one scheme"),
     (dict(avg_bits=3, options="W2A16,W4A16", low_gpu_mem_usage=False), "low_gpu_mem_usage=False is not supported"),
     (dict(avg_bits=3, options="W2A16,W4A16", shared_layers="q_proj"), "list of groups"),
