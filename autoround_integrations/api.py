@@ -13,7 +13,7 @@ from typing import Any
 
 from autoround.quantizer.autoscheme import AutoScheme  # noqa: F401  (public: autoround.AutoScheme)
 from autoround.quantizer.errors import AutoRoundError
-from autoround.quantizer.options import build_options, check_unsupported
+from autoround.quantizer.options import apply_model_free, build_options, check_unsupported
 from autoround.quantizer.pipeline import Pipeline, RunOptions
 
 from . import envs
@@ -35,7 +35,7 @@ class AutoRound:
         ``batch_size``, ``dataset``, ``device_map``, ``seed``, ``disable_opt_rtn``); an unknown keyword is a
         ``TypeError`` listing the valid ones, a bad value an ``AutoRoundError`` before any work."""
         try:
-            plan, calib, tuning, runtime = build_options(options)
+            plan, calib, tuning, runtime = build_options(apply_model_free(options))
             check_unsupported(plan, tuning)
             envs.check_unsupported()
         except ValueError as exc:

@@ -40,6 +40,7 @@ def build_parser(prog: str = "auto-round", recipe: str = "default") -> argparse.
         "environment variables:\n" + env_help,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.set_defaults(recipe=recipe)
     p.add_argument("model_pos", nargs="?", metavar="MODEL", help="same as --model")
     g = p.add_argument_group("model and output")
     g.add_argument("--model", "--model_name", "--model_name_or_path", dest="model",
@@ -55,6 +56,11 @@ def build_parser(prog: str = "auto-round", recipe: str = "default") -> argparse.
     add_cli_arguments(p, TuningOptions, "algorithm", r)
     add_cli_arguments(p, CalibrationOptions, "calibration data", r)
     add_cli_arguments(p, RuntimeOptions, "runtime", r)
+    g = p.add_argument_group("transforms")
+    g.add_argument("--rotation_type", default=None,
+                   help="Hadamard rotation type (hadamard, random_hadamard): not built yet, refused")
+    g.add_argument("--rotation_block_size", type=int, default=None,
+                   help="Hadamard rotation block size: not built yet, refused")
     g = p.add_argument_group("AutoScheme (mixed bits under an average-bits budget; replaces --scheme)")
     g.add_argument("--avg_bits", "--target_bits", dest="avg_bits", type=float, default=None,
                    help="average bits per weight to reach at most, e.g. 3.0 (scales and zero points counted)")
@@ -111,6 +117,119 @@ def _list(what: str) -> str:
     raise AutoRoundError(f"unknown list target {what!r}; valid: format, scheme")
 
 
+def parse_mapping(option: str, text: str) -> dict[str, Any]:
+    """A mapping given on the command line: JSON, the reference guide's unquoted spelling
+    (``{k_proj:{bits:8},v_proj:{bits:8}}``), or the path of a JSON file holding either."""
+    from pathlib import Path
+
+    path = Path(text).expanduser()
+    if not text.lstrip().startswith("{") and path.is_file():
+        text = path.read_text(encoding="utf-8")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            value = _Loose(text).document()
+        except ValueError as exc:
+            raise AutoRoundError(
+                f"{option} is neither JSON nor the unquoted form {{name:{{bits:8}}}} ({exc}); e.g. "
+                f"{option} '{{\"mlp.down_proj\": {{\"bits\": 8}}}}' or {option} '{{k_proj:{{bits:8}}}}' or a .json file"
+            ) from None
+    if not isinstance(value, dict):
+        raise AutoRoundError(f"{option} must be a mapping of layer name -> settings, got {type(value).__name__}")
+    return value
+
+
+class _Loose:
+    """``{key:value,...}`` with bare or quoted keys and values; bare values become numbers, booleans or None where
+    they read as such, strings otherwise (``GGUF:Q6_K`` stays a string: a value runs to the next , } or ])."""
+
+    def __init__(self, text: str) -> None:
+        self.text, self.i = text, 0
+
+    def document(self) -> Any:
+        value = self.value()
+        self.space()
+        if self.i != len(self.text):
+            raise ValueError(f"unexpected {self.text[self.i:self.i + 10]!r} at character {self.i}")
+        return value
+
+    def space(self) -> None:
+        while self.i < len(self.text) and self.text[self.i].isspace():
+            self.i += 1
+
+    def peek(self) -> str:
+        self.space()
+        return self.text[self.i] if self.i < len(self.text) else ""
+
+    def expect(self, char: str) -> None:
+        if self.peek() != char:
+            raise ValueError(f"expected {char!r} at character {self.i}")
+        self.i += 1
+
+    def value(self) -> Any:
+        char = self.peek()
+        if char == "{":
+            return self.mapping()
+        if char == "[":
+            return self.sequence()
+        return self.scalar(",}]")
+
+    def mapping(self) -> dict[str, Any]:
+        self.expect("{")
+        out: dict[str, Any] = {}
+        while self.peek() != "}":
+            key = self.scalar(":", key=True)
+            self.expect(":")
+            out[str(key)] = self.value()
+            if self.peek() == ",":
+                self.i += 1
+            elif self.peek() != "}":
+                raise ValueError(f"expected ',' or '}}' at character {self.i}")
+        self.i += 1
+        return out
+
+    def sequence(self) -> list[Any]:
+        self.expect("[")
+        out = []
+        while self.peek() != "]":
+            out.append(self.value())
+            if self.peek() == ",":
+                self.i += 1
+            elif self.peek() != "]":
+                raise ValueError(f"expected ',' or ']' at character {self.i}")
+        self.i += 1
+        return out
+
+    def scalar(self, stops: str, key: bool = False) -> Any:
+        char = self.peek()
+        if char in ("'", '"'):
+            end = self.text.find(char, self.i + 1)
+            if end < 0:
+                raise ValueError(f"unclosed quote at character {self.i}")
+            raw, self.i = self.text[self.i + 1 : end], end + 1
+            return raw
+        start = self.i
+        while self.i < len(self.text) and self.text[self.i] not in stops + "{":
+            self.i += 1
+        raw = self.text[start : self.i].strip()
+        if not raw:
+            raise ValueError(f"missing {'name' if key else 'value'} at character {start}")
+        if key:
+            return raw
+        low = raw.lower()
+        if low in ("true", "false"):
+            return low == "true"
+        if low in ("null", "none"):
+            return None
+        for kind in (int, float):
+            try:
+                return kind(raw)
+            except ValueError:
+                pass
+        return raw
+
+
 def _eval_text(spec: str) -> str:
     from pathlib import Path
 
@@ -145,7 +264,10 @@ def _lm_eval_options(args: argparse.Namespace):
     options = lmeval.LmEvalOptions(tasks=tasks, batch_size=args.eval_bs, limit=limit, num_fewshot=args.num_fewshot,
                                    task_by_task=args.eval_task_by_task, backend=args.eval_backend,
                                    vllm_args=args.vllm_args)
-    lmeval.check_tasks(options.tasks or lmeval.default_tasks(), lmeval.task_manager())
+    if args.eval:
+        lmeval.check_tasks(options.tasks or lmeval.default_tasks(), lmeval.task_manager())
+    else:  # the checkpoint is evaluated after quantization: what would fail then fails now
+        lmeval.check_ready(options, lmeval.task_manager())
     return options
 
 
@@ -192,12 +314,15 @@ def run(args: argparse.Namespace) -> int:
     values = cli_values(args)
     for name in json_fields():
         if values.get(name):
-            try:
-                values[name] = json.loads(values[name])
-            except json.JSONDecodeError as exc:
-                raise AutoRoundError(f"--{name} is not valid JSON: {exc}") from None
-            if not isinstance(values[name], dict):
-                raise AutoRoundError(f"--{name} must be a JSON object of layer name -> settings")
+            values[name] = parse_mapping(f"--{name}", values[name])
+    if values.get("model_free"):  # plain RTN: the recipe's iters give way, values the user typed are checked
+        parser = build_parser(recipe=args.recipe)
+        for name in ("iters", "disable_opt_rtn"):
+            if values[name] == parser.get_default(name):
+                del values[name]
+    if args.rotation_type is not None or args.rotation_block_size is not None:
+        values["rotation_config"] = {k: v for k, v in (("hadamard_type", args.rotation_type),
+                                                      ("block_size", args.rotation_block_size)) if v is not None}
     if (args.avg_bits is None) != (args.options is None):
         raise AutoRoundError("AutoScheme needs both --avg_bits (or --target_bits) and --options")
     if args.avg_bits is not None:

@@ -66,6 +66,8 @@ class PlanOptions:
     super_bits: int | None = _opt(None, "GGUF k-quant super-block scale bits: fixed by the GGUF type", cli=False)
     super_group_size: int | None = _opt(None, "GGUF k-quant super-block size: fixed by the GGUF type", cli=False)
     scale_dtype: Any = _opt("fp16", "dtype of the stored scales: every format here stores float16", cli=False)
+    rotation_config: Any = _opt(None, "Hadamard rotation ('default' or a dict): not built yet", cli=False)
+    quant_nontext_module: bool = _opt(False, "also quantize the vision/audio towers of multimodal models: not built yet")
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,14 @@ class RuntimeOptions:
         False, "with iters 0 and disable_opt_rtn: load the model and quantize it in memory instead of streaming "
         "the folder's weights tensor by tensor (same checkpoint, more memory)",
     )
+    model_free: bool = _opt(
+        False, "plain RTN streamed from a local model folder's files without loading the model (sets iters 0 and "
+        "disable_opt_rtn); refused when the run cannot take that route",
+    )
+
+    def __post_init__(self) -> None:
+        if self.model_free and self.disable_model_free:
+            raise ValueError("model_free=True and disable_model_free=True exclude each other: choose one")
 
 
 GROUPS = (PlanOptions, CalibrationOptions, TuningOptions, RuntimeOptions)
@@ -211,6 +221,26 @@ def build_options(values: Mapping[str, Any]) -> tuple[PlanOptions, CalibrationOp
     return tuple(g(**split[g]) for g in GROUPS)  # type: ignore[return-value]
 
 
+def apply_model_free(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``model_free=True`` means plain RTN (the reference's model-free mode ignores tuning): it sets ``iters=0`` and
+    ``disable_opt_rtn=True``, and refuses values given for those that ask for something else."""
+    out = dict(values)
+    if not out.get("model_free"):
+        return out
+    conflicts = []
+    if out.get("iters", 0) != 0:
+        conflicts.append(f"iters={out['iters']!r}")
+    if out.get("disable_opt_rtn", True) is not True:
+        conflicts.append("disable_opt_rtn=False")
+    if conflicts:
+        raise ValueError(
+            f"model_free=True quantizes with plain RTN (iters=0, disable_opt_rtn=True) and cannot honour "
+            f"{', '.join(conflicts)}: drop model_free for tuned or optimized RTN runs"
+        )
+    out.update(iters=0, disable_opt_rtn=True)
+    return out
+
+
 # -- options accepted for compatibility, refused unless they ask for what happens anyway -------------------------
 
 _FP16_NAMES = ("fp16", "float16", "torch.float16", "half")
@@ -229,6 +259,16 @@ def check_unsupported(plan: PlanOptions, tuning: TuningOptions) -> None:
     if not (sd is torch.float16 or (isinstance(sd, str) and sd.strip().lower() in _FP16_NAMES)):
         raise ValueError(
             f"scale_dtype={sd!r} is not supported: every format here stores float16 scales; leave it at 'fp16'"
+        )
+    if plan.rotation_config not in (None, False, "", {}):
+        raise ValueError(
+            f"rotation_config={plan.rotation_config!r}: Hadamard rotation is not built yet (it comes with the "
+            "MXFP/NVFP/FP8 data types); leave rotation_config unset"
+        )
+    if plan.quant_nontext_module:
+        raise ValueError(
+            "quant_nontext_module=True: quantizing the vision/audio towers of multimodal models is not built yet; "
+            "leave it unset (the text decoder is what gets quantized)"
         )
     if isinstance(tuning.nblocks, bool) or tuning.nblocks != 1:
         raise ValueError(

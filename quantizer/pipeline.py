@@ -12,6 +12,7 @@ optimized RTN) or ``blockwise`` (SignRound) (quantize), ``formats`` (export) and
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from .autoscheme import (
     check_options, layer_groups,
 )
 from .data import calibration_batch, loss_mask
+from .devices import resolve_device_map
 from .dtypes import family_of
 from .errors import AutoRoundError, FormatError
 from .formats import QuantizedLayer, parse_formats
@@ -77,6 +79,7 @@ class Pipeline:
         self, options: RunOptions, source: Any, tokenizer: Any = None, transforms: list[Transform] | None = None
     ) -> None:
         self.options, self.source = options, source
+        self.device = resolve_device_map(options.runtime.device_map)  # a missing device fails here, before work
         self.transforms: list[Transform] = list(transforms or [])
         self._applied: list[Transform] = []
         p = options.plan
@@ -109,6 +112,9 @@ class Pipeline:
         # plain RTN of a local folder may never need the model (the model-free route streams the weights): its
         # load waits until something asks for it (the model, quantize(), a format that needs it)
         self.deferred_folder = self._model_free_folder()
+        if options.runtime.model_free and self.deferred_folder is None:
+            why = self.model_free_reason() or "it reads a local model folder with a config.json"
+            raise AutoRoundError(f"model_free=True: this run cannot take the model-free route ({why})")
         if tokenizer is not None or self.deferred_folder is None:
             self.tokenizer = tokenizer
         if self.deferred_folder is None:
@@ -134,7 +140,8 @@ class Pipeline:
     def load(self) -> None:
         """Load the model and find what to quantize in it."""
         self.model, self.tokenizer = model_io.load_model(
-            self.source, self.__dict__.get("tokenizer"), device_map=self.options.runtime.device_map
+            self.source, self.__dict__.get("tokenizer"),
+            device_map=None if self.device.type == "cpu" else str(self.device),
         )
         self.deferred_folder = None
         self.model.eval()
@@ -191,8 +198,8 @@ class Pipeline:
             return "the model is not a local folder"
         if self.options.plan.quant_lm_head:
             return "quant_lm_head is set"
-        if runtime.device_map not in (None, "cpu"):
-            return f"device_map={runtime.device_map!r} places the model"
+        if self.device.type != "cpu":
+            return f"device_map={runtime.device_map!r} places the model on {self.device}"
         if self.transforms:
             return "transforms rewrite the loaded model"
         for fmt in fmts or []:
@@ -221,6 +228,19 @@ class Pipeline:
             return
         for fmt in fmts:
             self.scheme = fmt.adapt_scheme(self.scheme)
+
+    def default_format(self) -> str:
+        """The format ``quantize()`` plans for when none is named: auto_round where it holds the run's schemes,
+        else the format named after the scheme (a GGUF type's file), else the first format that holds them."""
+        from .formats import formats_supporting, get_format
+
+        schemes = [o for o in self.auto_scheme.schemes if not o.is_float] if self.auto_scheme else [self.scheme]
+        names = [n for n in formats_supporting(schemes[0])
+                 if all(get_format(n).scheme_error(s) is None for s in schemes[1:])]
+        for name in ("auto_round", schemes[0].data_type):
+            if name in names:
+                return name
+        return names[0] if names else "auto_round"
 
     def make_plan(self, fmts: list) -> LayerPlan:
         """The scheme of every layer the formats can hold, and the layers kept float."""
@@ -321,7 +341,10 @@ class Pipeline:
     def quantize(self, formats: "str | list | None" = None) -> tuple[Any, dict[str, Any]]:
         """load -> transform -> plan -> calibrate -> quantize, in memory (weights become their fake-quantized
         values); returns (model, layer_config)."""
-        fmts = parse_formats(formats or "auto_round")
+        if self.options.runtime.model_free:
+            raise AutoRoundError("model_free=True writes the checkpoint straight from the model's files: call "
+                                 "quantize_and_save(output_dir, format=...) instead of quantize()")
+        fmts = parse_formats(formats or self.default_format())
         self.adapt_scheme(fmts)
         if not self.loaded:
             self.load()
@@ -475,6 +498,8 @@ class Pipeline:
         try:
             src = model_free.open_model(folder, self.block_names_option())
         except model_free.Declined as exc:
+            if self.options.runtime.model_free:
+                raise AutoRoundError(f"model_free=True: the model-free route cannot reproduce this model ({exc})") from None
             logger.info("in-memory route: loading the model (the model-free route cannot reproduce it: %s)", exc)
             return None
         logger.info(
@@ -510,6 +535,8 @@ class Pipeline:
                         "quantize_and_save finished in %.1fs; peak RSS %.2f GiB", time.time() - start, peak_rss_gib()
                     )
                     return None, paths
+            elif self.options.runtime.model_free:
+                raise AutoRoundError(f"model_free=True: this run cannot take the model-free route ({reason})")
             else:
                 logger.info("in-memory route: loading the model (%s)", reason)
         else:
@@ -553,8 +580,17 @@ def load_checkpoint(folder: str) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     gguf_files = sorted(Path(folder).glob("*.gguf"))
-    gguf_kw = {"gguf_file": gguf_files[0].name} if gguf_files else {}
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **gguf_kw).eval()
+    kw: dict[str, Any] = {"gguf_file": gguf_files[0].name} if gguf_files else {}
+    config = Path(folder) / "config.json"
+    method = None
+    if config.is_file():
+        method = (json.loads(config.read_text()).get("quantization_config") or {}).get("quant_method")
+    if method in ("gptq", "awq"):
+        # transformers would hand GPTQ/AWQ checkpoints to optimum/gptqmodel; this project's loader reads them
+        from ..transformers_integration import AutoRoundConfig
+
+        kw["quantization_config"] = AutoRoundConfig()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw).eval()
 
 
 def name_list(value: Any) -> list[str]:
