@@ -19,7 +19,7 @@ _ACCELERATORS = ("cuda", "xpu", "hpu", "mps")
 
 
 def _count(kind: str) -> int:
-    if kind == "cpu":
+    if kind in ("cpu", "meta"):  # meta: always present (placement is tested with it), holds no weights
         return 1
     if kind == "mps":
         backend = getattr(torch.backends, "mps", None)
@@ -101,4 +101,6 @@ def resolve_device_map(device_map: Any) -> torch.device:
             f"device_map={device_map!r} spreads the run over {', '.join(distinct)}: placing one model across "
             f"several devices is not built yet; pass one device, e.g. device_map={distinct[0]!r}"
         )
+    if devices[0].type == "meta":
+        raise AutoRoundError(f"device_map={device_map!r}: the meta device holds no weights to quantize; use 'cpu' or 'auto'")
     return devices[0]
