@@ -175,31 +175,29 @@ class _Loose:
             return self.sequence()
         return self.scalar(",}]")
 
-    def mapping(self) -> dict[str, Any]:
-        self.expect("{")
-        out: dict[str, Any] = {}
-        while self.peek() != "}":
-            key = self.scalar(":", key=True)
-            self.expect(":")
-            out[str(key)] = self.value()
+    def items(self, open_: str, close: str, item) -> list[Any]:
+        """``item()`` for each comma-separated entry between ``open_`` and ``close`` (a trailing comma is fine)."""
+        self.expect(open_)
+        out = []
+        while self.peek() != close:
+            out.append(item())
             if self.peek() == ",":
                 self.i += 1
-            elif self.peek() != "}":
-                raise ValueError(f"expected ',' or '}}' at character {self.i}")
+            elif self.peek() != close:
+                raise ValueError(f"expected ',' or {close!r} at character {self.i}")
         self.i += 1
         return out
 
+    def pair(self) -> tuple[str, Any]:
+        key = self.scalar(":", key=True)
+        self.expect(":")
+        return str(key), self.value()
+
+    def mapping(self) -> dict[str, Any]:
+        return dict(self.items("{", "}", self.pair))
+
     def sequence(self) -> list[Any]:
-        self.expect("[")
-        out = []
-        while self.peek() != "]":
-            out.append(self.value())
-            if self.peek() == ",":
-                self.i += 1
-            elif self.peek() != "]":
-                raise ValueError(f"expected ',' or ']' at character {self.i}")
-        self.i += 1
-        return out
+        return self.items("[", "]", self.value)
 
     def scalar(self, stops: str, key: bool = False) -> Any:
         char = self.peek()
