@@ -92,6 +92,11 @@ _VARS: dict[str, _Var] = {
                                       unsupported="packing is not compiled"),
     "AR_DYNAMO_CACHE_SIZE_LIMIT": _Var(_positive_int, 64,
                                        "torch._dynamo cache size limit set when enable_torch_compile compiles"),
+    "AR_AUTO_SCHEME_NSAMPLES": _Var(_positive_int, None,
+                                    "AutoScheme scoring samples where AutoScheme(nsamples=...) is not given (else 16)"),
+    "AR_AUTO_SCHEME_BATCH_SIZE": _Var(_positive_int, None,
+                                      "AutoScheme scoring batch size where AutoScheme(batch_size=...) is not given "
+                                      "(else 8)"),
     "AR_CACHE_DIR": _Var(_path, os.path.join("~", ".cache", "autoround"), "cache for converted models and corpora"),
 }
 
@@ -174,7 +179,11 @@ def set_config(**values: Any) -> None:
 
 
 def check_unsupported() -> None:
-    """Refuse (``ValueError``) every variable of a feature that does not exist here, set to a non-default value."""
+    """Refuse (``ValueError``) an invalid value of any variable that is set, and every variable of a feature that
+    does not exist here set to a non-default value: before any work, instead of when a stage reads it."""
+    for name in _VARS:
+        if name in os.environ:
+            _read(name)
     bad = []
     for name, var in _VARS.items():
         if var.unsupported is None or name not in os.environ:

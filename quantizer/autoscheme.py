@@ -44,7 +44,7 @@ class AutoScheme:
     ``ignore_scale_zp_bits``: count weight bits only.  ``shared_layers``: groups of name patterns (exact names,
     substrings or regexes) whose matching layers in one block get one scheme.  ``nsamples``, ``seqlen``,
     ``batch_size``: the sensitivity pass's calibration (default 16 x 256 tokens in batches of 8, as the
-    reference); ``dataset``: its text (default: the run's).  ``method``,
+    reference; ``AR_AUTO_SCHEME_NSAMPLES`` / ``AR_AUTO_SCHEME_BATCH_SIZE`` change those defaults); ``dataset``: its text (default: the run's).  ``method``,
     ``device_map``, ``enable_torch_compile``, ``low_gpu_mem_usage``, ``low_cpu_mem_usage``: accepted at their
     defaults (the pass always runs block by block on the model's device); other values are refused."""
 
@@ -96,6 +96,17 @@ class AutoScheme:
                     "AutoScheme shared_layers must be a list of groups of name patterns, e.g. "
                     f"[['q_proj', 'k_proj', 'v_proj'], ['fc1', 'fc2']]; got {groups!r}"
                 )
+
+    def scoring(self) -> tuple[int, int, int]:
+        """(nsamples, seqlen, batch_size) of the sensitivity pass: this AutoScheme's, else the environment's
+        (AR_AUTO_SCHEME_NSAMPLES, AR_AUTO_SCHEME_BATCH_SIZE), else the reference's defaults."""
+        from .. import envs
+
+        return (
+            self.nsamples or envs.AR_AUTO_SCHEME_NSAMPLES or SCORING_NSAMPLES,
+            self.seqlen or SCORING_SEQLEN,
+            self.batch_size or envs.AR_AUTO_SCHEME_BATCH_SIZE or SCORING_BATCH_SIZE,
+        )
 
     def describe(self) -> str:
         return f"AutoScheme(avg_bits={self.avg_bits}, options={', '.join(option_name(s) for s in self.schemes)})"

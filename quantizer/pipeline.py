@@ -23,10 +23,7 @@ import torch
 from torch import nn
 
 from . import model_io
-from .autoscheme import (
-    SCORING_BATCH_SIZE, SCORING_NSAMPLES, SCORING_SEQLEN, AutoScheme, allocate, auto_candidates, bits_range,
-    check_options, layer_groups,
-)
+from .autoscheme import AutoScheme, allocate, auto_candidates, bits_range, check_options, layer_groups
 from .data import calibration_batch, loss_mask
 from .devices import resolve_device_map
 from .dtypes import family_of
@@ -274,8 +271,9 @@ class Pipeline:
             )
         groups = layer_groups(list(free), self.block_names, auto.shared_layers)
         c, tuning = self.options.calibration, self.options.tuning
+        nsamples, seqlen, batch_size = auto.scoring()
         tokens = calibration_batch(auto.dataset if auto.dataset is not None else c.dataset, self.tokenizer,
-                                   auto.nsamples or SCORING_NSAMPLES, auto.seqlen or SCORING_SEQLEN, tuning.seed)
+                                   nsamples, seqlen, tuning.seed)
         mask = loss_mask(tokens, getattr(self.tokenizer, "pad_token_id", None))
         proj = self.model.get_output_embeddings()
         if proj is None:
@@ -290,12 +288,12 @@ class Pipeline:
             # start): score the options with them, not with plain RTN's larger low-bit errors
             importance = model_importance(
                 self.model, {n: self.linears[n] for n in free if n != self.lm_head_name}, tokens,
-                auto.batch_size or SCORING_BATCH_SIZE,
+                batch_size,
             )
         scores = delta_loss_scores(
             self.model, blocks, self.linears,
             [{n: (s[k] if not s[k].is_float else None) for n, s in free.items()} for k in range(len(auto.schemes))],
-            fixed, tokens, mask, auto.batch_size or SCORING_BATCH_SIZE, (final_norm(self.model), proj, head_name),
+            fixed, tokens, mask, batch_size, (final_norm(self.model), proj, head_name),
             cache_device="cpu" if self.options.runtime.low_gpu_mem_usage else None, importance=importance,
         )
         result = allocate(auto, shapes, free, fixed, groups, scores)

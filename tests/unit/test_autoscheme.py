@@ -181,3 +181,23 @@ def test_auto_gptq_export_records_the_choices_as_dynamic_entries(tmp_path):
         entry = dynamic.get("+:^" + re.escape(name) + "$", {})
         assert entry.get("bits", qcfg["bits"]) == bits, name
     assert len(set(chosen.values())) == 2
+
+
+def test_scoring_defaults_from_the_environment(monkeypatch):
+    """AR_AUTO_SCHEME_NSAMPLES / AR_AUTO_SCHEME_BATCH_SIZE change the scoring defaults; explicit fields win."""
+    monkeypatch.delenv("AR_AUTO_SCHEME_NSAMPLES", raising=False)
+    monkeypatch.delenv("AR_AUTO_SCHEME_BATCH_SIZE", raising=False)
+    assert AutoScheme(avg_bits=3, options="W2A16,W4A16").scoring() == (16, 256, 8)
+    monkeypatch.setenv("AR_AUTO_SCHEME_NSAMPLES", "4")
+    monkeypatch.setenv("AR_AUTO_SCHEME_BATCH_SIZE", "2")
+    assert AutoScheme(avg_bits=3, options="W2A16,W4A16").scoring() == (4, 256, 2)
+    assert AutoScheme(avg_bits=3, options="W2A16,W4A16", nsamples=6, batch_size=3, seqlen=64).scoring() == (6, 64, 3)
+    monkeypatch.setenv("AR_AUTO_SCHEME_NSAMPLES", "0")
+    with pytest.raises(ValueError, match="AR_AUTO_SCHEME_NSAMPLES='0' is invalid"):
+        AutoScheme(avg_bits=3, options="W2A16,W4A16").scoring()
+
+
+def test_invalid_scoring_variable_is_refused_before_any_work(monkeypatch):
+    monkeypatch.setenv("AR_AUTO_SCHEME_BATCH_SIZE", "many")
+    with pytest.raises(AutoRoundError, match="AR_AUTO_SCHEME_BATCH_SIZE='many' is invalid: it must be a positive"):
+        AutoRound(tiny_llama(), scheme=AutoScheme(avg_bits=3, options="W2A16,W4A16"), iters=0)
