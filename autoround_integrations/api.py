@@ -66,15 +66,17 @@ class AutoRound:
         """Quantize in memory (weights become their fake-quantized values); returns (model, layer_config)."""
         return self.pipeline.quantize(formats)
 
-    def save_quantized(self, output_dir: str | os.PathLike, format: str = "auto_round", inplace: bool = True) -> list[str]:
-        """Write one checkpoint per format (comma-separated); with several formats, one subfolder each."""
+    def save_quantized(self, output_dir: str | os.PathLike, format: str | None = None, inplace: bool = True) -> list[str]:
+        """Write one checkpoint per format (comma-separated); with several formats, one subfolder each.  Without a
+        format: auto_round, or where it cannot hold the scheme the format named after it (GGUF:Q4_K_M ->
+        gguf:q4_k_m), as the reference does."""
         _check_inplace(inplace)
         return self.pipeline.export(output_dir, format)
 
     def quantize_and_save(
         self,
         output_dir: str | os.PathLike = "tmp_autoround",
-        format: str = "auto_round",
+        format: str | None = None,
         inplace: bool = True,
         resume: bool = False,
     ) -> tuple[Any, list[str]]:

@@ -46,8 +46,9 @@ def build_parser(prog: str = "auto-round", recipe: str = "default") -> argparse.
     g.add_argument("--model", "--model_name", "--model_name_or_path", dest="model",
                    help="local model folder, Hugging Face hub id, or .gguf file")
     g.add_argument("--output_dir", default="./tmp_autoround", help="where the checkpoint goes (default %(default)s)")
-    g.add_argument("--format", "--formats", dest="format", default="auto_round",
-                   help="export format(s), comma-separated (default %(default)s); see 'list format'")
+    g.add_argument("--format", "--formats", dest="format", default=None,
+                   help="export format(s), comma-separated (default auto_round, or the format a scheme it cannot "
+                        "hold is named after: GGUF:Q4_K_M -> gguf:q4_k_m); see 'list format'")
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted SignRound run from its last finished block (same command and "
                         "settings; the result equals an uninterrupted run)")

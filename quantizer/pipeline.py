@@ -33,7 +33,7 @@ from .formats import export as export_checkpoint
 from .formats.writer import check_output_dir
 from .importance import model_importance
 from .options import CalibrationOptions, PlanOptions, RuntimeOptions, SignRoundOptions, TuningOptions
-from .plan import LayerPlan, plan_layers
+from .plan import LayerPlan, plan_layers, scheme_for_layer
 from .quantize import quantize_layers
 from .schemes import QuantScheme, resolve_scheme
 from .transforms import Transform
@@ -146,7 +146,7 @@ class Pipeline:
         # GPT-2-style Conv1D layers become nn.Linear while quantizing, and are restored afterwards
         self.conv1d_names = model_io.conv1d_to_linear(self.model, self.block_names)
         self.linears = model_io.quantizable_linears(self.model, self.block_names)
-        quant_head = self.options.plan.quant_lm_head
+        quant_head = self.options.plan.quant_lm_head or self._head_in_layer_config()
         self.lm_head_name, self.lm_head_tied = self._find_lm_head() if quant_head else (None, False)
         if self.lm_head_name is not None:
             self.linears[self.lm_head_name] = self.model.get_submodule(self.lm_head_name)
@@ -154,6 +154,17 @@ class Pipeline:
     def block_names_option(self) -> list[str] | None:
         blocks = self.options.plan.to_quant_block_names
         return name_list(blocks) if blocks else None
+
+    def _head_in_layer_config(self) -> bool:
+        """Whether ``layer_config`` names the output projection itself (its exact module name) with a quantized
+        scheme: that quantizes it, as ``quant_lm_head`` does (a pattern that happens to match it does not)."""
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if not isinstance(head, nn.Linear):
+            return False
+        name = next(n for n, m in self.model.named_modules() if m is head)
+        if name not in self.layer_config:
+            return False
+        return not scheme_for_layer(name, self.scheme, {name: self.layer_config[name]}).is_float
 
     def _find_lm_head(self) -> tuple[str | None, bool]:
         """(name, tied to the input embedding) of the output projection to quantize."""
@@ -195,6 +206,8 @@ class Pipeline:
             return "the model is not a local folder"
         if self.options.plan.quant_lm_head:
             return "quant_lm_head is set"
+        if any(k == "lm_head" or k.endswith(".lm_head") for k in self.layer_config):
+            return "layer_config names lm_head"
         if self.device.type != "cpu":
             return f"device_map={runtime.device_map!r} places the model on {self.device}"
         if self.transforms:
@@ -226,9 +239,16 @@ class Pipeline:
         for fmt in fmts:
             self.scheme = fmt.adapt_scheme(self.scheme)
 
-    def default_format(self) -> str:
-        """The format ``quantize()`` plans for when none is named: auto_round where it holds the run's schemes,
-        else the format named after the scheme (a GGUF type's file), else the first format that holds them."""
+    def default_format(self, log: bool = False) -> str:
+        """The format used when none is named: auto_round where it holds the run's schemes, else the format
+        named after the (first) scheme (GGUF:Q4_K_M -> gguf:q4_k_m, as the reference), else the first format
+        that holds them all."""
+        name = self._default_format()
+        if log and name != "auto_round":
+            logger.info("format: %s (auto_round cannot hold %s)", name, self.scheme.describe())
+        return name
+
+    def _default_format(self) -> str:
         from .formats import formats_supporting, get_format
 
         schemes = [o for o in self.auto_scheme.schemes if not o.is_float] if self.auto_scheme else [self.scheme]
@@ -455,8 +475,10 @@ class Pipeline:
                 settings["dataset"] = c.dataset
         return settings
 
-    def export(self, output_dir: str | os.PathLike, format: str = "auto_round") -> list[str]:
-        """Write one checkpoint per format (comma-separated); with several formats, one subfolder each."""
+    def export(self, output_dir: str | os.PathLike, format: str | None = None) -> list[str]:
+        """Write one checkpoint per format (comma-separated; None: ``default_format``); with several formats, one
+        subfolder each."""
+        format = format or self.default_format(log=True)
         fmts = parse_formats(format)
         check_output_dir(output_dir)
         if not self.quantized:
@@ -517,10 +539,11 @@ class Pipeline:
         return paths
 
     def run(
-        self, output_dir: str | os.PathLike, format: str = "auto_round", resume: bool = False
+        self, output_dir: str | os.PathLike, format: str | None = None, resume: bool = False
     ) -> tuple[Any, list[str]]:
         """Every stage through export: the model-free route where it applies, else load -> ... -> export.
         Returns (model, folders); the model is None when the model-free route wrote the checkpoint."""
+        format = format or self.default_format(log=True)
         check_output_dir(output_dir)
         start = time.time()
         fmts = parse_formats(format)

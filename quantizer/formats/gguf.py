@@ -205,6 +205,7 @@ class GGUFFormat(ExportFormat):
     description = "llama.cpp GGUF file"
     ftype = "q4_0"
     model_free = False  # written from the loaded model (token embedding and output projection are quantized too)
+    lm_head = True  # the output tensor takes the quantized lm_head's own type (else llama.cpp's rule for the file)
 
     @property
     def float_model_ok(self) -> bool:

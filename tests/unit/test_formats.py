@@ -356,3 +356,13 @@ def test_saving_to_a_format_that_cannot_pack_a_quantized_layer_fails(tmp_path):
     with pytest.raises(FormatError, match="'auto_awq' cannot pack .* pass every format to quantize"):
         ar.save_quantized(str(tmp_path / "awq"), format="auto_awq")
     assert not (tmp_path / "awq").exists()
+
+
+def test_layer_config_naming_lm_head_quantizes_it(tmp_path):
+    model = tiny_llama()
+    ar, (out,) = run(tmp_path, "auto_round", model=model, group_size=32, layer_config={"lm_head": {"bits": 8}})
+    extra = json.load(open(os.path.join(out, "config.json")))["quantization_config"]["extra_config"]
+    assert extra["lm_head"]["bits"] == 8
+    # a pattern that happens to match lm_head does not pull it in
+    ar, (out,) = run(tmp_path / "p", "auto_round", model=tiny_llama(), group_size=32, layer_config={"head": {"bits": 8}})
+    assert "lm_head" not in json.load(open(os.path.join(out, "config.json")))["quantization_config"].get("extra_config", {})

@@ -214,3 +214,15 @@ def test_unknown_architecture_is_a_clear_error(tmp_path):
     with pytest.raises(FormatError, match="does not know the architecture 'gpt2'"):
         fmt.save(ExportJob(model=model, layers={}, scheme=resolve_scheme("GGUF:Q8_0"), block_names=[]), str(tmp_path / "g"))
     assert not (tmp_path / "g").exists()
+
+
+def test_layer_config_naming_lm_head_sets_the_output_type(tmp_path):
+    """A layer_config entry for lm_head itself quantizes it with that type (before, the file's rule silently won)."""
+    model = tiny_llama(hidden=256, inter=256, layers=1, vocab=256)
+    ar = AutoRound(model, scheme="GGUF:Q2_K_S", layer_config={"lm_head": "GGUF:Q4_K_S"}, iters=0, disable_opt_rtn=True)
+    _, (out,) = ar.quantize_and_save(str(tmp_path / "q2"), format="gguf:q2_k_s")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(_gguf_file(out)).tensors}
+    assert types["output.weight"] == "Q4_K"
+    _, (out,) = AutoRound(tiny_llama(hidden=256, inter=256, layers=1, vocab=256), scheme="GGUF:Q2_K_S", iters=0,
+                          disable_opt_rtn=True).quantize_and_save(str(tmp_path / "rule"), format="gguf:q2_k_s")
+    assert {t.name: t.tensor_type.name for t in gguf.GGUFReader(_gguf_file(out)).tensors}["output.weight"] == "Q6_K"
