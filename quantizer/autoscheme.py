@@ -333,15 +333,12 @@ def check_options(auto: AutoScheme, formats: Sequence[Any]) -> None:
                 f"format {fmt.name!r} holds one scheme for every quantized layer, so AutoScheme cannot mix "
                 f"{', '.join(option_name(s) for s in quantized)} in it; choose auto_round, auto_gptq or fake"
             )
-        if fmt.name.startswith("gguf:") and len(quantized) > 1:
-            raise AutoRoundError(
-                f"AutoScheme choosing among {', '.join(option_name(s) for s in quantized)} for one {fmt.name} file "
-                "is not built yet (each gguf format writes its own file type); pick one GGUF scheme, or let AutoScheme "
-                "mix integer options for auto_round, auto_gptq or fake"
-            )
+        # a GGUF file holds a type per tensor: each layer gets its option's block type (a file type's default
+        # type, as the reference), the file keeps the format's file type; llama.cpp's mixture rules stay off
+        per_tensor = fmt.name.startswith("gguf:") and not fmt.float_model_ok
         for s in quantized:
             err = fmt.scheme_error(s)
-            if err is None:
+            if err is None and not per_tensor:
                 try:
                     fmt.adapt_scheme(s, switch=False)
                 except FormatError as exc:

@@ -24,7 +24,8 @@ import torch
 from autoround.quantizer.cli import build_parser, main
 from autoround.quantizer.errors import AutoRoundError
 
-ISSUE_14 = "AutoScheme, SignRoundV2 and accuracy per minute: beat the reference's front, not just its points"
+from arhelpers import tiny_llama
+
 ISSUE_15 = ("Beyond integers: MXFP, NVFP, FP8 and INT8 activations, Hadamard rotation, and the formats that carry "
             "them")
 ISSUE_17 = ("Past one device and one machine's memory: streamed tuning, device maps, torchrun, MoE and "
@@ -599,12 +600,29 @@ def test_python_autoscheme_mx_options_and_shared_layers(model_dir):
 
 
 @usage('AutoScheme(avg_bits=3.0, options=("W2A16G64", "W4A16", "W8A16"))')
-def test_python_autoscheme_over_gguf_types(model_dir, tmp_path):
+def test_python_autoscheme_over_gguf_types(tmp_path):
+    """GGUF options and a fixed lm_head type: with no format named, the file type of the first option is written
+    (as the reference); each layer holds its option's type (llama.cpp's rule for that file type and tensor), the
+    output tensor the fixed Q6_K, and the average stays within the budget."""
+    from gguf import GGUFReader
+
     from autoround import AutoRound, AutoScheme
 
-    scheme = AutoScheme(avg_bits=3.0, options=("GGUF:Q2_K_S", "GGUF:Q4_K_S"), ignore_scale_zp_bits=True)
-    ar = AutoRound(model_dir, scheme=scheme, layer_config={"lm_head": "GGUF:Q6_K"}, iters=0, nsamples=2, seqlen=32)
-    not_built_api(ISSUE_14, lambda: ar.quantize_and_save(str(tmp_path / "D"), format="gguf:q2_k_s"))
+    tiny_llama(hidden=256, inter=512, layers=2, vocab=256).save_pretrained(tmp_path / "m")  # k-quant rows of 256
+    g = torch.Generator().manual_seed(0)
+    tokens = [torch.randint(0, 256, (32,), generator=g) for _ in range(4)]
+    scheme = AutoScheme(avg_bits=3.0, options=("GGUF:Q2_K_S", "GGUF:Q4_K_S"), ignore_scale_zp_bits=True, nsamples=4,
+                        seqlen=32)
+    ar = AutoRound(str(tmp_path / "m"), scheme=scheme, layer_config={"lm_head": "GGUF:Q6_K"}, iters=0, nsamples=4,
+                   seqlen=32, dataset=tokens)
+    _, (folder,) = ar.quantize_and_save(str(tmp_path / "D"))
+    (path,) = Path(folder).glob("*-Q2_K_S.gguf")
+    types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+    assert types["output.weight"] == "Q6_K"
+    block_types = {v for k, v in types.items() if k.startswith("blk.") and "norm" not in k}
+    assert {"Q2_K", "Q4_K"} <= block_types <= {"Q2_K", "Q4_K", "Q5_K"}  # Q5_K: a Q4_K_S file's attn_v rule
+    result = ar.auto_result
+    assert result.achieved_bits <= 3.0 and len(result.counts) == 2
 
 
 @usage('AutoRound(M, scheme="MXFP4", rotation_config="default")')
