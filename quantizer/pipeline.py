@@ -241,8 +241,8 @@ class Pipeline:
 
     def default_format(self, log: bool = False) -> str:
         """The format used when none is named: auto_round where it holds the run's schemes, else the format
-        named after the (first) scheme (GGUF:Q4_K_M -> gguf:q4_k_m, as the reference), else the first format
-        that holds them all."""
+        named after the (first) scheme (GGUF:Q4_K_M -> gguf:q4_k_m, as the reference), else auto_round (whose
+        refusal names the formats that can hold the scheme)."""
         name = self._default_format()
         if log and name != "auto_round":
             logger.info("format: %s (auto_round cannot hold %s)", name, self.scheme.describe())
@@ -257,7 +257,7 @@ class Pipeline:
         for name in ("auto_round", schemes[0].data_type):
             if name in names:
                 return name
-        return names[0] if names else "auto_round"
+        return "auto_round"  # its refusal names the formats that can hold the scheme
 
     def make_plan(self, fmts: list) -> LayerPlan:
         """The scheme of every layer the formats can hold, and the layers kept float."""
