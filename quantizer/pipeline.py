@@ -155,23 +155,26 @@ class Pipeline:
         blocks = self.options.plan.to_quant_block_names
         return name_list(blocks) if blocks else None
 
+    def _output_projection(self) -> tuple[str | None, nn.Linear | None]:
+        """(module name, module) of the model's linear output projection, or (None, None)."""
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if not isinstance(head, nn.Linear):
+            return None, None
+        return next(n for n, m in self.model.named_modules() if m is head), head
+
     def _head_in_layer_config(self) -> bool:
         """Whether ``layer_config`` names the output projection itself (its exact module name) with a quantized
         scheme: that quantizes it, as ``quant_lm_head`` does (a pattern that happens to match it does not)."""
-        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        if not isinstance(head, nn.Linear):
-            return False
-        name = next(n for n, m in self.model.named_modules() if m is head)
-        if name not in self.layer_config:
+        name, _ = self._output_projection()
+        if name is None or name not in self.layer_config:
             return False
         return not scheme_for_layer(name, self.scheme, {name: self.layer_config[name]}).is_float
 
     def _find_lm_head(self) -> tuple[str | None, bool]:
         """(name, tied to the input embedding) of the output projection to quantize."""
-        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        if not isinstance(head, nn.Linear):
+        name, head = self._output_projection()
+        if head is None:
             raise AutoRoundError("quant_lm_head: this model has no linear output projection (lm_head) to quantize")
-        name = next(n for n, m in self.model.named_modules() if m is head)
         emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
         tied = emb is not None and getattr(emb, "weight", None) is head.weight
         return name, tied
@@ -249,13 +252,11 @@ class Pipeline:
         return name
 
     def _default_format(self) -> str:
-        from .formats import formats_supporting, get_format
+        from .formats import get_format, list_formats
 
         schemes = [o for o in self.auto_scheme.schemes if not o.is_float] if self.auto_scheme else [self.scheme]
-        names = [n for n in formats_supporting(schemes[0])
-                 if all(get_format(n).scheme_error(s) is None for s in schemes[1:])]
         for name in ("auto_round", schemes[0].data_type):
-            if name in names:
+            if name in list_formats() and all(get_format(name).scheme_error(s) is None for s in schemes):
                 return name
         return "auto_round"  # its refusal names the formats that can hold the scheme
 
