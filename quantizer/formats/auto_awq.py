@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import ExportFormat, ExportJob, QuantizedLayer, group_size_of, register_format
-from .packing import awq_layer_tensors
+from .packing import awq_layer_tensors, awq_whole_groups
 from .writer import save_format
 from ..schemes import QuantScheme
 
@@ -38,7 +38,7 @@ class AutoAWQFormat(ExportFormat):
         gs = scheme.group_size
         if in_features % 32 or out_features % 32:
             return f"[{out_features} x {in_features}] is not a multiple of 32 in both dimensions"
-        if gs > 0 and gs < in_features and in_features % gs:
+        if not awq_whole_groups(gs, in_features):
             return f"{in_features} input channels are not a whole number of groups of {gs} (AWQ needs whole groups)"
         return None
 

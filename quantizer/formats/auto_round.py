@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from . import ExportFormat, ExportJob, QuantizedLayer, autoround_version, register_format
-from .packing import PACK_BITS, gptq_layer_tensors, awq_layer_tensors
+from .packing import PACK_BITS, awq_layer_tensors, awq_whole_groups, gptq_layer_tensors
 from .writer import save_format
 from ..schemes import QuantScheme
 
@@ -50,8 +50,7 @@ def zero_offset(packing_format: str) -> int:
 def awq_packable(layer: QuantizedLayer) -> bool:
     s = layer.scheme
     gs = s.group_size
-    whole_groups = gs in (-1, 0) or gs >= layer.in_features or layer.in_features % gs == 0
-    return s.bits == 4 and not s.sym and whole_groups and layer.out_features % 8 == 0
+    return s.bits == 4 and not s.sym and awq_whole_groups(gs, layer.in_features) and layer.out_features % 8 == 0
 
 
 def _in_blocks(name: str, blocks: list[str]) -> bool:
@@ -173,6 +172,6 @@ class AutoRoundAwqPacking(_FixedPacking):
 
     def shape_error(self, scheme: QuantScheme, in_features: int, out_features: int) -> str | None:
         gs = scheme.group_size
-        if gs > 0 and in_features > gs and in_features % gs:
+        if not awq_whole_groups(gs, in_features):
             return f"{in_features} input features are not a whole number of groups of {gs} (AWQ packing)"
         return super().shape_error(scheme, in_features, out_features)

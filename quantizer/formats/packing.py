@@ -152,6 +152,11 @@ def gptq_layer_tensors(qw, zero_offset: int, g_idx: bool = False) -> dict[str, t
     return out
 
 
+def awq_whole_groups(group_size: int, in_features: int) -> bool:
+    """Whether the AWQ layout can hold these groups: one group per row, or groups that divide the row."""
+    return group_size <= 0 or group_size >= in_features or in_features % group_size == 0
+
+
 def awq_layer_tensors(qw) -> dict[str, torch.Tensor]:
     """``qweight``/``qzeros``/``scales`` of a 4-bit ``QuantizedWeight`` in the AWQ layout (zp as is)."""
     if qw.bits != 4:
