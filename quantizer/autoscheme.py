@@ -333,8 +333,8 @@ def check_options(auto: AutoScheme, formats: Sequence[Any]) -> None:
                 f"format {fmt.name!r} holds one scheme for every quantized layer, so AutoScheme cannot mix "
                 f"{', '.join(option_name(s) for s in quantized)} in it; choose auto_round, auto_gptq or fake"
             )
-        # a GGUF file holds a type per tensor: each layer gets its option's block type (a file type's default
-        # type, as the reference), the file keeps the format's file type; llama.cpp's mixture rules stay off
+        # a GGUF file holds a type per tensor: each layer gets the type its option's file type gives that tensor
+        # (llama.cpp's rules), and the file claims the format's file type
         per_tensor = fmt.name.startswith("gguf:") and not fmt.float_model_ok
         for s in quantized:
             err = fmt.scheme_error(s)
