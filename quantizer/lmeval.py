@@ -280,6 +280,20 @@ def _lm(model: Any, tokenizer: Any, folder: str | None, options: LmEvalOptions):
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size, device=device)
 
 
+def _close(lm: Any) -> None:
+    """Stop the vLLM engine now, while the interpreter is whole: shut its core process down and wait for the
+    client's output thread to end.  Left to interpreter exit, that daemon thread can still be freeing its last
+    outputs (tensors whose deleter takes the GIL) when finalization stops it, and the process aborts with
+    "terminate called without an active exception" after the results are written."""
+    client = getattr(getattr(getattr(lm, "model", None), "llm_engine", None), "engine_core", None)
+    if client is None or not hasattr(client, "shutdown"):
+        return
+    client.shutdown()
+    thread = getattr(client, "output_queue_thread", None)
+    if thread is not None:
+        thread.join(timeout=60)
+
+
 def _load_task(name: str, manager) -> str:
     """``name`` once its data loads (lm-eval builds the task again inside ``simple_evaluate``, from its cache)."""
     try:
@@ -320,12 +334,20 @@ def run(model: Any, tokenizer: Any, options: LmEvalOptions, output_dir: str | No
         label: str = "") -> dict:
     """Evaluate ``model`` (or, for the vLLM backend, the checkpoint ``folder``) on the tasks; print lm-eval's
     table and write ``lm_eval_results.json`` into ``output_dir``.  Returns ``{"results": ..., "failed": {...}}``."""
-    from lm_eval.utils import make_table
-
     manager = task_manager()
     names = options.tasks or default_tasks()
     check_tasks(names, manager)
     lm = _lm(model, tokenizer, folder, options)
+    try:
+        return _run(lm, names, manager, options, output_dir, label)
+    finally:
+        if options.backend == "vllm":
+            _close(lm)
+
+
+def _run(lm: Any, names: list, manager, options: LmEvalOptions, output_dir: str | None, label: str) -> dict:
+    from lm_eval.utils import make_table
+
     start = time.time()
     failed: dict[str, str] = {}
     merged: dict[str, Any] = {}

@@ -155,7 +155,7 @@ def test_lm_eval_vllm_backend_scores_like_hf(vllm_python, ours_w4a16, tmp_path):
     common = ["--model", str(ours_w4a16), "--eval", "--tasks", ",".join(LOCAL_TASKS), "--limit", "8",
               "--eval_bs", "8"]
     assert cli.main([*common, "--output_dir", str(tmp_path / "hf")]) == 0
-    env = dict(os.environ)
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")  # vLLM CPU otherwise takes most of RAM for its KV cache
     env.pop("PYTHONPATH", None)
     proc = subprocess.run(
         [vllm_python, "-m", "autoround.quantizer.cli", *common, "--eval_backend", "vllm", "--vllm_args",
