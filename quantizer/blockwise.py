@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import act_quant
+from .act_quant import needs_amax
 from .activations import ActivationCache
 from .block_runner import BlockRunner, resolve_amp
 from .formats import QuantizedLayer
@@ -72,8 +74,11 @@ def signround_blocks(
             full[len(block_name) + 1 :]: s for full, s in schemes.items() if full.startswith(block_name + ".")
         }
         # the float forward measures the input importance of the layers whose tuning starts from a searched range
-        with ImportanceHooks.of_block(block, [rel for rel, s in layers.items() if searches_range(s, options)]) as hooks:
+        # (and the input amax of the layers whose activations take a static scale)
+        hooked = [rel for rel, s in layers.items() if searches_range(s, options) or needs_amax(s)]
+        with ImportanceHooks.of_block(block, hooked) as hooks:
             fp_out = runner.run_float(block, acts.fp)
+        amax = {rel: hooks.amax[rel] for rel, s in layers.items() if needs_amax(s) and rel in hooks.amax}
         if not layers:
             next_inputs(block, fp_out)
             continue
@@ -87,6 +92,7 @@ def signround_blocks(
                 progress=lambda it, loss, best: bar.set_postfix(loss=f"{loss:.3g}", best=f"{best:.3g}", refresh=False),
                 loss_mask=loss_mask,
                 importance=hooks.result(),
+                input_amax=amax,
             )
             weights, loss_before, loss_best = tuned.weights, tuned.loss_before, tuned.loss_best
             logger.info(
@@ -98,9 +104,11 @@ def signround_blocks(
         for rel, qw in weights.items():
             module = block.get_submodule(rel)
             runner.commit(module, qw)
+            act_quant.install(module, layers[rel], amax.get(rel))  # the quantized path sees W4A4-style inputs
             full = f"{block_name}.{rel}"
             bias = module.bias.detach().clone() if module.bias is not None else None
-            result[full] = QuantizedLayer(full, layers[rel], qw, bias, module.in_features, module.out_features)
+            result[full] = QuantizedLayer(full, layers[rel], qw, bias, module.in_features, module.out_features,
+                                          amax.get(rel))
         next_inputs(block, fp_out)
         fp_out = None
         runner.block_done()

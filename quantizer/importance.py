@@ -20,6 +20,7 @@ class ImportanceHooks:
     def __init__(self, modules: Mapping[str, nn.Module]) -> None:
         self.modules = dict(modules)
         self.sums: dict[str, torch.Tensor] = {}
+        self.amax: dict[str, torch.Tensor] = {}  # the largest |input| each module saw (static activation scales)
         self.counts = dict.fromkeys(self.modules, 0)
         self._hooks: list[Any] = []
 
@@ -32,6 +33,8 @@ class ImportanceHooks:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
             total = x.pow(2).sum(0).to("cpu", torch.float64)
             self.sums[name] = self.sums[name] + total if name in self.sums else total
+            amax = x.abs().amax().to("cpu")
+            self.amax[name] = torch.maximum(self.amax[name], amax) if name in self.amax else amax
             self.counts[name] += x.shape[0]
 
         return hook
@@ -58,9 +61,11 @@ class ImportanceHooks:
 
 @torch.no_grad()
 def model_importance(
-    model: nn.Module, linears: Mapping[str, nn.Linear], calib: torch.Tensor, batch_size: int
+    model: nn.Module, linears: Mapping[str, nn.Linear], calib: torch.Tensor, batch_size: int,
+    amax: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Importance of every layer in ``linears`` over the decoder body's forward of ``calib`` (one entry each)."""
+    """Importance of every layer in ``linears`` over the decoder body's forward of ``calib`` (one entry each);
+    ``amax``: filled with each layer's largest |input|."""
     from .model_io import decoder_body
 
     device = next(model.parameters()).device
@@ -68,6 +73,8 @@ def model_importance(
     with ImportanceHooks(linears) as hooks:
         for i in tqdm(range(0, len(calib), batch_size), desc="calibration statistics", leave=False):
             body(input_ids=calib[i : i + batch_size].to(device), use_cache=False)
+    if amax is not None:
+        amax.update(hooks.amax)
     return hooks.result(unseen_as_zero=True)
 
 

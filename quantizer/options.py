@@ -55,7 +55,18 @@ class PlanOptions:
     )
     sym: bool | None = _opt(None, "symmetric (True) or asymmetric (False) weights (default: the scheme's)",
                             flag="--asym", store=False, cli_help="asymmetric weights (default: the scheme's)")
-    act_bits: int | None = _opt(None, "activation bits: only 16 (weight-only schemes) exists so far", type=int)
+    data_type: str | None = _opt(None, "override the weights' data type: int, mx_fp, mx_int, nv_fp, fp (FP8)")
+    act_bits: int | None = _opt(None, "override the activation bits: 4, 8 or 16 (weight-only)", type=int)
+    act_group_size: int | None = _opt(
+        None, "override the activation group size: -1 per token, 0 per tensor, N features per group", type=int
+    )
+    act_sym: bool | None = _opt(None, "symmetric activations (default: the scheme's)", flag="--act_asym",
+                                store=False, cli_help="asymmetric activations (default: the scheme's)")
+    act_data_type: str | None = _opt(None, "override the activations' data type: int, fp, mx_fp, mx_fp_rceil, "
+                                     "mx_int, nv_fp4_with_static_gs")
+    act_dynamic: bool | None = _opt(None, "dynamic (per call) activation scales (default: the scheme's)",
+                                    flag="--disable_act_dynamic", store=False,
+                                    cli_help="static activation scales measured on the calibration data")
     layer_config: Mapping[str, Any] | None = _opt(
         None, "per-layer overrides as a JSON object, e.g. '{\"mlp.down_proj\": {\"bits\": 8}}' (exact, regex or "
         "substring names; bits 16 keeps a layer in float)", json=True,

@@ -31,11 +31,12 @@ from .errors import AutoRoundError, FormatError
 from .formats import QuantizedLayer, parse_formats
 from .formats import export as export_checkpoint
 from .formats.writer import check_output_dir
+from .act_quant import needs_amax
 from .importance import model_importance
 from .options import CalibrationOptions, PlanOptions, RuntimeOptions, SignRoundOptions, TuningOptions
 from .plan import LayerPlan, plan_layers, scheme_for_layer
 from .quantize import quantize_layers
-from .schemes import QuantScheme, resolve_scheme
+from .schemes import SCHEME_OVERRIDES, QuantScheme, resolve_scheme
 from .transforms import Transform
 from .. import envs
 from ..log import logger
@@ -65,6 +66,8 @@ class Calibration:
     tokens: torch.Tensor
     loss_mask: torch.Tensor | None = None
     importance: dict[str, torch.Tensor] | None = None
+    # the largest |input| of each layer whose activation quantization needs one (``act_quant.needs_amax``)
+    input_amax: dict[str, torch.Tensor] | None = None
 
 
 class Pipeline:
@@ -82,7 +85,7 @@ class Pipeline:
         p = options.plan
         self.auto_scheme: AutoScheme | None = p.scheme if isinstance(p.scheme, AutoScheme) else None
         if self.auto_scheme is not None:
-            given = [n for n in ("bits", "group_size", "sym", "act_bits") if getattr(p, n) is not None]
+            given = [n for n in SCHEME_OVERRIDES if getattr(p, n) is not None]
             if given:
                 raise AutoRoundError(
                     f"{', '.join(given)} cannot be combined with scheme=AutoScheme(...): put those settings in the "
@@ -93,8 +96,7 @@ class Pipeline:
                 raise AutoRoundError("AutoScheme options are all float (BF16): add at least one quantized scheme")
             self.scheme = quantized[0]  # the plan's default; AutoScheme sets every layer explicitly
         else:
-            self.scheme = resolve_scheme(p.scheme, bits=p.bits, group_size=p.group_size, sym=p.sym,
-                                         act_bits=p.act_bits)
+            self.scheme = resolve_scheme(p.scheme, **{n: getattr(p, n) for n in SCHEME_OVERRIDES})
         # the per-layer schemes AutoScheme chose (exact layer names), on top of layer_config
         self.chosen_config: dict[str, QuantScheme] = {}
         self.layer_config = dict(p.layer_config or {})
@@ -343,18 +345,22 @@ class Pipeline:
     def calibrate(self) -> Calibration | None:
         """The calibration batch, with what the quantize stage needs of it; None for plain RTN."""
         tuning = self.options.tuning
-        if tuning.iters <= 0 and tuning.disable_opt_rtn:
+        static = [n for n, s in self.plan.quantize.items() if needs_amax(s)]
+        if tuning.iters <= 0 and tuning.disable_opt_rtn and not static:
             return None
         c = self.options.calibration
         tokens = calibration_batch(c.dataset, self.tokenizer, c.nsamples, c.seqlen, tuning.seed)
         if tuning.iters > 0:
             return Calibration(tokens, loss_mask=loss_mask(tokens, getattr(self.tokenizer, "pad_token_id", None)))
         logger.info("collecting activation statistics on %d x %d calibration tokens", *tokens.shape)
+        amax: dict[str, torch.Tensor] = {}
+        names = self.plan.quantize if not tuning.disable_opt_rtn else static
         importance = model_importance(
-            self.model, {n: self.linears[n] for n in self.plan.quantize if n != self.lm_head_name}, tokens,
-            tuning.batch_size,
+            self.model, {n: self.linears[n] for n in names if n != self.lm_head_name}, tokens,
+            tuning.batch_size, amax=amax,
         )
-        return Calibration(tokens, importance=importance)
+        return Calibration(tokens, importance=None if tuning.disable_opt_rtn else importance,
+                           input_amax={n: amax[n] for n in static if n in amax})
 
     # -- quantize -------------------------------------------------------------------------------------
     def quantize(self, formats: "str | list | None" = None) -> tuple[Any, dict[str, Any]]:
@@ -394,7 +400,8 @@ class Pipeline:
             logger.info("--resume has nothing to resume with iters 0 (round-to-nearest runs in one pass)")
         calibration = self.calibrate()
         importance = calibration.importance if calibration is not None else None
-        self.layers = quantize_layers(self.linears, self.plan, importance, envs.AR_SEARCH_SCALE_RATIO)
+        self.layers = quantize_layers(self.linears, self.plan, importance, envs.AR_SEARCH_SCALE_RATIO,
+                                      calibration.input_amax if calibration is not None else None)
         self._finish()
         logger.info(
             "%s done in %.1fs: %d layers quantized (%s), %d kept in float",

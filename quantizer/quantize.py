@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import act_quant
 from .dtypes import family_of
 from .formats import QuantizedLayer
 from .plan import LayerPlan
@@ -21,9 +22,11 @@ def quantize_layers(
     plan: LayerPlan,
     importance: Mapping[str, torch.Tensor] | None,
     search_lowest: float,
+    input_amax: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, QuantizedLayer]:
     """RTN (``importance`` None) or optimized RTN each planned layer; weights become their dequantized
-    values in place, so the model in memory is the fake-quantized model."""
+    values in place, and layers that quantize their activations get the hook that does it (``input_amax``: the
+    calibrated amax of static ones), so the model in memory is the fake-quantized model."""
     out: dict[str, QuantizedLayer] = {}
     start = time.time()
     for name in tqdm(list(plan.quantize), desc="quantizing layers", leave=False):
@@ -33,6 +36,8 @@ def quantize_layers(
         qw = family_of(scheme).quantize(w, scheme, imp, search_lowest)
         module.weight.data.copy_(qw.dequantize().to(w.dtype))
         bias = module.bias.data.clone() if module.bias is not None else None
-        out[name] = QuantizedLayer(name, scheme, qw, bias, module.in_features, module.out_features)
+        amax = (input_amax or {}).get(name)
+        act_quant.install(module, scheme, amax)
+        out[name] = QuantizedLayer(name, scheme, qw, bias, module.in_features, module.out_features, amax)
     logger.info("quantized %d layers in %.1fs", len(out), time.time() - start)
     return out

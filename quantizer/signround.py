@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from .act_quant import ActQuantizer, quantizes_acts
 from .dtypes import family_of
 from .importance import block_importance
 # SignRoundOptions lives in options; imported here too, where the tuner's callers look for it
@@ -93,6 +94,7 @@ def tune_block(
     progress: Callable[[int, float, float], Any] | None = None,
     loss_mask: torch.Tensor | None = None,
     importance: Mapping[str, torch.Tensor] | None = None,
+    input_amax: Mapping[str, torch.Tensor] | None = None,
 ) -> TuneResult:
     """Tune ``layers`` (names relative to ``block``) so that ``forward(block, inputs[i])`` matches ``targets[i]``.
 
@@ -102,6 +104,9 @@ def tune_block(
     that many batches make one step.  ``loss_mask`` (``[n_samples, seq]`` bool) excludes positions from the loss.
     ``forward`` defaults to ``block(x)``; pass one that adds the block's keyword arguments (masks, positions).
     The block's weights are left unchanged; the result holds the quantized weights.
+
+    Layers whose scheme quantizes activations (act_bits < 16) quantize their inputs in the tuned forward too
+    (``act_quant``; ``input_amax``: layer name -> calibrated input amax, for static activation scales).
 
     Each layer's weight family makes its tunable fake-quantizer (``WeightFamily.tuner``).  A family that asks for
     an importance (``tuning_importance``: integer layers starting from optimized RTN's searched range, GGUF block
@@ -124,6 +129,8 @@ def tune_block(
         imp = importance.get(name) if importance and name in need else None
         wrapper = family.tuner(linear, scheme, options, imp)
         if wrapper is not None:
+            if quantizes_acts(scheme):
+                wrapper.act = ActQuantizer(scheme, (input_amax or {}).get(name))
             wrappers[name] = wrapper
         else:  # a type SignRound does not tune: its family's importance-weighted iters-0 quantizer
             fixed[name] = family.quantize(linear.weight, scheme, imp)

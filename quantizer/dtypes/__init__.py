@@ -120,7 +120,7 @@ class WeightFamily:
 
 _FAMILIES: dict[str, WeightFamily] = {}
 _BY_DATA_TYPE: dict[str, WeightFamily] = {}
-_BUILTIN = ("integer", "gguf.family")
+_BUILTIN = ("integer", "gguf.family", "floats")
 _loaded = False
 
 

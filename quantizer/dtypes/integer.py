@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 from torch import nn
 
-from ..qmath import QuantizedWeight, fake_quantize, group_layout, group_minmax, quantize_weight, to_groups
+from ..qmath import (
+    QuantizedWeight, fake_quantize, from_groups, group_layout, group_minmax, quantize_weight, to_groups,
+)
 from ..rtn import optimized_rtn_quantize, rtn_quantize, searched_range
 from . import WeightFamily, register_family
 
@@ -70,7 +72,11 @@ class TunedIntLinear(nn.Module):
             alpha=self._factor(self.alpha), beta=self._factor(self.beta), grouped=self._grouped,
         )
 
+    act = None  # the activations' quantize-dequantize (act_bits < 16), set by the tuner's caller
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            x = self.act(x)
         w = self.qdq_weight().to(x.dtype)
         return nn.functional.linear(x, w, self.linear.bias)
 
@@ -136,6 +142,29 @@ class IntegerFamily(WeightFamily):
 
     def float_forward_importance(self, scheme: QuantScheme, options) -> bool:
         return self.tuning_importance(scheme, options)
+
+    def act_quantize(self, x: torch.Tensor, scheme: QuantScheme, static_amax: torch.Tensor | None) -> torch.Tensor:
+        """Quantize-dequantize activations ``x`` [tokens, features] (float32) with a straight-through gradient:
+        symmetric ``amax / (2**(bits-1) - 1)`` or asymmetric min/max scales per token (-1), group or tensor (0);
+        ``static_amax``: the calibrated per-tensor amax of a static scheme."""
+        xg = to_groups(x, scheme.group_size) if scheme.group_size != -1 else x.unsqueeze(1)
+        xd = xg.detach()
+        if scheme.sym:
+            amax = static_amax.to(x.device, torch.float32) if static_amax is not None else xd.abs().amax(-1, keepdim=True)
+            qmax = 2 ** (scheme.bits - 1) - 1
+            s = (amax / qmax).clamp_min(1e-8)
+            q = (xg / s).clamp(-qmax - 1, qmax)
+            out = ((q.round() - q).detach() + q) * s
+        else:
+            lo, hi = xd.amin(-1, keepdim=True).clamp(max=0), xd.amax(-1, keepdim=True).clamp(min=0)
+            qmax = 2 ** scheme.bits - 1
+            s = ((hi - lo) / qmax).clamp_min(1e-8)
+            zp = (-lo / s).round()
+            q = (xg / s + zp).clamp(0, qmax)
+            out = ((q.round() - q).detach() + q - zp) * s
+        if scheme.group_size == -1:
+            return out.squeeze(1)
+        return from_groups(out, tuple(x.shape), scheme.group_size)
 
     def tuner(self, linear: nn.Linear, scheme: QuantScheme, options, importance: torch.Tensor | None) -> TunedIntLinear:
         search = self.tuning_importance(scheme, options)

@@ -26,6 +26,8 @@ class QuantizedLayer:
     bias: torch.Tensor | None
     in_features: int
     out_features: int
+    # the largest |input| seen in calibration, for schemes whose activation scale is static (``act_quant``)
+    input_amax: torch.Tensor | None = None
 
 
 @dataclass
