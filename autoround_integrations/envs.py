@@ -79,10 +79,13 @@ _VARS: dict[str, _Var] = {
     "AR_DISABLE_OFFLOAD": _Var(_bool, False, "keep every block in memory instead of offloading finished ones",
                                unsupported="finished blocks always stay in memory (there is no offload to disable)"),
     "AR_DISABLE_DATASET_SUBPROCESS": _Var(_bool, False, "tokenize calibration data in the main process"),
-    "AR_ACT_SCALE": _Var(_positive_float, 1.0, "multiplier applied to activation ranges",
-                         unsupported="activations are not quantized (weight-only schemes)"),
-    "AR_ENABLE_ACT_MINMAX_TUNING": _Var(_bool, False, "tune activation min/max as well",
-                                        unsupported="activations are not quantized (weight-only schemes)"),
+    "AR_ACT_SCALE": _Var(_positive_float, 1.0,
+                         "multiplier on the calibrated activation ranges (static scales such as FP8_STATIC's, "
+                         "NVFP4's activation global scale); a run whose activation scales are all dynamic refuses it"),
+    "AR_ENABLE_ACT_MINMAX_TUNING": _Var(
+        _bool, False, "tune activation min/max as well",
+        unsupported="activation ranges are not tuned here: static ones are the calibrated max times AR_ACT_SCALE, "
+                    "dynamic ones are taken at every call as the serving kernels take them"),
     "AR_SEARCH_SCALE_RATIO": _Var(
         _positive_float,
         0.7,

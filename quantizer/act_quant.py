@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from .dtypes import family_of
+from .errors import AutoRoundError
 from .schemes import QuantScheme
+from .. import envs
 
 _HOOK_ATTR = "_autoround_act_hook"
 
@@ -30,6 +32,25 @@ def needs_amax(scheme: QuantScheme) -> bool:
     if not quantizes_acts(scheme):
         return False
     return not scheme.act_dynamic or family_of(scheme.act_scheme()).name == "nvfp"
+
+
+def calibrated_amax(raw: torch.Tensor) -> torch.Tensor:
+    """The amax a static activation scale is taken from: the calibration data's largest |input| times
+    ``AR_ACT_SCALE``."""
+    return raw * envs.AR_ACT_SCALE
+
+
+def check_env(schemes: "list[QuantScheme]") -> None:
+    """``AR_ACT_SCALE`` scales calibrated activation ranges: refuse it where no layer has one."""
+    if envs.AR_ACT_SCALE == 1.0:
+        return
+    if not any(needs_amax(s) for s in schemes):
+        what = ("every quantized activation takes a dynamic scale at each call, which a checkpoint cannot carry a "
+                "ratio for" if any(quantizes_acts(s) for s in schemes) else "no layer quantizes its activations")
+        raise AutoRoundError(
+            f"AR_ACT_SCALE={envs.AR_ACT_SCALE} multiplies calibrated (static) activation ranges, but {what}; unset "
+            "it or use a scheme with static activation scales (FP8_STATIC, NVFP4)"
+        )
 
 
 def act_qdq(x: torch.Tensor, scheme: QuantScheme, amax: torch.Tensor | None = None) -> torch.Tensor:

@@ -78,7 +78,8 @@ def signround_blocks(
         hooked = [rel for rel, s in layers.items() if searches_range(s, options) or needs_amax(s)]
         with ImportanceHooks.of_block(block, hooked) as hooks:
             fp_out = runner.run_float(block, acts.fp)
-        amax = {rel: hooks.amax[rel] for rel, s in layers.items() if needs_amax(s) and rel in hooks.amax}
+        amax = {rel: act_quant.calibrated_amax(hooks.amax[rel]) for rel, s in layers.items()
+                if needs_amax(s) and rel in hooks.amax}
         if not layers:
             next_inputs(block, fp_out)
             continue

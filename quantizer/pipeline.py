@@ -31,7 +31,7 @@ from .errors import AutoRoundError, FormatError
 from .formats import QuantizedLayer, parse_formats
 from .formats import export as export_checkpoint
 from .formats.writer import check_output_dir
-from .act_quant import needs_amax
+from .act_quant import calibrated_amax, check_env as check_act_env, needs_amax
 from .importance import model_importance
 from .options import CalibrationOptions, PlanOptions, RuntimeOptions, SignRoundOptions, TuningOptions
 from .plan import LayerPlan, plan_layers, scheme_for_layer
@@ -360,7 +360,7 @@ class Pipeline:
             tuning.batch_size, amax=amax,
         )
         return Calibration(tokens, importance=None if tuning.disable_opt_rtn else importance,
-                           input_amax={n: amax[n] for n in static if n in amax})
+                           input_amax={n: calibrated_amax(amax[n]) for n in static if n in amax})
 
     # -- quantize -------------------------------------------------------------------------------------
     def quantize(self, formats: "str | list | None" = None) -> tuple[Any, dict[str, Any]]:
@@ -381,6 +381,7 @@ class Pipeline:
             self._finish()
             return self.model, self.layer_config_out()
         self.plan = self.auto_plan(fmts) if self.auto_scheme is not None else self.make_plan(fmts)
+        check_act_env(list(self.plan.quantize.values()))
         self._untie_lm_head()
         tuning = self.options.tuning
         torch.manual_seed(tuning.seed)

@@ -19,13 +19,15 @@ from torch import nn
 from . import ExportFormat, ExportJob, QuantizedLayer, register_format
 from .packing import pack_rows
 from .writer import save_format
+from ..dtypes import family_of
+from ..dtypes.floats import nvfp4_global_scale
 from ..schemes import QuantScheme
 
 BITS = (4, 8)
 FORMAT = "pack-quantized"
 
 
-def _weights_args(layer: QuantizedLayer) -> dict[str, Any]:
+def _int_weights_args(layer: QuantizedLayer) -> dict[str, Any]:
     s = layer.scheme
     per_channel = s.group_size in (-1, 0) or s.group_size >= layer.in_features
     return {
@@ -42,10 +44,71 @@ def _weights_args(layer: QuantizedLayer) -> dict[str, Any]:
     }
 
 
+def _float_weights_args(layer: QuantizedLayer) -> dict[str, Any]:
+    s, family = layer.scheme, family_of(layer.scheme).name
+    args: dict[str, Any] = {"num_bits": s.bits, "type": "float", "symmetric": True, "dynamic": False}
+    if family == "nvfp":
+        args.update(group_size=16, strategy="tensor_group", scale_dtype="torch.float8_e4m3fn")
+    elif family == "mx":
+        args.update(group_size=32, strategy="group", scale_dtype="torch.uint8")
+    elif isinstance(s.group_size, tuple):
+        args.update(group_size=None, strategy="block", block_structure=list(s.group_size))
+    elif s.group_size == 0:
+        args.update(group_size=None, strategy="tensor")
+    elif s.group_size == -1 or s.group_size >= layer.in_features:
+        args.update(group_size=None, strategy="channel")
+    else:
+        args.update(group_size=s.group_size, strategy="group")
+    return args
+
+
+def _input_args(scheme: QuantScheme) -> dict[str, Any] | None:
+    """compressed-tensors' ``input_activations`` for ``scheme``'s activation quantization (None: A16)."""
+    if scheme.act_bits >= 16:
+        return None
+    act = scheme.act_scheme()
+    family = family_of(act).name
+    args: dict[str, Any] = {"num_bits": act.bits, "type": "int" if family == "int" else "float",
+                            "symmetric": act.sym, "dynamic": scheme.act_dynamic}
+    if family == "nvfp":
+        args.update(group_size=16, strategy="tensor_group", dynamic="local", scale_dtype="torch.float8_e4m3fn",
+                    observer="static_minmax")
+    elif family == "mx":
+        args.update(group_size=32, strategy="group", scale_dtype="torch.uint8")
+    elif act.group_size == -1:
+        args.update(group_size=None, strategy="token")
+    elif act.group_size == 0:
+        args.update(group_size=None, strategy="tensor")
+        if not scheme.act_dynamic:
+            args["observer"] = "static_minmax"
+    else:
+        args.update(group_size=act.group_size, strategy="group")
+    return args
+
+
+def _compression_format(scheme: QuantScheme) -> str:
+    family = family_of(scheme).name
+    if family == "int":
+        return "int-quantized" if scheme.act_bits < 16 else FORMAT
+    if family == "nvfp":
+        return "nvfp4-pack-quantized"
+    if family == "mx":
+        return "mxfp4-pack-quantized" if scheme.bits == 4 else "mxfp8-quantized"
+    return "float-quantized"
+
+
+def _pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
+    """[out, in] 4-bit codes -> [out, in/2] uint8, even columns in the low nibble (compressed-tensors' order)."""
+    c = codes.to(torch.uint8)
+    return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
+
+
 @register_format
 class LLMCompressorFormat(ExportFormat):
     name = "llm_compressor"
-    description = "compressed-tensors pack-quantized (W4A16/W8A16); compressed-tensors + transformers, vLLM, SGLang"
+    description = ("compressed-tensors: pack-quantized (W4A16/W8A16), int-quantized (INT8_W8A8), float-quantized "
+                   "(FP8), nvfp4-pack-quantized (NVFP4), mxfp4-pack-quantized / mxfp8-quantized (MXFP4/MXFP8); "
+                   "compressed-tensors + transformers, vLLM, SGLang")
     lm_head = True
     tied_lm_head = False
     uniform = False
@@ -54,16 +117,43 @@ class LLMCompressorFormat(ExportFormat):
     def scheme_error(self, scheme: QuantScheme) -> str | None:
         if scheme.is_float:
             return None
-        if scheme.data_type != "int":
-            return f"pack-quantized stores integer weights, not {scheme.data_type!r}"
-        if scheme.bits not in BITS:
-            return f"the llm_compressor export writes W4A16/W8A16 (4 or 8 bits), not {scheme.bits}-bit"
-        if scheme.group_size == 0:
-            return "per-tensor scales (group_size 0) are not written; use -1 (per channel) or a group size"
+        family = family_of(scheme).name
+        if family == "int":
+            if scheme.act_bits < 16:
+                act = scheme.act_scheme()
+                if (scheme.bits, scheme.group_size, act.bits, act.data_type) != (8, -1, 8, "int") or not act.sym \
+                        or not scheme.sym:
+                    return ("int-quantized is written for INT8 weights per channel with INT8 symmetric activations "
+                            "(INT8_W8A8)")
+                return None
+            if scheme.bits not in BITS:
+                return f"the llm_compressor export writes W4A16/W8A16 (4 or 8 bits), not {scheme.bits}-bit"
+            if scheme.group_size == 0:
+                return "per-tensor scales (group_size 0) are not written; use -1 (per channel) or a group size"
+            return None
+        if family == "mx" and scheme.data_type == "mx_int":
+            return "compressed-tensors has no MX integer (MXINT4) format"
+        if family not in ("mx", "nvfp", "fp8"):
+            return f"compressed-tensors stores int, MXFP, NVFP4 and FP8 weights, not {scheme.data_type!r}"
+        if scheme.act_bits < 16:
+            act_family = family_of(scheme.act_scheme()).name
+            if family in ("mx", "nvfp") and act_family != family:
+                return (f"{scheme.data_type} weights are written with {family.upper()} activations only, not "
+                        f"{scheme.act_scheme().data_type!r}")
+            if family == "fp8" and act_family != "fp8":
+                return f"FP8 weights are written with FP8 activations only, not {scheme.act_scheme().data_type!r}"
         return None
 
     def shape_error(self, scheme: QuantScheme, in_features: int, out_features: int) -> str | None:
         gs = scheme.group_size
+        if not scheme.is_float and family_of(scheme).name != "int":
+            if isinstance(gs, int) and gs > 0 and in_features % gs:
+                return f"{in_features} input channels are not a whole number of groups of {gs}"
+            if scheme.act_bits < 16 and scheme.act_group_size > 0 and in_features % scheme.act_group_size:
+                return f"{in_features} input channels are not a whole number of activation groups"
+            return None
+        if scheme.act_bits < 16:
+            return None
         if in_features % 32 or out_features % 32:
             return f"[{out_features} x {in_features}] is not a multiple of 32 in both dimensions"
         if 0 < gs < in_features and in_features % gs:
@@ -72,20 +162,47 @@ class LLMCompressorFormat(ExportFormat):
 
     def layer_tensors(self, layer: QuantizedLayer, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
         qw = layer.weight
-        out = {
-            "weight_packed": pack_rows(qw.qweight, qw.bits),
-            "weight_scale": qw.scale.contiguous().to(dtype),
-            "weight_shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64),
-        }
-        if not qw.sym:
-            out["weight_zero_point"] = pack_rows(qw.zero.t().contiguous(), qw.bits).t().contiguous()
+        family = family_of(layer.scheme).name
+        if family == "int" and layer.scheme.act_bits < 16:  # int-quantized: signed int8 weights, one scale a row
+            return {"weight": (qw.qweight.to(torch.int16) - 128).to(torch.int8),
+                    "weight_scale": qw.scale.reshape(-1, 1).to(dtype)}
+        if family == "int":
+            out = {
+                "weight_packed": pack_rows(qw.qweight, qw.bits),
+                "weight_scale": qw.scale.contiguous().to(dtype),
+                "weight_shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64),
+            }
+            if not qw.sym:
+                out["weight_zero_point"] = pack_rows(qw.zero.t().contiguous(), qw.bits).t().contiguous()
+            return out
+        out = {}
+        if family == "nvfp":
+            out["weight_packed"] = _pack_e2m1(qw.codes)
+            out["weight_scale"] = qw.scale.to(torch.float8_e4m3fn)
+            out["weight_global_scale"] = qw.global_scale.to(torch.float32).reshape(1)
+            if layer.scheme.act_bits < 16:
+                out["input_global_scale"] = nvfp4_global_scale(layer.input_amax)
+        elif family == "mx":
+            out["weight_packed" if qw.bits == 4 else "weight"] = (
+                _pack_e2m1(qw.codes) if qw.bits == 4 else qw.codes.view(torch.float8_e4m3fn))
+            out["weight_scale"] = (torch.log2(qw.scale).round().to(torch.int32) + 127).to(torch.uint8)
+        else:  # FP8: E4M3 weights, float32 scales in compressed-tensors' shape for the strategy
+            out["weight"] = qw.codes.view(torch.float8_e4m3fn)
+            strategy = _float_weights_args(layer)["strategy"]
+            scale = qw.scale.to(torch.float32)
+            out["weight_scale"] = scale.reshape(1) if strategy == "tensor" else scale.contiguous()
+            if layer.scheme.act_bits < 16 and not layer.scheme.act_dynamic:
+                out["input_scale"] = (layer.input_amax.to(torch.float32) / 448.0).clamp_min(
+                    torch.finfo(torch.float32).eps).reshape(1)
         return out
 
     def quantization_config(self, job: ExportJob) -> dict[str, Any]:
         groups: dict[str, tuple[dict[str, Any], list[str]]] = {}
         for name, layer in job.layers.items():
-            args = _weights_args(layer)
-            key = repr(sorted(args.items()))
+            float_w = family_of(layer.scheme).name != "int"
+            args = {"weights": _float_weights_args(layer) if float_w else _int_weights_args(layer),
+                    "input_activations": _input_args(layer.scheme), "format": _compression_format(layer.scheme)}
+            key = repr(args)
             groups.setdefault(key, (args, []))[1].append(name)
         quantized = set(job.layers)
         ignore = [n for n, m in job.model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
@@ -93,16 +210,17 @@ class LLMCompressorFormat(ExportFormat):
         config_groups = {
             f"group_{i}": {
                 "targets": ["Linear"] if single else names,
-                "weights": args,
-                "input_activations": None,
+                "weights": args["weights"],
+                "input_activations": args["input_activations"],
                 "output_activations": None,
-                "format": FORMAT,
+                "format": args["format"],
             }
             for i, (args, names) in enumerate(groups.values())
         }
+        fmts = {g["format"] for g in config_groups.values()}
         return {
             "quant_method": "compressed-tensors",
-            "format": FORMAT,
+            "format": fmts.pop() if len(fmts) == 1 else "mixed-precision",
             "quantization_status": "compressed",
             "config_groups": config_groups,
             "ignore": ignore,

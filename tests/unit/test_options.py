@@ -65,8 +65,10 @@ def test_usual_values_of_compatibility_options_are_accepted():
 def test_act_bits_reaches_the_scheme():
     from autoround import AutoRound
 
-    with pytest.raises(SchemeError, match="act_bits=8 is not supported"):
-        AutoRound(tiny_llama(), iters=0, act_bits=8)
+    ar = AutoRound(tiny_llama(), iters=0, act_bits=8)  # W4A8: int4 weights, int8 per-token activations
+    assert (ar.scheme.act_bits, ar.scheme.act_group_size, ar.scheme.act_scheme().data_type) == (8, -1, "int")
+    with pytest.raises(SchemeError, match="act_bits=6 is not supported"):
+        AutoRound(tiny_llama(), iters=0, act_bits=6)
 
 
 def test_unsupported_environment_variables_are_refused(monkeypatch):
@@ -75,8 +77,9 @@ def test_unsupported_environment_variables_are_refused(monkeypatch):
     monkeypatch.setenv("AR_USE_MODELSCOPE", "0")  # the default: accepted
     AutoRound(tiny_llama(), iters=0, disable_opt_rtn=True)
     monkeypatch.setenv("AR_USE_MODELSCOPE", "1")
-    monkeypatch.setenv("AR_ACT_SCALE", "2")
-    with pytest.raises(AutoRoundError, match=r"AR_USE_MODELSCOPE='1' \(only the Hugging Face.*AR_ACT_SCALE='2'"):
+    monkeypatch.setenv("AR_ENABLE_ACT_MINMAX_TUNING", "1")
+    with pytest.raises(AutoRoundError,
+                       match=r"AR_USE_MODELSCOPE='1' \(only the Hugging Face.*AR_ENABLE_ACT_MINMAX_TUNING='1'"):
         AutoRound(tiny_llama(), iters=0, disable_opt_rtn=True)
 
 
