@@ -125,8 +125,6 @@ def _parse_options(options: Any) -> list[QuantScheme]:
             scheme = resolve_scheme(opt.upper() if isinstance(opt, str) else opt)
         except (SchemeError, ValueError, TypeError) as exc:
             raise AutoRoundError(f"AutoScheme option {opt!r}: {exc}") from None
-        if scheme.act_bits < 16:
-            raise AutoRoundError(f"AutoScheme option {opt!r}: quantized activations are not supported in options")
         if scheme in out:
             logger.info("AutoScheme: option %s given twice; using it once", opt)
             continue

@@ -71,8 +71,18 @@ class ExportFormat:
         than switch); by default ``scheme`` itself."""
         return scheme
 
+    # True: the format records activation quantization (schemes with act_bits < 16)
+    activations: ClassVar[bool] = False
+
     def scheme_error(self, scheme: QuantScheme) -> str | None:
         """Why this format cannot hold ``scheme`` at all (checked before any work), or None."""
+        if not scheme.is_float and scheme.act_bits < 16 and not self.activations:
+            return (f"{self.name} writes weight-only checkpoints and cannot record the activation quantization "
+                    f"(act_bits={scheme.act_bits}) of {scheme.describe()}")
+        return self.weights_error(scheme)
+
+    def weights_error(self, scheme: QuantScheme) -> str | None:
+        """Why this format cannot hold ``scheme``'s weights (checked before any work), or None."""
         raise NotImplementedError
 
     def shape_error(self, scheme: QuantScheme, in_features: int, out_features: int) -> str | None:

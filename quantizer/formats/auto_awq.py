@@ -25,7 +25,7 @@ class AutoAWQFormat(ExportFormat):
     uniform = True
     model_free = True
 
-    def scheme_error(self, scheme: QuantScheme) -> str | None:
+    def weights_error(self, scheme: QuantScheme) -> str | None:
         if scheme.is_float:
             return None
         if scheme.data_type != "int":

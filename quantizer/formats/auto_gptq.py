@@ -33,7 +33,7 @@ class AutoGPTQFormat(ExportFormat):
     uniform = False
     model_free = True
 
-    def scheme_error(self, scheme: QuantScheme) -> str | None:
+    def weights_error(self, scheme: QuantScheme) -> str | None:
         return AutoRoundFormat().scheme_error(scheme)  # same integer layout, same limits
 
     def shape_error(self, scheme: QuantScheme, in_features: int, out_features: int) -> str | None:

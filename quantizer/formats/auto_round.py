@@ -66,7 +66,7 @@ class AutoRoundFormat(ExportFormat):
     uniform = False
     model_free = True
 
-    def scheme_error(self, scheme: QuantScheme) -> str | None:
+    def weights_error(self, scheme: QuantScheme) -> str | None:
         if scheme.is_float:
             return None
         if scheme.data_type != "int":
@@ -152,11 +152,11 @@ class AutoRoundGptqPacking(_FixedPacking):
     description = "AutoRound with the GPTQ packing (zero point - 1, as GPTQ v1) for every layer: symmetric weights"
     packing = PACKING_GPTQ
 
-    def scheme_error(self, scheme: QuantScheme) -> str | None:
+    def weights_error(self, scheme: QuantScheme) -> str | None:
         if not scheme.is_float and not scheme.sym:
             return ("auto_round:auto_gptq stores zero point - 1 (GPTQ v1), which cannot hold an asymmetric zero "
                     "point of 0; use format auto_round (or auto_round:auto_awq for 4 bits)")
-        return super().scheme_error(scheme)
+        return super().weights_error(scheme)
 
 
 @register_format
@@ -165,10 +165,10 @@ class AutoRoundAwqPacking(_FixedPacking):
     description = "AutoRound with the AWQ packing for every layer: 4-bit weights in whole groups"
     packing = PACKING_AWQ
 
-    def scheme_error(self, scheme: QuantScheme) -> str | None:
+    def weights_error(self, scheme: QuantScheme) -> str | None:
         if not scheme.is_float and scheme.data_type == "int" and scheme.bits != 4:
             return f"auto_round:auto_awq packs 4-bit weights only, not {scheme.bits}-bit; use format auto_round"
-        return super().scheme_error(scheme)
+        return super().weights_error(scheme)
 
     def shape_error(self, scheme: QuantScheme, in_features: int, out_features: int) -> str | None:
         gs = scheme.group_size

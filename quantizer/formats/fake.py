@@ -16,13 +16,15 @@ from ..schemes import QuantScheme
 @register_format
 class FakeFormat(ExportFormat):
     name = "fake"
-    description = "float checkpoint holding the dequantized weights (no quantization_config); any float reader"
+    description = ("float checkpoint holding the dequantized weights (no quantization_config; activation "
+                   "quantization is not recorded); any float reader")
     lm_head = True
     tied_lm_head = True
     uniform = False
     model_free = False
+    activations = True
 
-    def scheme_error(self, scheme: QuantScheme) -> str | None:
+    def weights_error(self, scheme: QuantScheme) -> str | None:
         return None
 
     def shape_error(self, scheme: QuantScheme, in_features: int, out_features: int) -> str | None:

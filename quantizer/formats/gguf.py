@@ -232,7 +232,7 @@ class GGUFFormat(ExportFormat):
         return wanted
 
     # -- the ExportFormat protocol -------------------------------------------------------------------
-    def scheme_error(self, scheme: QuantScheme) -> str | None:
+    def weights_error(self, scheme: QuantScheme) -> str | None:
         if scheme.is_float:
             return None
         if gguf_type_of(scheme) is None:

@@ -113,8 +113,9 @@ class LLMCompressorFormat(ExportFormat):
     tied_lm_head = False
     uniform = False
     model_free = True
+    activations = True
 
-    def scheme_error(self, scheme: QuantScheme) -> str | None:
+    def weights_error(self, scheme: QuantScheme) -> str | None:
         if scheme.is_float:
             return None
         family = family_of(scheme).name

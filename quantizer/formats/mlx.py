@@ -100,7 +100,7 @@ class _MlxLayout(ExportFormat):
     uniform = False
     model_free = False
 
-    def scheme_error(self, scheme: QuantScheme) -> str | None:
+    def weights_error(self, scheme: QuantScheme) -> str | None:
         return mlx_scheme_error(scheme, self.name)
 
     def shape_error(self, scheme: QuantScheme, in_features: int, out_features: int) -> str | None:

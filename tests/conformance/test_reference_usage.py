@@ -13,6 +13,7 @@ The CLI runs in this process (``cli.main``) so the suite stays fast; ``test_cli.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -320,7 +321,14 @@ def test_gguf_scheme(capsys, model_dir, tmp_path):
 @pytest.mark.parametrize("argv", [["--scheme", "NVFP4"], ["--scheme", "MXFP4"],
                                   ["--scheme", "FP8_BLOCK", "--iters", "0", "--disable_opt_rtn"]])
 def test_floating_point_schemes(capsys, model_dir, tmp_path, argv):
-    not_built_cli(capsys, ISSUE_15, "--model", model_dir, *argv, "--output_dir", str(tmp_path / "D"))
+    """With no format named, MX / NVFP4 / FP8 schemes are written in compressed-tensors' layout (what the
+    reference's auto_round export writes for them)."""
+    rc, _, err = cli(capsys, "--model", model_dir, *argv, *TINY, "--output_dir", str(tmp_path / "D"))
+    assert rc == 0, err
+    q = qconfig(tmp_path / "D")
+    assert q["quant_method"] == "compressed-tensors"
+    want = {"NVFP4": "nvfp4-pack-quantized", "MXFP4": "mxfp4-pack-quantized", "FP8_BLOCK": "float-quantized"}
+    assert q["format"] == want[argv[1]]
 
 
 # --- calibration data -------------------------------------------------------------------------------------------
@@ -473,8 +481,11 @@ def test_layer_config_loose_values_and_errors(capsys, model_dir, tmp_path):
 
 @usage('--avg_bits 6 --options "mxfp4,mxfp8" --ignore_scale_zp_bits --iters 0 --format fake')
 def test_autoscheme_over_mx_options(capsys, model_dir, tmp_path):
-    not_built_cli(capsys, ISSUE_15, "--model", model_dir, "--avg_bits", "6", "--options", "mxfp4,mxfp8",
-                  "--ignore_scale_zp_bits", "--iters", "0", "--format", "fake", "--output_dir", str(tmp_path / "D"))
+    rc, _, err = cli(capsys, "--model", model_dir, "--avg_bits", "6", "--options", "mxfp4,mxfp8",
+                     "--ignore_scale_zp_bits", "--iters", "0", *TINY, "--format", "fake",
+                     "--output_dir", str(tmp_path / "D"))
+    assert rc == 0, err
+    assert (tmp_path / "D" / "config.json").exists() and list((tmp_path / "D").glob("*.safetensors"))
 
 
 @usage('--avg_bits 6 --options "mxfp4,mxfp8" --ignore_scale_zp_bits --iters 0 --format fake')
@@ -594,9 +605,14 @@ def test_python_autoscheme(model_dir):
 def test_python_autoscheme_mx_options_and_shared_layers(model_dir):
     from autoround import AutoRound, AutoScheme
 
-    not_built_api(ISSUE_15, lambda: AutoRound(model_dir, scheme=AutoScheme(
+    ar = AutoRound(model_dir, scheme=AutoScheme(
         avg_bits=5.0, options=("W4A16", "MXFP8"),
-        shared_layers=[["*.self_attn.k_proj", "v_proj", "q_proj", "out_proj"], ("fc1", "fc2")])))
+        shared_layers=[["*.self_attn.k_proj", "v_proj", "q_proj", "out_proj"], ("fc1", "fc2")]), iters=0,
+        nsamples=4, seqlen=16)
+    # W4A16 is weight-only and MXFP8 quantizes activations: no format but fake records both
+    with pytest.raises(AutoRoundError, match="cannot record the activation quantization"):
+        ar.quantize_and_save(os.path.join(model_dir, "..", "never"), format="auto_round")
+    assert not os.path.exists(os.path.join(model_dir, "..", "never"))
 
 
 @usage('AutoScheme(avg_bits=3.0, options=("W2A16G64", "W4A16", "W8A16"))')

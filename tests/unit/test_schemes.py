@@ -35,7 +35,8 @@ def test_unknown_key_lists_valid_keys():
     ({"group_size": -2}, "group_size=-2 is invalid; valid: -1"),
     ({"group_size": 3.5}, "group_size=3.5 is invalid"),
     ({"sym": "yes"}, "sym must be True or False"),
-    ({"act_bits": 8}, "only weight-only"),
+    ({"act_bits": 6}, "act_bits=6 is not supported"),
+    ({"bits": 16, "act_bits": 8}, "with float weights"),
 ])
 def test_impossible_values(kw, msg):
     with pytest.raises(SchemeError, match=msg):
