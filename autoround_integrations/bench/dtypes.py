@@ -1,0 +1,97 @@
+"""MXFP / NVFP4 / FP8 / INT8-activation schemes on SmolLM2-135M-Instruct: perplexity of the quantized model in
+memory (weights fake-quantized, activations quantized before every quantized linear as the scheme says), the
+same weights with float activations, quantization time and the llm_compressor export size.
+
+    python -m autoround.bench.dtypes [--schemes MXFP4,NVFP4,MXFP8,FP8_STATIC,INT8_W8A8] [--methods rtn,opt_rtn,light]
+
+Calibration and evaluation text and settings are ``vs_reference``'s (32 x 512 calibration tokens of gensim's
+Wikipedia text, 40 x 512 held-out windows).  Each row runs in its own subprocess, one after the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .vs_reference import METHODS, SETTINGS, _emit, _peak_rss_gib, _perplexity, _prepare, _torch
+
+
+def worker(a: argparse.Namespace) -> None:
+    torch = _torch()
+    from autoround import AutoRound
+    from autoround.quantizer import act_quant
+
+    iters, lr, plain, ext = METHODS[a.method]
+    calib = torch.load(Path(a.workdir) / "calib.pt")
+    windows = torch.load(Path(a.workdir) / "eval.pt")
+    t0 = time.time()
+    ar = AutoRound(a.model, scheme=a.scheme, dataset=list(calib), iters=iters, lr=lr,
+                   nsamples=SETTINGS["nsamples"], seqlen=SETTINGS["seqlen"], batch_size=SETTINGS["batch_size"],
+                   seed=SETTINGS["seed"], disable_opt_rtn=plain, enable_alg_ext=ext, disable_model_free=True)
+    ar.quantize_and_save(a.out, format="llm_compressor")
+    seconds = time.time() - t0
+    model = ar.model.eval()
+    ppl = _perplexity(model, windows)
+    for name in ar.layers:
+        act_quant.remove(model.get_submodule(name))
+    ppl_w = _perplexity(model, windows)
+    size = sum(f.stat().st_size for f in Path(a.out).glob("*.safetensors"))
+    _emit({"seconds": seconds, "peak_rss_gib": _peak_rss_gib(), "ppl": ppl, "ppl_float_acts": ppl_w,
+           "size_mib": size / 2**20})
+
+
+def _float_ppl(model: str, workdir: str) -> float:
+    torch = _torch()
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    return _perplexity(m, torch.load(Path(workdir) / "eval.pt"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m autoround.bench.dtypes", description=__doc__.split("\n\n")[0])
+    p.add_argument("--schemes", default="MXFP4,NVFP4,MXFP8,FP8_STATIC,INT8_W8A8")
+    p.add_argument("--methods", default="rtn,opt_rtn,light")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--scheme", help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        worker(a)
+        return 0
+    for m in a.methods.split(","):
+        if m not in METHODS:
+            p.error(f"unknown method {m!r}; valid: {', '.join(METHODS)}")
+    workdir = Path(a.workdir or tempfile.mkdtemp(prefix="ar-bench-dtypes-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = _prepare(workdir)
+    print(f"float perplexity: {_float_ppl(model, str(workdir)):.3f}", flush=True)
+    print("| scheme | method | ppl (quantized activations) | ppl (float activations) | time s | peak RSS GiB | "
+          "llm_compressor MiB |\n|---|---|---|---|---|---|---|", flush=True)
+    for scheme in a.schemes.split(","):
+        for method in a.methods.split(","):
+            out = workdir / f"{scheme}-{method}"
+            cmd = [sys.executable, "-m", "autoround.bench.dtypes", "--worker", "--scheme", scheme, "--method",
+                   method, "--model", model, "--out", str(out), "--workdir", str(workdir)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "AR_LOG_LEVEL": "WARNING"})
+            lines = [ln[len("RESULT "):] for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                print(f"| {scheme} | {method} | failed: {proc.stderr.strip().splitlines()[-1:]} |", flush=True)
+                continue
+            r = json.loads(lines[-1])
+            print(f"| {scheme} | {method} | {r['ppl']:.3f} | {r['ppl_float_acts']:.3f} | {r['seconds']:.1f} | "
+                  f"{r['peak_rss_gib']:.2f} | {r['size_mib']:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
