@@ -23,7 +23,7 @@ from ..errors import SchemeError
 from . import WeightFamily, register_family
 from .minifloat import (
     E2M1, E4M3, INT4_MX, Element, FloatQuantizedWeight, Layout, TunedFloatLinear, fp8_e4m3, pow2_ceil_ste,
-    pow2_floor_ste, qdq_tiles, quantize_with, weighted_search,
+    pow2_floor_ste, qdq_tiles, quantize_with, searched_factors, weighted_search,
 )
 
 E8M0_EXP = 127  # E8M0 exponents are kept in [-127, 127]
@@ -101,26 +101,10 @@ class _FloatFamily(WeightFamily):
         g = self.global_scale(w, scheme)
         start = None
         if importance is not None:  # start each tile's clip factor where optimized RTN's search ends
-            start = self._searched_factors(w, layout, elem, scheme, importance, g)
+            start = searched_factors(w, layout, elem, self.scale_rule(scheme), importance, g, FACTOR_RANGE[0])
         factor_range = ALG_EXT_FACTOR_RANGE if options.enable_alg_ext else FACTOR_RANGE
         return TunedFloatLinear(linear, scheme, layout, elem, self.scale_rule(scheme), self.scale_rule(scheme, True),
                                 options.enable_minmax_tuning, factor_range, g, start)
-
-    def _searched_factors(self, w, layout, elem, scheme, importance, g, lowest: float = 0.5, steps: int = 21):
-        tiles = layout.tiles(w)
-        imp = layout.tiles(importance.to(torch.float32).to(w.device).clamp_min(0).expand(w.shape[0], -1).contiguous())
-        amax = tiles.abs().amax(-1)
-        rule = self.scale_rule(scheme)
-        best_err = best = None
-        for f in torch.linspace(lowest, 1.0, steps).tolist():
-            _, eff = rule(amax * f, g)
-            err = ((qdq_tiles(tiles, eff, elem) * eff.unsqueeze(-1) - tiles).pow(2) * imp).sum(-1)
-            if best_err is None:
-                best_err, best = err, torch.full_like(err, f)
-            else:
-                better = err < best_err
-                best_err, best = torch.where(better, err, best_err), torch.where(better, torch.full_like(err, f), best)
-        return best
 
     # -- activations: the same element and scale rule on [tokens, features] ---------------------------------
     def act_quantize(self, x: torch.Tensor, scheme, static_amax: torch.Tensor | None) -> torch.Tensor:

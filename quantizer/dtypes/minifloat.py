@@ -250,29 +250,33 @@ def quantize_with(w: torch.Tensor, layout: Layout, elem: Element, rule: ScaleRul
                                 (layout.rows, layout.cols), data_type, global_scale)
 
 
-def weighted_search(w: torch.Tensor, layout: Layout, elem: Element, rule: ScaleRule, data_type: str,
-                    importance: torch.Tensor, global_scale: torch.Tensor | None, lowest: float,
-                    steps: int = 21) -> FloatQuantizedWeight:
-    """Optimized RTN: per tile, the clip factor in [lowest, 1] whose quantized weights have the least
-    importance-weighted squared error (importance: per input channel)."""
+def searched_factors(w: torch.Tensor, layout: Layout, elem: Element, rule: ScaleRule, importance: torch.Tensor,
+                     global_scale: torch.Tensor | None, lowest: float, steps: int = 21) -> torch.Tensor:
+    """Per tile, the clip factor in [lowest, 1] on the tile's amax whose quantized weights have the least
+    importance-weighted squared error (importance: per input channel); [R, C]."""
     shape = tuple(w.shape)
-    wf = w.detach().to(torch.float32)
-    tiles = layout.tiles(wf)
+    tiles = layout.tiles(w.detach().to(torch.float32))
     imp = layout.tiles(importance.to(torch.float32).to(w.device).clamp_min(0).expand(shape[0], -1).contiguous())
     imp = imp + 1e-8 * imp.mean().clamp_min(1e-12)  # a channel never seen still counts a little
     amax = tiles.abs().amax(-1)
     best_err = best_factor = None
     for f in torch.linspace(lowest, 1.0, steps).tolist():
         _, eff = rule(amax * f, global_scale)
-        q = qdq_tiles(tiles, eff, elem) * eff.unsqueeze(-1)
-        err = ((q - tiles).pow(2) * imp).sum(-1)
+        err = ((qdq_tiles(tiles, eff, elem) * eff.unsqueeze(-1) - tiles).pow(2) * imp).sum(-1)
         if best_err is None:
             best_err, best_factor = err, torch.full_like(err, f)
         else:
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_factor = torch.where(better, torch.full_like(err, f), best_factor)
-    return quantize_with(wf, layout, elem, rule, data_type, best_factor, global_scale=global_scale)
+    return best_factor
+
+
+def weighted_search(w: torch.Tensor, layout: Layout, elem: Element, rule: ScaleRule, data_type: str,
+                    importance: torch.Tensor, global_scale: torch.Tensor | None, lowest: float) -> FloatQuantizedWeight:
+    """Optimized RTN: each tile quantized with its ``searched_factors`` clip factor."""
+    factor = searched_factors(w, layout, elem, rule, importance, global_scale, lowest)
+    return quantize_with(w, layout, elem, rule, data_type, factor, global_scale=global_scale)
 
 
 class TunedFloatLinear(nn.Module):

@@ -1,12 +1,23 @@
-"""The ``llm_compressor`` format: compressed-tensors ``pack-quantized`` (``quant_method:
-"compressed-tensors"``), read by compressed-tensors + transformers, vLLM and SGLang.
+"""The ``llm_compressor`` format: compressed-tensors checkpoints (``quant_method: "compressed-tensors"``), read by
+compressed-tensors + transformers, vLLM and SGLang.  One ``config_groups`` entry per distinct (weights,
+input_activations, format); every other linear layer is in ``ignore``; the top-level ``format`` is the groups'
+one, or ``mixed-precision``.
 
-Tensors per layer: ``weight_packed`` int32 ``[out, in * bits / 32]`` (the integers as a bit stream along
-each row; signed values offset by ``2**(bits-1)``, i.e. this project's unsigned integers), ``weight_scale``
-``[out, groups]`` in the checkpoint's float dtype, ``weight_shape`` int64 ``[2]`` and, for asymmetric
-schemes, ``weight_zero_point`` int32 ``[out * bits / 32, groups]`` (signed zero points offset the same
-way, packed along the output dimension).  Strategy ``group`` (group_size > 0) or ``channel`` (-1).
-Layers sharing a scheme share one ``config_groups`` entry; every other linear layer is in ``ignore``.
+- ``pack-quantized`` (integer weight-only): ``weight_packed`` int32 ``[out, in * bits / 32]`` (the integers as a bit
+  stream along each row; signed values offset by ``2**(bits-1)``, i.e. this project's unsigned integers),
+  ``weight_scale`` ``[out, groups]`` in the checkpoint's float dtype, ``weight_shape`` int64 ``[2]`` and, for
+  asymmetric schemes, ``weight_zero_point`` int32 ``[out * bits / 32, groups]`` (packed along the output dimension).
+  Strategy ``group`` (group_size > 0) or ``channel`` (-1).
+- ``int-quantized`` (INT8_W8A8): ``weight`` int8 ``[out, in]``, ``weight_scale`` ``[out, 1]``; dynamic per-token
+  int8 ``input_activations``.
+- ``float-quantized`` (FP8): ``weight`` float8_e4m3fn, ``weight_scale`` float32 (``[1]`` tensor, ``[out, 1]``
+  channel, ``[out, groups]`` group, ``[out/128, in/128]`` block), ``input_scale`` float32 ``[1]`` for static
+  activations (calibrated max / 448).
+- ``nvfp4-pack-quantized``: ``weight_packed`` uint8 ``[out, in/2]`` (E2M1 codes, even column in the low nibble),
+  ``weight_scale`` float8_e4m3fn ``[out, in/16]``, ``weight_global_scale`` float32 ``[1]`` (the divisor
+  ``448·6/amax``), ``input_global_scale`` float32 ``[1]`` for NVFP4 activations.
+- ``mxfp4-pack-quantized`` / ``mxfp8-quantized``: ``weight_packed`` uint8 (E2M1) or ``weight`` float8_e4m3fn,
+  ``weight_scale`` uint8 E8M0 exponents (``log2(scale) + 127``) ``[out, in/32]``.
 """
 
 from __future__ import annotations

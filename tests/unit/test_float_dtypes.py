@@ -291,7 +291,7 @@ def test_formats_that_cannot_hold_a_float_scheme_refuse_it_before_work(tmp_path)
         ar.quantize_and_save(str(tmp_path / "out"), format="llm_compressor")
     assert not (tmp_path / "out").exists() and not ar.quantized
     ar = AutoRound(tiny_llama(), scheme="NVFP4", iters=0, dataset=CALIB, nsamples=8, seqlen=32)
-    with pytest.raises(Exception, match="stores integer weights"):
+    with pytest.raises(Exception, match="cannot record the activation quantization.*llm_compressor, fake"):
         ar.quantize_and_save(str(tmp_path / "out2"), format="auto_round")
     assert not (tmp_path / "out2").exists()
 
