@@ -313,3 +313,19 @@ def test_act_scale_env(monkeypatch):
                    seqlen=32)
     ar.quantize("fake")
     assert torch.allclose(half * 2, ar.layers["model.layers.0.mlp.up_proj"].input_amax)
+
+
+@pytest.mark.parametrize("preset", ["NVFP4", "FP8_BLOCK", "MXFP4"])
+def test_resume_store_keeps_float_weights(tmp_path, preset):
+    import logging
+
+    from autoround.quantizer.resume import ResumeStore
+
+    s = PRESETS[preset]
+    qw = family_of(s).quantize(torch.randn(256, 256, generator=torch.Generator().manual_seed(4)), s, None)
+    store = ResumeStore.open(tmp_path / "state", {"k": 1}, resume=False, log=logging.getLogger("t"))
+    store.save_block("model.layers.0", {"mlp.down_proj": qw}, (1.0, 0.5))
+    again = ResumeStore.open(tmp_path / "state", {"k": 1}, resume=True, log=logging.getLogger("t"))
+    back = again.load_block("model.layers.0")[0]["mlp.down_proj"]
+    assert back.block == qw.block and back.data_type == qw.data_type
+    assert torch.equal(back.dequantize(), qw.dequantize())
