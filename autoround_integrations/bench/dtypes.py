@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -82,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             out = workdir / f"{scheme}-{method}"
             cmd = [sys.executable, "-m", "autoround.bench.dtypes", "--worker", "--scheme", scheme, "--method",
                    method, "--model", model, "--out", str(out), "--workdir", str(workdir)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "AR_LOG_LEVEL": "WARNING"})
+            proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [ln[len("RESULT "):] for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not lines:
                 print(f"| {scheme} | {method} | failed: {proc.stderr.strip().splitlines()[-1:]} |", flush=True)
