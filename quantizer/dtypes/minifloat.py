@@ -3,7 +3,7 @@ the float weight families (``mx``, ``nvfp``, ``fp8``): rounding onto a grid, cod
 weight, optimized RTN's scale search and SignRound's tunable float linear.
 
 An element type is a sign-magnitude minifloat with ``mbits`` mantissa bits, smallest normal exponent ``emin``
-(subnormals below it) and a saturating maximum ``max``; or (``kind="int"``) a symmetric two's-complement integer
+(subnormals below it) and a saturating maximum ``max``; or (``kind="int"``) a symmetric sign-magnitude integer
 with ``mbits`` fraction bits (MXINT).  Rounding is to nearest, ties to even (the OCP MX spec, NVIDIA's NVFP4
 and IEEE casts round that way), saturating at ``max``.
 
@@ -38,8 +38,9 @@ class Element:
 
 E2M1 = Element("e2m1", 4, 1, 0, 6.0)
 E4M3 = Element("e4m3", 8, 3, -6, 448.0)
-INT4_MX = Element("int4", 4, 2, 0, 1.75, kind="int")  # 4-bit two's complement, 2 fraction bits: -2 .. 1.75
-INT8_MX = Element("int8", 8, 6, 0, 127 / 64, kind="int")  # OCP MXINT8: -2 .. 1.984375
+# MX integers, symmetric as the reference tool and its checkpoints hold them (no -2: codes are sign-magnitude)
+INT4_MX = Element("int4", 4, 2, 0, 1.75, kind="int")  # k/4, k in -7..7
+INT8_MX = Element("int8", 8, 6, 0, 127 / 64, kind="int")  # k/64, k in -127..127
 ELEMENTS = {e.name: e for e in (E2M1, E4M3, INT4_MX, INT8_MX)}
 
 E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
@@ -59,7 +60,8 @@ def round_to_grid(x: torch.Tensor, elem: Element) -> torch.Tensor:
     """``x`` (float32) rounded to the nearest value of ``elem``, ties to even, saturating at ±max."""
     if elem.kind == "int":
         step = 2.0 ** -elem.mbits
-        return (x / step).round().clamp(-(2 ** (elem.bits - 1)), 2 ** (elem.bits - 1) - 1) * step
+        top = 2 ** (elem.bits - 1) - 1
+        return (x / step).round().clamp(-top, top) * step
     a = x.abs().clamp(max=elem.max)
     step = grid_step(a, elem)
     q = (a / step).round() * step  # torch.round is half to even; a/step and q*step are exact (powers of two)
@@ -84,7 +86,7 @@ def round_grid_ste(x: torch.Tensor, elem: Element) -> torch.Tensor:
 
 def encode(values: torch.Tensor, elem: Element) -> torch.Tensor:
     """Grid values -> uint8 codes: E2M1 sign<<3 | magnitude index; E4M3 its IEEE-style byte (float8_e4m3fn);
-    MXINT two's complement in ``bits`` bits."""
+    MXINT sign-magnitude in ``bits`` bits (the top bit the sign, as the reference tool packs MXINT4)."""
     if elem is E2M1:
         a = values.abs()
         idx = torch.bucketize(a, E2M1_VALUES.to(a.device))  # exact values: index of the equal entry
@@ -92,8 +94,8 @@ def encode(values: torch.Tensor, elem: Element) -> torch.Tensor:
     if elem is E4M3:
         return values.to(torch.float8_e4m3fn).view(torch.uint8)
     if elem.kind == "int":
-        q = (values * 2 ** elem.mbits).round().to(torch.int16)
-        return (q & ((1 << elem.bits) - 1)).to(torch.uint8)
+        q = (values * 2 ** elem.mbits).round().to(torch.int16)  # -0.0 keeps its sign bit, as the reference packs it
+        return (q.abs() | (torch.signbit(values).to(torch.int16) << (elem.bits - 1))).to(torch.uint8)
     raise ValueError(f"no code for element type {elem.name}")
 
 
@@ -107,7 +109,8 @@ def decode(codes: torch.Tensor, elem: Element) -> torch.Tensor:
         return codes.view(torch.float8_e4m3fn).to(torch.float32)
     if elem.kind == "int":
         c = codes.to(torch.int16)
-        c = torch.where(c >= 2 ** (elem.bits - 1), c - 2 ** elem.bits, c)
+        sign_bit = 1 << (elem.bits - 1)
+        c = torch.where((c & sign_bit) != 0, -(c & (sign_bit - 1)), c)
         return c.to(torch.float32) * 2.0 ** -elem.mbits
     raise ValueError(f"no code for element type {elem.name}")
 
