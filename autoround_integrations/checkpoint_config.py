@@ -44,13 +44,7 @@ class CheckpointQuantConfig:
                 f"packing_format {raw_packing!r} is not supported by this loader; supported: "
                 f"{', '.join(sorted(set(PACKING_ALIASES)))}"
             )
-        data_type = cfg.get("data_type") or "int"
-        default = QuantScheme(
-            bits=int(cfg.get("bits", 4)),
-            group_size=int(cfg.get("group_size", 128)),
-            sym=bool(cfg.get("sym", True)),
-            data_type=data_type,
-        )
+        default = _scheme(cfg, QuantScheme())
         blocks = cfg.get("block_name_to_quantize") or cfg.get("to_quant_block_names") or ()
         if isinstance(blocks, str):
             blocks = [b for b in blocks.split(",") if b]
@@ -101,11 +95,32 @@ class CheckpointQuantConfig:
             return self.default
         data_type = override.get("data_type", self.default.data_type)
         bits = int(override.get("bits", self.default.bits))
-        if bits >= 16 or data_type in ("float", "fp", "bf16", "fp16"):
+        if bits >= 16 or data_type in ("float", "bf16", "fp16") or (data_type == "fp" and bits >= 16):
             return FLOAT
-        return QuantScheme(
-            bits=bits,
-            group_size=int(override.get("group_size", self.default.group_size)),
-            sym=bool(override.get("sym", self.default.sym)),
-            data_type=data_type,
-        )
+        return _scheme(override, self.default)
+
+
+def _group_size(value: Any) -> "int | tuple[int, int]":
+    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else int(value)
+
+
+def _scheme(cfg: Mapping[str, Any], base: QuantScheme) -> QuantScheme:
+    """The scheme ``cfg`` (a checkpoint's config or one ``extra_config`` entry) spells, its missing keys taken
+    from ``base``; the act_* keys of low-bit float checkpoints included."""
+    def get(key: str, default: Any) -> Any:
+        value = cfg.get(key)
+        return default if value is None else value
+
+    act_bits = int(get("act_bits", base.act_bits))
+    act_data_type = get("act_data_type", base.act_data_type)
+    return QuantScheme(
+        bits=int(get("bits", base.bits)),
+        group_size=_group_size(get("group_size", base.group_size)),
+        sym=bool(get("sym", base.sym)),
+        data_type=str(get("data_type", base.data_type)),
+        act_bits=act_bits if act_bits < 16 else 16,
+        act_group_size=int(get("act_group_size", base.act_group_size)) if act_bits < 16 else -1,
+        act_sym=bool(get("act_sym", base.act_sym)),
+        act_data_type=(None if act_data_type in (None, "float") else str(act_data_type)) if act_bits < 16 else None,
+        act_dynamic=bool(get("act_dynamic", base.act_dynamic)) if act_bits < 16 else True,
+    )

@@ -22,8 +22,11 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from autoround.backends import KernelInfo, LayerSpec, select_kernel
+from autoround.quantizer.dtypes import family_of
 from autoround.quantizer.errors import ModelLoadError, SchemeError
-from autoround.quantizer.formats.auto_round import PACKING_ALIASES, PACKING_AWQ, PACKING_GPTQ, PACKING_MLX
+from autoround.quantizer.formats.auto_round import (
+    FLOAT_PACKINGS, PACKING_ALIASES, PACKING_AWQ, PACKING_GPTQ, PACKING_MLX,
+)
 from autoround.quantizer.formats.packing import PACK_BITS
 from autoround.quantizer.schemes import FLOAT, QuantScheme
 
@@ -68,7 +71,8 @@ def normalize_quant_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if data_type != "int":
         raise SchemeError(
             f"data_type {data_type!r} is not supported by the AutoRound engine method; only integer weights "
-            "(data_type 'int', schemes W2A16..W8A16)"
+            "(data_type 'int', schemes W2A16..W8A16). MXFP4/MXFP8/NVFP4/FP8 checkpoints are served by the engines' "
+            "compressed-tensors method: export them with --format llm_compressor (or fp8 for FP8_BLOCK)"
         )
     act_bits = int(cfg.get("act_bits") or 16)
     if act_bits < 16:
@@ -83,6 +87,12 @@ def parse_checkpoint_config(cfg: Mapping[str, Any]) -> CheckpointQuantConfig:
         raise SchemeError(
             "this checkpoint uses MLX's packing (auto_round:mlx), which the AutoRound engine method does not "
             "serve; load it with mlx-lm or transformers, or export again with --format auto_round for serving"
+        )
+    if ckpt.packing_format in FLOAT_PACKINGS:
+        raise SchemeError(
+            f"packing_format {ckpt.packing_format!r} holds MX / NVFP4 / FP8 weights, which the AutoRound engine "
+            "method does not serve; export them with --format llm_compressor (fp8 for FP8_BLOCK) for the engines' "
+            "compressed-tensors kernels, or load this checkpoint with transformers"
         )
     check_servable(ckpt.default, "the checkpoint's default scheme")
     return ckpt
@@ -318,6 +328,8 @@ def layer_spec(
         in_features=in_features,
         out_features=out_features,
         act_dtype=dtype,
+        act_bits=scheme.act_bits,
+        weight_family=family_of(scheme).name,
     )
 
 

@@ -86,6 +86,9 @@ _VARS: dict[str, _Var] = {
         _bool, False, "tune activation min/max as well",
         unsupported="activation ranges are not tuned here: static ones are the calibrated max times AR_ACT_SCALE, "
                     "dynamic ones are taken at every call as the serving kernels take them"),
+    "AR_NVFP4_FUSED_LAYER_GLOBAL_SCALE": _Var(
+        _bool, True, "NVFP4: layers that engines fuse (q/k/v, gate/up) share one weight global scale, from their "
+                     "largest |weight|, as vLLM's fused NVFP4 layers need"),
     "AR_SEARCH_SCALE_RATIO": _Var(
         _positive_float,
         0.7,

@@ -17,7 +17,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import AutoRoundConfig as _HfAutoRoundConfig
 from transformers.utils.quantization_config import QuantizationMethod
 
-from autoround.backends import InstallAdvice, LayerSpec, reconcile_dtype, select_kernel
+from autoround.backends import InstallAdvice, reconcile_dtype, select_kernel
 from autoround.memory import release_host_memory
 from autoround.quantizer.errors import AutoRoundError, ModelLoadError, SchemeError
 from autoround.quantizer.model_io import linear_dims
@@ -27,6 +27,8 @@ from .engine_common import checkpoint_tensor_names, layer_spec
 from .log import logger
 
 BACKENDS = ("auto", "torch")
+# the scale tensors of every packed layout (GPTQ/AWQ/MLX ``scales``; MX/NVFP4/FP8 ``weight_scale``; FP8 blocks)
+SCALE_TENSORS = ("scales", "weight_scale", "weight_scale_inv")
 
 
 class AutoRoundConfig(_HfAutoRoundConfig):
@@ -143,7 +145,7 @@ class AutoRoundQuantizer(HfQuantizer):
         """Reconcile the requested compute dtype with the device and kernels (e.g. no fp16 on a plain CPU)."""
         ckpt = self.quantization_config.checkpoint_config()
         d = ckpt.default
-        spec = LayerSpec(self.device_type, d.bits, d.group_size, d.sym, ckpt.packing_format, 4096, 4096, dtype)
+        spec = layer_spec(d, ckpt.packing_format, 4096, 4096, self.device_type, dtype)
         backend = getattr(self.quantization_config, "backend", "auto")
         chosen, self.dtype_note = reconcile_dtype(self.device_type, dtype, spec, backend)
         return chosen
@@ -179,14 +181,12 @@ class AutoRoundQuantizer(HfQuantizer):
                 continue
             spec = layer_spec(scheme, ckpt.packing_format, in_features, out_features, self.device_type, dtype)
             if present is not None:
-                # every layout has ``scales``; a layer without them was kept in float by the writer (e.g. its
+                # every layout has scales; a layer without them was kept in float by the writer (e.g. its
                 # shape cannot be packed) and keeps its float ``weight``
-                if f"{name}.scales" not in present and f"{name}.weight" in present:
+                if not any(f"{name}.{s}" in present for s in SCALE_TENSORS) and f"{name}.weight" in present:
                     continue
             kernel = select_kernel(spec, backend, advice)
-            if present is not None:
-                wanted = list(kernel.factory.checkpoint_tensors) + (["bias"] if module.bias is not None else [])
-                missing += [f"{name}.{t}" for t in wanted if f"{name}.{t}" not in present]
+            extra = {"scheme": scheme} if getattr(kernel.factory, "takes_scheme", False) else {}
             with torch.device("meta"):
                 qlinear = kernel.factory(
                     in_features,
@@ -197,7 +197,11 @@ class AutoRoundQuantizer(HfQuantizer):
                     bias=module.bias is not None,
                     zero_offset=ckpt.zero_offset,
                     bias_dtype=dtype,
+                    **extra,
                 )
+            if present is not None:
+                wanted = list(qlinear.checkpoint_tensors) + (["bias"] if module.bias is not None else [])
+                missing += [f"{name}.{t}" for t in wanted if f"{name}.{t}" not in present]
             if present is not None and f"{name}.g_idx" in present:
                 # GPTQ group index: loaded, then checked to be the trivial i // group_size (no act-order)
                 qlinear.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, device="meta"))

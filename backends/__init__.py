@@ -62,8 +62,31 @@ register_kernel(
     )
 )
 
+# --- low-bit floats (MXFP/MXINT/NVFP4/FP8) in the reference's auto_round packings: the pure-torch kernel.  CUDA
+# serving of these types is the engines' own (vLLM/SGLang's compressed-tensors kernels: CUTLASS/Marlin FP4/FP8),
+# reached through the llm_compressor / fp8 exports ---
+from autoround.quantizer.formats.auto_round import FLOAT_PACKINGS, PACKING_RAW_ZP  # noqa: E402
+
+from .torch_float_kernel import TorchFloatQuantLinear  # noqa: E402
+
+register_kernel(
+    KernelInfo(
+        name="torch_float",
+        priority=0,
+        devices=("cpu", "cuda", "xpu"),
+        bits=(4, 8),
+        packing_formats=FLOAT_PACKINGS + (PACKING_RAW_ZP,),
+        weight_families=("mx", "nvfp", "fp8"),
+        act_bits=(4, 8, 16, 32),
+        factory=TorchFloatQuantLinear,
+        description="MXFP4/MXFP8/MXINT4, NVFP4, FP8: dequantized per call in float32, activations quantized as "
+                    "the checkpoint says",
+    )
+)
+
 __all__ = [
-    "KernelInfo", "LayerSpec", "TorchAWQQuantLinear", "TorchMlxQuantLinear", "TorchQuantLinear", "kernels",
+    "KernelInfo", "LayerSpec", "TorchAWQQuantLinear", "TorchFloatQuantLinear", "TorchMlxQuantLinear",
+    "TorchQuantLinear", "kernels",
     "register_kernel", "select_kernel",
 ]
 

@@ -41,13 +41,19 @@ class LayerSpec:
     out_features: int
     act_dtype: torch.dtype = torch.float32
     act_bits: int = 16
+    # the weight family of the data-type registry: "int", "mx", "nvfp", "fp8" (a 2-D FP8 block group_size is
+    # given as its (rows, cols) tuple)
+    weight_family: str = "int"
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not self.device:
             raise BackendError(f"LayerSpec.device must be a device type such as 'cpu', got {self.device!r}")
         if self.bits <= 0 or self.in_features <= 0 or self.out_features <= 0:
             raise BackendError(f"LayerSpec needs positive bits and features, got {self}")
-        if self.group_size < -1:
+        if isinstance(self.group_size, tuple):
+            if self.weight_family != "fp8":
+                raise BackendError(f"LayerSpec.group_size {self.group_size} (2-D blocks) exists for FP8 weights only")
+        elif self.group_size < -1:
             raise BackendError(f"LayerSpec.group_size must be -1, 0 or positive, got {self.group_size}")
 
     def describe(self) -> str:
@@ -104,12 +110,15 @@ class KernelInfo:
     description: str = ""
     # the dtype the kernel computes in on its device when it converts internally (None = activation dtype)
     compute_dtype: torch.dtype | None = None
+    weight_families: tuple[str, ...] = ("int",)
 
     def matches(self, backend: str) -> bool:
         return backend == self.name or backend in self.aliases
 
     def static_reason(self, spec: LayerSpec) -> str | None:
         """Why the declaration excludes this layer (packages and host checks aside); None when it fits."""
+        if spec.weight_family not in self.weight_families:
+            return f"{spec.weight_family} weights not supported (supports {', '.join(self.weight_families)})"
         if spec.device not in self.devices:
             return f"device {spec.device!r} not supported (supports {', '.join(self.devices)})"
         if spec.bits not in self.bits:

@@ -53,11 +53,13 @@ def check_env(schemes: "list[QuantScheme]") -> None:
         )
 
 
-def act_qdq(x: torch.Tensor, scheme: QuantScheme, amax: torch.Tensor | None = None) -> torch.Tensor:
-    """``x`` [..., features] quantized and dequantized as ``scheme``'s activations, in ``x``'s dtype."""
+def act_qdq(x: torch.Tensor, scheme: QuantScheme, amax: torch.Tensor | None = None,
+            global_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` [..., features] quantized and dequantized as ``scheme``'s activations, in ``x``'s dtype;
+    ``global_scale``: NVFP4's activation global scale as a checkpoint stores it (instead of one from ``amax``)."""
     act = scheme.act_scheme()
     x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
-    out = family_of(act).act_quantize(x2, act, amax if needs_amax(scheme) else None)
+    out = family_of(act).act_quantize(x2, act, amax if needs_amax(scheme) else None, global_scale=global_scale)
     return out.reshape(x.shape).to(x.dtype)
 
 

@@ -31,6 +31,17 @@ FUSED_SIBLINGS = (
 _EXPERTS = re.compile(r"^(.*\.experts)\.\d+\.")
 
 
+def fused_siblings(names: Iterable[str]) -> list[list[str]]:
+    """The groups (two or more) of ``names`` that inference engines fuse into one layer (q/k/v, gate/up, ...)."""
+    groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for n in names:
+        head, _, leaf = n.rpartition(".")
+        for siblings in FUSED_SIBLINGS:
+            if leaf in siblings:
+                groups.setdefault((head, siblings), []).append(n)
+    return [g for g in groups.values() if len(g) > 1]
+
+
 # the sensitivity pass's calibration when the AutoScheme does not set it (the reference's defaults)
 SCORING_NSAMPLES, SCORING_SEQLEN, SCORING_BATCH_SIZE = 16, 256, 8
 
@@ -174,14 +185,10 @@ def layer_groups(names: Sequence[str], block_names: Sequence[str], shared_layers
         if ra != rb:
             parent[rb] = ra
 
-    present = set(names)
+    for group in fused_siblings(names):
+        for n in group[1:]:
+            union(group[0], n)
     for n in names:
-        head, _, leaf = n.rpartition(".")
-        for siblings in FUSED_SIBLINGS:
-            if leaf in siblings:
-                for other in siblings:
-                    if f"{head}.{other}" in present:
-                        union(n, f"{head}.{other}")
         m = _EXPERTS.match(n)
         if m:
             first = next(x for x in names if x.startswith(m.group(1) + "."))
@@ -326,6 +333,9 @@ def check_options(auto: AutoScheme, formats: Sequence[Any]) -> None:
 
     quantized = [s for s in auto.schemes if not s.is_float]
     for fmt in formats:
+        mix = fmt.mix_error(quantized)
+        if mix:
+            raise FormatError(mix)
         if fmt.uniform and len(quantized) > 1:
             raise AutoRoundError(
                 f"format {fmt.name!r} holds one scheme for every quantized layer, so AutoScheme cannot mix "

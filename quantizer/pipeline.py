@@ -246,10 +246,10 @@ class Pipeline:
 
     def default_format(self, log: bool = False) -> str:
         """The format used when none is named: auto_round where it holds the run's schemes, else the format
-        named after the (first) scheme (GGUF:Q4_K_M -> gguf:q4_k_m, as the reference), else auto_round (whose
-        refusal names the formats that can hold the scheme).  MX / NVFP4 / FP8 / W8A8 schemes get llm_compressor:
-        the compressed-tensors layout the reference's auto_round export writes for them (its
-        ``auto_round:llm_compressor`` packing)."""
+        named after the (first) scheme (GGUF:Q4_K_M -> gguf:q4_k_m, as the reference), else llm_compressor (INT8_W8A8,
+        and AutoScheme options that mix integer and float weights), else auto_round (whose refusal names the
+        formats that can hold the scheme).  MX / NVFP4 / FP8 schemes are written as auto_round in the packings
+        the reference gives them."""
         name = self._default_format()
         if log and name != "auto_round":
             logger.info("format: %s (auto_round cannot hold %s)", name, self.scheme.describe())
@@ -260,7 +260,8 @@ class Pipeline:
 
         schemes = [o for o in self.auto_scheme.schemes if not o.is_float] if self.auto_scheme else [self.scheme]
         for name in ("auto_round", schemes[0].data_type, "llm_compressor"):
-            if name in list_formats() and all(get_format(name).scheme_error(s) is None for s in schemes):
+            fmt = get_format(name) if name in list_formats() else None
+            if fmt is not None and all(fmt.scheme_error(s) is None for s in schemes) and not fmt.mix_error(schemes):
                 return name
         return "auto_round"  # its refusal names the formats that can hold the scheme
 

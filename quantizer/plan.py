@@ -107,6 +107,9 @@ def plan_layers(
     if lm_head is not None and lm_head in plan.quantize:
         _check_lm_head(formats, lm_head_tied)
     for fmt in formats:
+        mix = fmt.mix_error(list(set(plan.quantize.values())))
+        if mix:
+            raise FormatError(mix)
         if fmt.uniform and len(set(plan.quantize.values())) > 1:
             kinds = sorted({s.describe() for s in plan.quantize.values()})
             raise FormatError(

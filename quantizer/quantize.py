@@ -13,7 +13,25 @@ from . import act_quant
 from .dtypes import family_of
 from .formats import QuantizedLayer
 from .plan import LayerPlan
+from .schemes import QuantScheme
+from .. import envs
 from ..log import logger
+
+
+def shared_global_amax(linears: Mapping[str, nn.Module], schemes: Mapping[str, QuantScheme]) -> dict[str, torch.Tensor]:
+    """The |weight| max each layer with a per-tensor global scale (NVFP4) takes it from, where it is shared:
+    layers that engines fuse (q/k/v, gate/up) get one global scale, from the largest of them, because the fused
+    layer has one (``AR_NVFP4_FUSED_LAYER_GLOBAL_SCALE``, on by default, as the reference tool)."""
+    if not envs.AR_NVFP4_FUSED_LAYER_GLOBAL_SCALE:
+        return {}
+    from .autoscheme import fused_siblings
+
+    scaled = [n for n, s in schemes.items() if not s.is_float and family_of(s).has_global_scale]
+    out: dict[str, torch.Tensor] = {}
+    for group in fused_siblings(scaled):
+        amax = torch.stack([linears[n].weight.detach().abs().amax().float() for n in group]).amax()
+        out.update({n: amax for n in group})
+    return out
 
 
 @torch.no_grad()
@@ -29,11 +47,13 @@ def quantize_layers(
     calibrated amax of static ones), so the model in memory is the fake-quantized model."""
     out: dict[str, QuantizedLayer] = {}
     start = time.time()
+    shared = shared_global_amax(linears, plan.quantize)
     for name in tqdm(list(plan.quantize), desc="quantizing layers", leave=False):
         module, scheme = linears[name], plan.quantize[name]
         w = module.weight.data
         imp = None if importance is None or name not in importance else importance[name]
-        qw = family_of(scheme).quantize(w, scheme, imp, search_lowest)
+        shared_amax = {"global_amax": shared[name]} if name in shared else {}  # only families that have one
+        qw = family_of(scheme).quantize(w, scheme, imp, search_lowest, **shared_amax)
         module.weight.data.copy_(qw.dequantize().to(w.dtype))
         bias = module.bias.data.clone() if module.bias is not None else None
         amax = (input_amax or {}).get(name)

@@ -22,6 +22,7 @@ from torch import nn
 from .act_quant import ActQuantizer, quantizes_acts
 from .dtypes import family_of
 from .importance import block_importance
+from .quantize import shared_global_amax
 # SignRoundOptions lives in options; imported here too, where the tuner's callers look for it
 from .options import SignRoundOptions, TuningOptions  # noqa: F401
 from .schemes import QuantScheme
@@ -123,17 +124,19 @@ def tune_block(
         importance = {**(importance or {}), **block_importance(block, missing, inputs, forward, options.batch_size)}
     fixed: dict[str, Any] = {}
     wrappers: dict[str, nn.Module] = {}
+    shared = shared_global_amax({n: block.get_submodule(n) for n in layers}, layers)
     for name, scheme in layers.items():
         linear = block.get_submodule(name)
         family = family_of(scheme)
         imp = importance.get(name) if importance and name in need else None
-        wrapper = family.tuner(linear, scheme, options, imp)
+        shared_amax = {"global_amax": shared[name]} if name in shared else {}  # only families that have one
+        wrapper = family.tuner(linear, scheme, options, imp, **shared_amax)
         if wrapper is not None:
             if quantizes_acts(scheme):
                 wrapper.act = ActQuantizer(scheme, (input_amax or {}).get(name))
             wrappers[name] = wrapper
         else:  # a type SignRound does not tune: its family's importance-weighted iters-0 quantizer
-            fixed[name] = family.quantize(linear.weight, scheme, imp)
+            fixed[name] = family.quantize(linear.weight, scheme, imp, **shared_amax)
     if fixed:
         logger.info(
             "SignRound does not tune %s; quantized with the iters-0 (importance-weighted) quantizer: %s",

@@ -43,6 +43,8 @@ class WeightFamily:
     weight_type: ClassVar[type]
     # the model-free route (plain RTN streamed from the files) can write this family's checkpoints
     model_free: ClassVar[bool] = False
+    # weights carry a per-tensor global scale (NVFP4), which layers fused by the engines share (``global_amax``)
+    has_global_scale: ClassVar[bool] = False
 
     def data_types(self) -> tuple[str, ...]:
         """The ``data_type`` strings this family owns."""
@@ -78,9 +80,11 @@ class WeightFamily:
         raise NotImplementedError(f"weight family {self.name!r} does not say how many bits its weights take")
 
     def quantize(self, weight: "torch.Tensor", scheme: "QuantScheme", importance: "torch.Tensor | None",
-                 search_lowest: float = 0.7) -> Any:
+                 search_lowest: float = 0.7, global_amax: "torch.Tensor | None" = None) -> Any:
         """RTN (``importance`` None) or optimized RTN of a ``[out, in]`` weight; returns the packed weight.
-        ``search_lowest``: the lowest clip ratio / range the importance-weighted search tries."""
+        ``search_lowest``: the lowest clip ratio / range the importance-weighted search tries.  ``global_amax``:
+        the |weight| maximum a per-tensor global scale is taken from, when it is shared with fused siblings
+        (NVFP4); types without a global scale ignore it."""
         raise NotImplementedError
 
     def tuning_importance(self, scheme: "QuantScheme", options: "TuningOptions") -> bool:
@@ -92,7 +96,7 @@ class WeightFamily:
         return False
 
     def tuner(self, linear: "nn.Linear", scheme: "QuantScheme", options: "TuningOptions",
-              importance: "torch.Tensor | None") -> "nn.Module | None":
+              importance: "torch.Tensor | None", global_amax: "torch.Tensor | None" = None) -> "nn.Module | None":
         """A module that replaces ``linear`` while its block is tuned, or None when this scheme is not tunable
         (the layer then gets ``quantize`` with the importance).  The module has parameters ``v`` and
         ``factors()``, ``clamp_()``, ``state()``/``load()``, ``quantized()`` (the packed weight), a

@@ -5,7 +5,7 @@ quantize and dequantize sit side by side there (``quantize_with`` / ``FloatQuant
 - MX (OCP Microscaling Formats v1.0, section 6.3): groups of 32 input channels share an E8M0 scale
   ``2**(floor(log2 amax) - emax_elem)`` (``mx_fp``) or, NVIDIA's round-up rule, ``2**ceil(log2(amax / max_elem))``
   (``mx_fp_rceil``: never clips the group's largest element); the exponent is kept in [-127, 127]. Elements:
-  E2M1 at 4 bits, E4M3 at 8; ``mx_int`` elements are 4-bit two's complement with 2 fraction bits (-2 .. 1.75).
+  E2M1 at 4 bits, E4M3 at 8; ``mx_int`` elements are k/4 for k in -7..7 (symmetric, sign-magnitude codes, as the reference's MXINT4).
 - NVFP4: E2M1 elements in groups of 16; each group's scale ``amax / 6`` is stored in FP8-E4M3 after multiplying
   by the tensor's global scale ``448 * 6 / amax(tensor)``; the effective scale is ``fp8_scale / global``.
 - FP8 (``fp``, 8 bits): E4M3 elements, scale ``amax / 448`` in float32 per tensor (group_size 0), per output
@@ -47,7 +47,9 @@ class _FloatFamily(WeightFamily):
         """(amax [R, C], global or None) -> (stored scale, effective scale)."""
         raise NotImplementedError
 
-    def global_scale(self, weight: torch.Tensor, scheme) -> torch.Tensor | None:
+    def global_scale(self, weight: torch.Tensor, scheme, amax: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The per-tensor global scale (None: the type has none); ``amax``: a |weight| max shared with fused
+        siblings instead of this weight's own."""
         return None
 
     def layout(self, scheme, shape: tuple[int, int]) -> Layout:
@@ -80,10 +82,10 @@ class _FloatFamily(WeightFamily):
     scale_bits = 8
 
     def quantize(self, weight: torch.Tensor, scheme, importance: torch.Tensor | None,
-                 search_lowest: float = 0.7) -> FloatQuantizedWeight:
+                 search_lowest: float = 0.7, global_amax: torch.Tensor | None = None) -> FloatQuantizedWeight:
         w = weight.detach().to(torch.float32)
         layout, elem = self.layout(scheme, tuple(w.shape)), self.element(scheme)
-        g = self.global_scale(w, scheme)
+        g = self.global_scale(w, scheme, global_amax)
         if importance is None:
             return quantize_with(w, layout, elem, self.scale_rule(scheme), scheme.data_type, global_scale=g)
         return weighted_search(w, layout, elem, self.scale_rule(scheme), scheme.data_type, importance, g,
@@ -95,10 +97,11 @@ class _FloatFamily(WeightFamily):
     def float_forward_importance(self, scheme, options) -> bool:
         return self.tuning_importance(scheme, options)
 
-    def tuner(self, linear: nn.Linear, scheme, options, importance: torch.Tensor | None) -> TunedFloatLinear:
+    def tuner(self, linear: nn.Linear, scheme, options, importance: torch.Tensor | None,
+              global_amax: torch.Tensor | None = None) -> TunedFloatLinear:
         w = linear.weight.detach().to(torch.float32)
         layout, elem = self.layout(scheme, tuple(w.shape)), self.element(scheme)
-        g = self.global_scale(w, scheme)
+        g = self.global_scale(w, scheme, global_amax)
         start = None
         if importance is not None:  # start each tile's clip factor where optimized RTN's search ends
             start = searched_factors(w, layout, elem, self.scale_rule(scheme), importance, g, FACTOR_RANGE[0])
@@ -107,12 +110,14 @@ class _FloatFamily(WeightFamily):
                                 options.enable_minmax_tuning, factor_range, g, start)
 
     # -- activations: the same element and scale rule on [tokens, features] ---------------------------------
-    def act_quantize(self, x: torch.Tensor, scheme, static_amax: torch.Tensor | None) -> torch.Tensor:
+    def act_quantize(self, x: torch.Tensor, scheme, static_amax: torch.Tensor | None,
+                     global_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Quantize-dequantize activations ``x`` [tokens, features] (float32) with a straight-through gradient;
-        ``scheme`` is the act view (bits/group_size/data_type = the act_* fields)."""
+        ``scheme`` is the act view (bits/group_size/data_type = the act_* fields); ``global_scale``: a stored
+        NVFP4 activation global scale (else one from ``static_amax``)."""
         layout, elem = Layout.of(tuple(x.shape), scheme.group_size), self.element(scheme)
         tiles = layout.tiles(x)
-        g = self.act_global_scale(x, static_amax)
+        g = global_scale.to(x.device) if global_scale is not None else self.act_global_scale(x, static_amax)
         if static_amax is not None and scheme.group_size == 0 and g is None:
             amax = static_amax.to(x.device, torch.float32).reshape(1, 1)
         else:
@@ -182,6 +187,7 @@ class NVFP4Family(_FloatFamily):
 
     name = "nvfp"
     group_sizes = (16,)
+    has_global_scale = True
 
     def data_types(self) -> tuple[str, ...]:
         return ("nv_fp", "nv_fp4", "nv_fp4_with_static_gs")
@@ -197,8 +203,8 @@ class NVFP4Family(_FloatFamily):
             raise SchemeError(f"data_type={scheme.data_type!r} is NVFP4: bits must be 4, got {scheme.bits}")
         return E2M1
 
-    def global_scale(self, weight: torch.Tensor, scheme) -> torch.Tensor:
-        return nvfp4_global_scale(weight.abs().amax())
+    def global_scale(self, weight: torch.Tensor, scheme, amax: torch.Tensor | None = None) -> torch.Tensor:
+        return nvfp4_global_scale(weight.abs().amax() if amax is None else amax)
 
     def act_global_scale(self, x, static_amax):
         return nvfp4_global_scale(static_amax if static_amax is not None else x.detach().abs().amax())
@@ -222,6 +228,11 @@ def nvfp4_global_scale(amax: torch.Tensor) -> torch.Tensor:
     a = amax.detach().to(torch.float32).reshape(1)
     return torch.where(a > 0, E4M3.max * E2M1.max / a.clamp_min(torch.finfo(torch.float32).tiny),
                        torch.ones_like(a))
+
+
+def fp8_static_input_scale(amax: torch.Tensor) -> torch.Tensor:
+    """A static FP8 activation scale: the calibrated max / 448, float32 [1]."""
+    return (amax.detach().to(torch.float32) / E4M3.max).clamp_min(torch.finfo(torch.float32).eps).reshape(1)
 
 
 class FP8Family(_FloatFamily):

@@ -129,7 +129,7 @@ class IntegerFamily(WeightFamily):
         return weights + groups * (16 + scheme.bits)
 
     def quantize(self, weight: torch.Tensor, scheme: QuantScheme, importance: torch.Tensor | None,
-                 search_lowest: float = 0.7) -> QuantizedWeight:
+                 search_lowest: float = 0.7, global_amax: torch.Tensor | None = None) -> QuantizedWeight:
         if importance is None:
             return rtn_quantize(weight, scheme.bits, scheme.group_size, scheme.sym)
         return optimized_rtn_quantize(weight, scheme.bits, scheme.group_size, scheme.sym, importance, search_lowest)
@@ -143,10 +143,11 @@ class IntegerFamily(WeightFamily):
     def float_forward_importance(self, scheme: QuantScheme, options) -> bool:
         return self.tuning_importance(scheme, options)
 
-    def act_quantize(self, x: torch.Tensor, scheme: QuantScheme, static_amax: torch.Tensor | None) -> torch.Tensor:
+    def act_quantize(self, x: torch.Tensor, scheme: QuantScheme, static_amax: torch.Tensor | None,
+                     global_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Quantize-dequantize activations ``x`` [tokens, features] (float32) with a straight-through gradient:
         symmetric ``amax / (2**(bits-1) - 1)`` or asymmetric min/max scales per token (-1), group or tensor (0);
-        ``static_amax``: the calibrated per-tensor amax of a static scheme."""
+        ``static_amax``: the calibrated per-tensor amax of a static scheme (integers have no ``global_scale``)."""
         xg = to_groups(x, scheme.group_size) if scheme.group_size != -1 else x.unsqueeze(1)
         xd = xg.detach()
         if scheme.sym:
@@ -166,7 +167,8 @@ class IntegerFamily(WeightFamily):
             return out.squeeze(1)
         return from_groups(out, tuple(x.shape), scheme.group_size)
 
-    def tuner(self, linear: nn.Linear, scheme: QuantScheme, options, importance: torch.Tensor | None) -> TunedIntLinear:
+    def tuner(self, linear: nn.Linear, scheme: QuantScheme, options, importance: torch.Tensor | None,
+              global_amax: torch.Tensor | None = None) -> TunedIntLinear:
         search = self.tuning_importance(scheme, options)
         tuner = TunedIntLinear(linear, scheme, options.enable_minmax_tuning, search, importance if search else None)
         if options.enable_alg_ext:

@@ -89,6 +89,10 @@ class ExportFormat:
         """Why a layer of this shape cannot be packed (the layer is then kept in float), or None."""
         return None
 
+    def mix_error(self, schemes: "list[QuantScheme]") -> str | None:
+        """Why these per-layer schemes (each one holdable) cannot share one checkpoint of this format, or None."""
+        return None
+
     def layer_tensors(self, layer: QuantizedLayer) -> dict[str, torch.Tensor]:
         """Tensors replacing ``<name>.weight`` (suffix -> tensor), bias excluded."""
         raise NotImplementedError
@@ -112,7 +116,7 @@ def register_format(cls: type) -> type:
     return cls
 
 
-_BUILTIN = ("auto_round", "auto_gptq", "auto_awq", "llm_compressor", "fake", "gguf", "mlx")
+_BUILTIN = ("auto_round", "auto_gptq", "auto_awq", "llm_compressor", "fake", "gguf", "mlx", "fp8")
 
 
 def _load_builtin() -> None:

@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from . import ExportFormat, ExportJob, QuantizedLayer, autoround_version, group_size_of, register_format
-from .auto_round import AutoRoundFormat
+from .auto_round import AutoRoundFormat, float_packing
 from .packing import gptq_layer_tensors
 from .writer import save_format
 from ..schemes import QuantScheme
@@ -34,6 +34,8 @@ class AutoGPTQFormat(ExportFormat):
     model_free = True
 
     def weights_error(self, scheme: QuantScheme) -> str | None:
+        if not scheme.is_float and float_packing(scheme) is not None:
+            return f"auto_gptq packs integer weights, not {scheme.data_type!r}"
         return AutoRoundFormat().scheme_error(scheme)  # same integer layout, same limits
 
     def shape_error(self, scheme: QuantScheme, in_features: int, out_features: int) -> str | None:

@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from . import ExportFormat, ExportJob, QuantizedLayer, register_format
-from .packing import pack_rows
+from .packing import mx_nv_tensors, pack_rows
 from .writer import save_format
 from ..dtypes import family_of
-from ..dtypes.floats import nvfp4_global_scale
+from ..dtypes.floats import fp8_static_input_scale, nvfp4_global_scale
 from ..schemes import QuantScheme
 
 BITS = (4, 8)
@@ -108,12 +108,6 @@ def _compression_format(scheme: QuantScheme) -> str:
     return "float-quantized"
 
 
-def _pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
-    """[out, in] 4-bit codes -> [out, in/2] uint8, even columns in the low nibble (compressed-tensors' order)."""
-    c = codes.to(torch.uint8)
-    return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
-
-
 @register_format
 class LLMCompressorFormat(ExportFormat):
     name = "llm_compressor"
@@ -187,25 +181,18 @@ class LLMCompressorFormat(ExportFormat):
             if not qw.sym:
                 out["weight_zero_point"] = pack_rows(qw.zero.t().contiguous(), qw.bits).t().contiguous()
             return out
-        out = {}
-        if family == "nvfp":
-            out["weight_packed"] = _pack_e2m1(qw.codes)
-            out["weight_scale"] = qw.scale.to(torch.float8_e4m3fn)
-            out["weight_global_scale"] = qw.global_scale.to(torch.float32).reshape(1)
-            if layer.scheme.act_bits < 16:
+        if family in ("nvfp", "mx"):
+            out = mx_nv_tensors(qw, family)
+            if family == "nvfp" and layer.scheme.act_bits < 16:
                 out["input_global_scale"] = nvfp4_global_scale(layer.input_amax)
-        elif family == "mx":
-            out["weight_packed" if qw.bits == 4 else "weight"] = (
-                _pack_e2m1(qw.codes) if qw.bits == 4 else qw.codes.view(torch.float8_e4m3fn))
-            out["weight_scale"] = (torch.log2(qw.scale).round().to(torch.int32) + 127).to(torch.uint8)
-        else:  # FP8: E4M3 weights, float32 scales in compressed-tensors' shape for the strategy
-            out["weight"] = qw.codes.view(torch.float8_e4m3fn)
-            strategy = _float_weights_args(layer)["strategy"]
-            scale = qw.scale.to(torch.float32)
-            out["weight_scale"] = scale.reshape(1) if strategy == "tensor" else scale.contiguous()
-            if layer.scheme.act_bits < 16 and not layer.scheme.act_dynamic:
-                out["input_scale"] = (layer.input_amax.to(torch.float32) / 448.0).clamp_min(
-                    torch.finfo(torch.float32).eps).reshape(1)
+            return out
+        # FP8: E4M3 weights, float32 scales in compressed-tensors' shape for the strategy
+        out = {"weight": qw.codes.view(torch.float8_e4m3fn)}
+        strategy = _float_weights_args(layer)["strategy"]
+        scale = qw.scale.to(torch.float32)
+        out["weight_scale"] = scale.reshape(1) if strategy == "tensor" else scale.contiguous()
+        if layer.scheme.act_bits < 16 and not layer.scheme.act_dynamic:
+            out["input_scale"] = fp8_static_input_scale(layer.input_amax)
         return out
 
     def quantization_config(self, job: ExportJob) -> dict[str, Any]:

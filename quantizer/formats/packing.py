@@ -194,3 +194,46 @@ def unpack_mlx_weight(weight: torch.Tensor, bits: int, in_features: int) -> torc
     """MLX ``weight`` (uint32 or int32 ``[out, in * bits / 32]``) -> uint8 ``[out, in]``."""
     words = weight.view(torch.int32) if weight.dtype == torch.uint32 else weight
     return unpack_rows(words, bits, in_features)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# minifloat layouts (MXFP4/MXFP8/MXINT4/NVFP4), shared by compressed-tensors' and the reference's auto_round
+# checkpoints: 4-bit codes two to a byte, the even column in the low nibble; MX scales as E8M0 bytes (exp + 127)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """[out, in] 4-bit codes -> [out, in/2] uint8, even columns in the low nibble."""
+    c = codes.to(torch.uint8)
+    return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_nibbles``: [out, in/2] uint8 -> [out, in] uint8 codes."""
+    p = packed.to(torch.uint8)
+    return torch.stack((p & 0xF, p >> 4), dim=-1).reshape(p.shape[0], -1)
+
+
+def e8m0_bytes(scale: torch.Tensor) -> torch.Tensor:
+    """Power-of-two scales -> uint8 E8M0 (log2(scale) + 127)."""
+    return (torch.log2(scale.to(torch.float32)).round().to(torch.int32) + 127).to(torch.uint8)
+
+
+def e8m0_scale(code: torch.Tensor) -> torch.Tensor:
+    """uint8 E8M0 -> float32 2**(code - 127)."""
+    return torch.ldexp(torch.ones(code.shape, device=code.device), code.to(torch.int32) - 127)
+
+
+def mx_nv_tensors(qw, family: str) -> dict[str, torch.Tensor]:
+    """``weight_packed`` (4-bit elements) or ``weight`` (float8_e4m3fn, MXFP8), ``weight_scale`` (E8M0 bytes for
+    MX, float8_e4m3fn for NVFP4) and NVFP4's float32 ``weight_global_scale`` [1] of a ``FloatQuantizedWeight``."""
+    out: dict[str, torch.Tensor] = {}
+    if qw.bits == 4:
+        out["weight_packed"] = pack_nibbles(qw.codes)
+    else:
+        out["weight"] = qw.codes.view(torch.float8_e4m3fn)
+    if family == "nvfp":
+        out["weight_scale"] = qw.scale.to(torch.float8_e4m3fn)
+        out["weight_global_scale"] = qw.global_scale.to(torch.float32).reshape(1)
+    else:
+        out["weight_scale"] = e8m0_bytes(qw.scale)
+    return out

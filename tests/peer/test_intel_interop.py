@@ -122,3 +122,143 @@ def test_plain_rtn_integers_equal_intels_bit_for_bit(smollm2_folder, tmp_path):
     assert ours.keys() == theirs.keys() and len(ours) == 3 * 210
     differing = [k for k in ours if not torch.equal(ours[k], theirs[k])]
     assert not differing, differing[:5]
+
+
+# --- low-bit floats: the reference's auto_round packings (auto_round:llm_compressor, auto_round:fp8_static, ...) --
+
+
+def intel_quantize(smollm2_folder, out, scheme):
+    """Intel's plain RTN of ``scheme`` from float32 weights (``amp=False``), saved as auto_round."""
+    peer(SCRIPT, "quantize", "--model", smollm2_folder, "--out", out, "--scheme", scheme, "--iters", 0,
+         "--disable_opt_rtn", "--no_amp")
+    return out
+
+
+def intel_logits(ckpt, ids_file, tmp_path):
+    peer(SCRIPT, "logits", "--ckpt", ckpt, "--ids", ids_file, "--out", tmp_path / "intel.pt", "--dtype", "float32")
+    return torch.load(tmp_path / "intel.pt")
+
+
+def layer_outputs_agree(ckpt, tmp_path, name="model.layers.2.self_attn.q_proj", bf16=False):
+    """One quantized layer of ``ckpt``, loaded by Intel's loader and by ours, on the same input (activation
+    quantization included): the outputs agree to float32 rounding (``bf16``: Intel's layer computes in
+    bfloat16, so to bfloat16's rounding of the FP8 activations' scale, 2% in norm)."""
+    x = torch.randn(2, 7, 576, generator=torch.Generator().manual_seed(0))
+    torch.save(x, tmp_path / "x.pt")
+    code = (
+        "import torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(ckpt)!r}, dtype=torch.float32)\n"
+        f"layer = m.get_submodule({name!r})\n"
+        "assert type(layer).__module__.startswith('auto_round.'), type(layer)\n"
+        "with torch.no_grad():\n"
+        f"    torch.save(layer(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})\n"
+    )
+    peer("-c", code)
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    with torch.no_grad():
+        mine = model.get_submodule(name)(x)
+    theirs = torch.load(tmp_path / "y.pt").float()
+    if bf16:
+        assert ((mine - theirs).norm() / theirs.norm()).item() < 0.02
+    else:
+        assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-4)
+
+
+def our_float_logits(ckpt, ids_file):
+    from autoround.backends import TorchFloatQuantLinear
+
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    assert isinstance(model.model.layers[0].mlp.down_proj, TorchFloatQuantLinear)
+    with torch.no_grad():
+        return model(torch.tensor(json.loads(ids_file.read_text()))).logits
+
+
+def ours_rtn(smollm2_folder, scheme, out):
+    ar = AutoRound(str(smollm2_folder), scheme=scheme, iters=0, disable_opt_rtn=True, nsamples=8, seqlen=128)
+    _, (path,) = ar.quantize_and_save(str(out), format="auto_round")
+    return ar, Path(path)
+
+
+def tensors(folder, suffixes):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update({k: v for k, v in load_file(f).items() if k.endswith(suffixes)})
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["MXFP4", "MXFP8", "FP8_STATIC"])
+def test_float_rtn_equals_intels_bit_for_bit_and_loads_alike(smollm2_folder, ids_file, tmp_path, scheme):
+    """Plain RTN from float32 weights: every element code and scale of ours equals Intel's checkpoint; Intel's
+    checkpoint through our loader gives the logits of Intel's own loader."""
+    theirs_dir = intel_quantize(smollm2_folder, tmp_path / "intel", scheme)
+    cfg = json.loads((theirs_dir / "config.json").read_text())["quantization_config"]
+    _, ours_dir = ours_rtn(smollm2_folder, scheme, tmp_path / "ours")
+    ours_cfg = json.loads((ours_dir / "config.json").read_text())["quantization_config"]
+    keys = ("packing_format", "bits", "group_size", "data_type", "act_bits", "act_data_type", "act_dynamic")
+    assert {k: ours_cfg.get(k) for k in keys} == {k: cfg.get(k) for k in keys}
+    names = (".weight_packed", ".weight_scale") if scheme != "FP8_STATIC" else (".weight_scale",)
+    ours, theirs = tensors(ours_dir, names), tensors(theirs_dir, names)
+    if scheme != "MXFP4":  # FP8 elements are the ``weight`` tensors of the quantized layers
+        fp8 = tensors(ours_dir, (".weight",))
+        ours.update({k: v.view(torch.uint8) for k, v in fp8.items() if v.dtype == torch.float8_e4m3fn})
+        theirs.update({k: v.view(torch.uint8) for k, v in tensors(theirs_dir, (".weight",)).items()
+                       if v.dtype == torch.float8_e4m3fn})
+    assert ours.keys() == theirs.keys() and len(ours) == 2 * 210
+    differing = [k for k in ours if not torch.equal(ours[k].float(), theirs[k].float())]
+    assert not differing, differing[:5]
+    if scheme == "FP8_STATIC":
+        # Intel's FP8 static layer computes in bfloat16 whatever the model's dtype; whole-model logits of the two
+        # loaders differ past the first token (open question, docs/benchmarks.md), so the layer is compared
+        layer_outputs_agree(theirs_dir, tmp_path, bf16=True)
+        return
+    theirs_logits = intel_logits(theirs_dir, ids_file, tmp_path)
+    assert "auto_round" in theirs_logits["backend_info"]
+    assert torch.allclose(our_float_logits(theirs_dir, ids_file), theirs_logits["logits"], atol=1e-3)
+
+
+@pytest.mark.parametrize("scheme", ["NVFP4", "MXINT4"])
+def test_our_float_checkpoint_loads_through_intel(smollm2_folder, ids_file, tmp_path, scheme):
+    """Our NVFP4 checkpoint (static activation global scale) gives Intel's loader our logits.  MXINT4: Intel
+    0.16.1's loader quantizes ``mx_int`` activations with its MXFP4 element (its format table has no ``mx_int``
+    entry), so only the weights are compared there: its dequantized weights equal ours."""
+    ar, ours_dir = ours_rtn(smollm2_folder, scheme, tmp_path / "ours")
+    mine = our_float_logits(ours_dir, ids_file)
+    with torch.no_grad():  # our loader equals the in-memory fake-quantized model
+        fake = ar.model(torch.tensor(json.loads(ids_file.read_text()))).logits
+    assert torch.allclose(mine, fake, atol=1e-4)
+    if scheme == "NVFP4":  # layer by layer (whole-model logits: see test_intel_nvfp4_and_fp8_block_load_through_ours)
+        layer_outputs_agree(ours_dir, tmp_path)
+        return
+    code = (
+        "import torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(ours_dir)!r}, dtype=torch.float32)\n"
+        "layer = m.model.layers[3].mlp.down_proj\n"
+        "assert type(layer).__name__ == 'MXINT4QuantLinear', type(layer)\n"
+        f"torch.save(layer.dequant_weight_online().float(), {str(tmp_path / 'w.pt')!r})\n"
+    )
+    peer("-c", code)
+    assert torch.equal(torch.load(tmp_path / "w.pt"), ar.layers["model.layers.3.mlp.down_proj"].weight.dequantize())
+
+
+def test_intel_nvfp4_and_fp8_block_load_through_ours(smollm2_folder, ids_file, tmp_path):
+    """Intel's NVFP4 checkpoint: each layer through our loader = through Intel's (the whole-model logits of the
+    two loaders agree on the first token only: an open question, docs/benchmarks.md).  Intel's FP8_BLOCK
+    (auto_round:fp8) loads through ours (Intel 0.16.1's own loader stops at its list-valued group_size) and stays
+    near the float model."""
+    nv = intel_quantize(smollm2_folder, tmp_path / "intel-nvfp4", "NVFP4")
+    layer_outputs_agree(nv, tmp_path)
+    fp8 = intel_quantize(smollm2_folder, tmp_path / "intel-fp8-block", "FP8_BLOCK")
+    assert json.loads((fp8 / "config.json").read_text())["quantization_config"]["packing_format"] == "auto_round:fp8"
+    ids = torch.tensor(json.loads(ids_file.read_text()))
+    float_model = AutoModelForCausalLM.from_pretrained(str(smollm2_folder), dtype=torch.float32).eval()
+
+    def nll(logits):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
+
+    with torch.no_grad():
+        base = nll(float_model(ids).logits)
+    assert nll(our_float_logits(fp8, ids_file)) < base + 0.2

@@ -53,11 +53,11 @@ def test_e4m3_grid_equals_torch_float8_cast():
     assert encode(torch.tensor([1.0, -448.0, 2.0 ** -9]), E4M3).tolist() == [0x38, 0xFE, 0x01]
 
 
-def test_mxint4_grid_and_twos_complement_codes():
+def test_mxint4_grid_symmetric_and_sign_magnitude_codes():
     x = torch.tensor([-2.5, -2.0, -0.125, 0.125, 0.375, 1.7, 1.9])
     q = round_to_grid(x, INT4_MX)
-    assert q.tolist() == [-2.0, -2.0, -0.0, 0.0, 0.5, 1.75, 1.75]
-    assert encode(q, INT4_MX).tolist() == [8, 8, 0, 0, 2, 7, 7]
+    assert q.tolist() == [-1.75, -1.75, -0.0, 0.0, 0.5, 1.75, 1.75]  # symmetric, as the reference's MXINT4
+    assert encode(q, INT4_MX).tolist() == [15, 15, 8, 0, 2, 7, 7]  # sign-magnitude (bit 3 the sign, -0 too)
     assert torch.equal(decode(encode(q, INT4_MX), INT4_MX), q)
 
 
@@ -127,12 +127,13 @@ def test_e2m1_packing_equals_compressed_tensors():
     pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
 
-    from autoround.quantizer.formats.llm_compressor import _pack_e2m1
+    from autoround.quantizer.formats.packing import pack_nibbles, unpack_nibbles
 
     g = torch.Generator().manual_seed(3)
     vals = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])[torch.randint(0, 8, (16, 64), generator=g)]
     vals = vals * torch.where(torch.rand(16, 64, generator=g) < 0.5, -1.0, 1.0)
-    assert torch.equal(_pack_e2m1(encode(vals, E2M1)), pack_fp4_to_uint8(vals))
+    assert torch.equal(pack_nibbles(encode(vals, E2M1)), pack_fp4_to_uint8(vals))
+    assert torch.equal(unpack_nibbles(pack_nibbles(encode(vals, E2M1))), encode(vals, E2M1))
 
 
 # --- activation quantization -----------------------------------------------------------------------------------
@@ -284,16 +285,93 @@ def test_bad_schemes_are_refused():
 
 
 def test_formats_that_cannot_hold_a_float_scheme_refuse_it_before_work(tmp_path):
-    assert formats_supporting(PRESETS["MXFP4"]) == ["llm_compressor", "fake"]
-    assert formats_supporting(PRESETS["MXINT4"]) == ["fake"]
+    assert formats_supporting(PRESETS["MXFP4"]) == ["auto_round", "llm_compressor", "fake"]
+    assert formats_supporting(PRESETS["MXINT4"]) == ["auto_round", "fake"]
+    assert formats_supporting(PRESETS["FP8_BLOCK"]) == ["auto_round", "llm_compressor", "fake", "fp8"]
+    assert formats_supporting(PRESETS["INT8_W8A8"]) == ["llm_compressor", "fake"]
     ar = AutoRound(tiny_llama(), scheme="MXINT4", iters=0, dataset=CALIB, nsamples=8, seqlen=32)
     with pytest.raises(Exception, match="no MX integer"):
         ar.quantize_and_save(str(tmp_path / "out"), format="llm_compressor")
     assert not (tmp_path / "out").exists() and not ar.quantized
-    ar = AutoRound(tiny_llama(), scheme="NVFP4", iters=0, dataset=CALIB, nsamples=8, seqlen=32)
-    with pytest.raises(Exception, match="cannot record the activation quantization.*llm_compressor, fake"):
+    ar = AutoRound(tiny_llama(), scheme="INT8_W8A8", iters=0, dataset=CALIB, nsamples=8, seqlen=32)
+    with pytest.raises(Exception, match="cannot record the activation quantization.*llm_compressor"):
         ar.quantize_and_save(str(tmp_path / "out2"), format="auto_round")
     assert not (tmp_path / "out2").exists()
+    for fmt in ("auto_gptq", "auto_round:auto_gptq", "auto_awq", "mlx"):
+        ar = AutoRound(tiny_llama(), scheme="MXFP4", iters=0, dataset=CALIB, nsamples=8, seqlen=32)
+        with pytest.raises(Exception):
+            ar.quantize_and_save(str(tmp_path / "out3"), format=fmt)
+        assert not (tmp_path / "out3").exists() and not ar.quantized
+    ar = AutoRound(tiny_llama(), scheme="FP8_STATIC", iters=0, dataset=CALIB, nsamples=8, seqlen=32)
+    with pytest.raises(Exception, match="2-D blocks"):
+        ar.quantize_and_save(str(tmp_path / "out4"), format="fp8")
+    # one auto_round checkpoint has one packing: MX weights beside integer ones are refused before any work
+    ar = AutoRound(tiny_llama(), scheme="MXFP4", iters=0, dataset=CALIB, nsamples=8, seqlen=32,
+                   layer_config={"model.layers.0.mlp.up_proj": "W4A16"})
+    with pytest.raises(Exception, match="one auto_round checkpoint has one packing"):
+        ar.quantize_and_save(str(tmp_path / "out5"), format="auto_round")
+    assert not (tmp_path / "out5").exists() and not ar.quantized
+
+
+# --- the reference's auto_round packings, read back by our transformers loader ---------------------------------
+
+AR_CASES = {  # preset: (packing_format, {tensor suffix: dtype})
+    "MXFP4": ("auto_round:llm_compressor", {"weight_packed": torch.uint8, "weight_scale": torch.uint8}),
+    "MXFP4_RCEIL": ("auto_round:llm_compressor", {"weight_packed": torch.uint8, "weight_scale": torch.uint8}),
+    "MXFP8": ("auto_round:llm_compressor", {"weight": torch.float8_e4m3fn, "weight_scale": torch.uint8}),
+    "MXINT4": ("auto_round", {"weight_packed": torch.uint8, "weight_scale": torch.uint8}),
+    "NVFP4": ("auto_round:llm_compressor", {"weight_packed": torch.uint8, "weight_scale": torch.float8_e4m3fn,
+                                            "weight_global_scale": torch.float32,
+                                            "input_global_scale": torch.float32}),
+    "FPW8A16": ("auto_round:fp8_static", {"weight": torch.float8_e4m3fn, "weight_scale": torch.float32}),
+    "FP8_STATIC": ("auto_round:fp8_static", {"weight": torch.float8_e4m3fn, "weight_scale": torch.float32,
+                                             "input_scale": torch.float32}),
+    "FP8_BLOCK": ("auto_round:fp8", {"weight": torch.float8_e4m3fn, "weight_scale_inv": torch.float32}),
+}
+
+
+@pytest.mark.parametrize("preset", list(AR_CASES))
+def test_auto_round_float_export_loads_with_the_same_logits(tmp_path, preset):
+    """The reference's tensor names and config keys; our loader (torch_float kernel, activations quantized as the
+    config says) gives the fake-quantized model's logits exactly."""
+    from autoround import AutoRoundConfig  # noqa: F401  (registers the loader)
+
+    packing, dtypes = AR_CASES[preset]
+    m = tiny_llama(hidden=256, inter=512)
+    ar = AutoRound(m, scheme=preset, iters=0, dataset=CALIB, nsamples=8, seqlen=32, batch_size=4)
+    _, (out,) = ar.quantize_and_save(str(tmp_path / "ckpt"))  # no format named: auto_round, as the reference
+    cfg = _qconfig(out)
+    s = PRESETS[preset]
+    assert cfg["quant_method"] == "auto-round" and cfg["packing_format"] == packing
+    assert (cfg["bits"], cfg["data_type"], cfg["act_bits"]) == (s.bits, s.data_type, s.act_bits)
+    if s.act_bits < 16:
+        assert (cfg["act_data_type"], cfg["act_dynamic"]) == (s.act_scheme().data_type, s.act_dynamic)
+    t = _tensors(out)
+    name = "model.layers.0.mlp.up_proj"
+    assert {k[len(name) + 1:]: v.dtype for k, v in t.items() if k.startswith(name + ".")} == dtypes
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    kernel = loaded.get_submodule(name)
+    assert kernel.kernel_name == "torch_float"
+    assert torch.equal(kernel.quantized_weight().dequantize(), ar.layers[name].weight.dequantize())
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, ar.model(IDS).logits)
+
+
+def test_fp8_format_is_read_by_transformers_fine_grained_fp8(tmp_path):
+    """``--format fp8`` (DeepSeek-V3 layout) loads with transformers' own FP8 quantizer, which dequantizes on a CPU."""
+    m = tiny_llama(hidden=256, inter=512)
+    ar = AutoRound(m, scheme="FP8_BLOCK", iters=0, dataset=CALIB, nsamples=8, seqlen=32, batch_size=4)
+    _, (out,) = ar.quantize_and_save(str(tmp_path / "ckpt"), format="fp8")
+    cfg = _qconfig(out)
+    assert cfg["quant_method"] == "fp8" and cfg["weight_block_size"] == [128, 128]
+    assert cfg["activation_scheme"] == "dynamic" and cfg["ignored_layers"] == ["lm_head"]
+    t = _tensors(out)
+    name = "model.layers.0.mlp.up_proj"
+    assert t[name + ".weight_scale_inv"].shape == (4, 2) and t[name + ".weight"].dtype == torch.float8_e4m3fn
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    for layer_name, layer in ar.layers.items():  # transformers dequantizes to bfloat16
+        theirs = loaded.get_submodule(layer_name).weight.float()
+        assert torch.allclose(theirs, layer.weight.dequantize(), rtol=2 ** -8, atol=0), layer_name
 
 
 def test_act_scale_env(monkeypatch):
@@ -329,3 +407,25 @@ def test_resume_store_keeps_float_weights(tmp_path, preset):
     back = again.load_block("model.layers.0")[0]["mlp.down_proj"]
     assert back.block == qw.block and back.data_type == qw.data_type
     assert torch.equal(back.dequantize(), qw.dequantize())
+
+
+@pytest.mark.parametrize("iters", [0, 2])
+def test_nvfp4_fused_siblings_share_one_global_scale(monkeypatch, iters):
+    """q/k/v and gate/up (fused into one layer by the engines) get one weight global scale, from the largest
+    |weight| among them; AR_NVFP4_FUSED_LAYER_GLOBAL_SCALE=0 gives each its own."""
+    def scales(env):
+        monkeypatch.setenv("AR_NVFP4_FUSED_LAYER_GLOBAL_SCALE", env)
+        m = tiny_llama(hidden=128, inter=256)
+        amax = {n: mod.weight.abs().amax() for n, mod in m.named_modules() if n.startswith("model.layers.0.")
+                and isinstance(mod, torch.nn.Linear)}
+        ar = AutoRound(m, scheme="NVFP4", iters=iters, dataset=CALIB, nsamples=8, seqlen=32, batch_size=4)
+        ar.quantize("fake")
+        return amax, {n.split(".")[-1]: ar.layers[n].weight.global_scale.item() for n in amax}
+
+    amax, shared = scales("1")
+    qkv = max(amax[f"model.layers.0.self_attn.{p}"] for p in ("q_proj", "k_proj", "v_proj"))
+    assert shared["q_proj"] == shared["k_proj"] == shared["v_proj"] == pytest.approx(2688 / qkv.item())
+    assert shared["gate_proj"] == shared["up_proj"] != shared["down_proj"]
+    _, own = scales("0")
+    assert len({own["q_proj"], own["k_proj"], own["v_proj"]}) == 3
+    assert own["o_proj"] == shared["o_proj"] and own["down_proj"] == shared["down_proj"]

@@ -132,14 +132,15 @@ class GGUFFamily(WeightFamily):
         return out_features * -(-in_features // t.block_size) * t.type_size * 8
 
     def quantize(self, weight: torch.Tensor, scheme: QuantScheme, importance: torch.Tensor | None,
-                 search_lowest: float = 0.7) -> GGUFWeight:
+                 search_lowest: float = 0.7, global_amax: torch.Tensor | None = None) -> GGUFWeight:
         qtype = gguf_type_of(scheme)
         return GGUFWeight(quantize_tensor(weight, qtype, importance), qtype, tuple(weight.shape))
 
     def tuning_importance(self, scheme: QuantScheme, options) -> bool:
         return True  # tuning starts from the importance-weighted iters-0 blocks (measured on the tuning inputs)
 
-    def tuner(self, linear: nn.Linear, scheme: QuantScheme, options, importance: torch.Tensor | None):
+    def tuner(self, linear: nn.Linear, scheme: QuantScheme, options, importance: torch.Tensor | None,
+              global_amax: torch.Tensor | None = None):
         if not gguf_tune.tunable(gguf_type_of(scheme)):
             return None  # iq4_nl's non-linear table: the iters-0 quantizer
         return TunedGGUFLinear(linear, scheme, options.enable_minmax_tuning, importance)
