@@ -95,7 +95,7 @@ class CheckpointQuantConfig:
             return self.default
         data_type = override.get("data_type", self.default.data_type)
         bits = int(override.get("bits", self.default.bits))
-        if bits >= 16 or data_type in ("float", "bf16", "fp16") or (data_type == "fp" and bits >= 16):
+        if bits >= 16 or data_type in ("float", "bf16", "fp16"):  # "fp" with 8 bits is FP8, quantized
             return FLOAT
         return _scheme(override, self.default)
 

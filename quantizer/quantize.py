@@ -18,19 +18,21 @@ from .. import envs
 from ..log import logger
 
 
-def shared_global_amax(linears: Mapping[str, nn.Module], schemes: Mapping[str, QuantScheme]) -> dict[str, torch.Tensor]:
-    """The |weight| max each layer with a per-tensor global scale (NVFP4) takes it from, where it is shared:
-    layers that engines fuse (q/k/v, gate/up) get one global scale, from the largest of them, because the fused
-    layer has one (``AR_NVFP4_FUSED_LAYER_GLOBAL_SCALE``, on by default, as the reference tool)."""
+def shared_global_amax(linears: Mapping[str, nn.Module], schemes: Mapping[str, QuantScheme]) -> dict[str, dict]:
+    """The ``global_amax`` keyword of each layer with a per-tensor global scale (NVFP4) whose scale is shared:
+    layers that engines fuse (q/k/v, gate/up) get one global scale, from the largest |weight| of them, because the
+    fused layer has one (``AR_NVFP4_FUSED_LAYER_GLOBAL_SCALE``, on by default, as the reference tool).  Callers
+    pass ``**shared.get(name, {})`` to the family's ``quantize`` / ``tuner``, so families without a global scale
+    never see the keyword."""
     if not envs.AR_NVFP4_FUSED_LAYER_GLOBAL_SCALE:
         return {}
     from .autoscheme import fused_siblings
 
     scaled = [n for n, s in schemes.items() if not s.is_float and family_of(s).has_global_scale]
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, dict] = {}
     for group in fused_siblings(scaled):
         amax = torch.stack([linears[n].weight.detach().abs().amax().float() for n in group]).amax()
-        out.update({n: amax for n in group})
+        out.update({n: {"global_amax": amax} for n in group})
     return out
 
 
@@ -52,8 +54,7 @@ def quantize_layers(
         module, scheme = linears[name], plan.quantize[name]
         w = module.weight.data
         imp = None if importance is None or name not in importance else importance[name]
-        shared_amax = {"global_amax": shared[name]} if name in shared else {}  # only families that have one
-        qw = family_of(scheme).quantize(w, scheme, imp, search_lowest, **shared_amax)
+        qw = family_of(scheme).quantize(w, scheme, imp, search_lowest, **shared.get(name, {}))
         module.weight.data.copy_(qw.dequantize().to(w.dtype))
         bias = module.bias.data.clone() if module.bias is not None else None
         amax = (input_amax or {}).get(name)

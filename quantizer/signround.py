@@ -129,14 +129,13 @@ def tune_block(
         linear = block.get_submodule(name)
         family = family_of(scheme)
         imp = importance.get(name) if importance and name in need else None
-        shared_amax = {"global_amax": shared[name]} if name in shared else {}  # only families that have one
-        wrapper = family.tuner(linear, scheme, options, imp, **shared_amax)
+        wrapper = family.tuner(linear, scheme, options, imp, **shared.get(name, {}))
         if wrapper is not None:
             if quantizes_acts(scheme):
                 wrapper.act = ActQuantizer(scheme, (input_amax or {}).get(name))
             wrappers[name] = wrapper
         else:  # a type SignRound does not tune: its family's importance-weighted iters-0 quantizer
-            fixed[name] = family.quantize(linear.weight, scheme, imp, **shared_amax)
+            fixed[name] = family.quantize(linear.weight, scheme, imp, **shared.get(name, {}))
     if fixed:
         logger.info(
             "SignRound does not tune %s; quantized with the iters-0 (importance-weighted) quantizer: %s",

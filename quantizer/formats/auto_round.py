@@ -66,8 +66,6 @@ PACKING_ALIASES = {
     PACKING_FP8: PACKING_FP8,
     PACKING_FP8_BLOCK: PACKING_FP8_BLOCK,
 }
-# the scheme fields a float checkpoint records per layer (besides bits/group_size/sym/data_type)
-ACT_KEYS = ("act_bits", "act_group_size", "act_sym", "act_data_type", "act_dynamic")
 
 
 def float_packing(scheme: QuantScheme) -> str | None:
@@ -90,6 +88,17 @@ def float_weights_error(scheme: QuantScheme) -> str | None:
         if family_of(act).name != family:
             return (f"{scheme.data_type} weights are written with {family.upper()} activations only, not "
                     f"{act.data_type!r}")
+    return None
+
+
+def float_shape_error(scheme: QuantScheme, in_features: int) -> str | None:
+    """Why a layer of ``in_features`` inputs cannot hold ``scheme``'s float weights (whole weight and activation
+    groups), or None; the compressed-tensors and fp8 layouts have the same limits."""
+    gs = scheme.group_size
+    if isinstance(gs, int) and gs > 0 and in_features % gs:
+        return f"{in_features} input channels are not a whole number of groups of {gs}"
+    if scheme.act_bits < 16 and scheme.act_group_size > 0 and in_features % scheme.act_group_size:
+        return f"{in_features} input channels are not a whole number of activation groups"
     return None
 
 
@@ -155,9 +164,8 @@ class AutoRoundFormat(ExportFormat):
     model_free = True
 
     def scheme_error(self, scheme: QuantScheme) -> str | None:
-        if not scheme.is_float and float_packing(scheme) is not None:  # MX/NV/FP8 record their activations
-            return self.weights_error(scheme)
-        if not scheme.is_float and scheme.act_bits < 16:
+        # MX/NV/FP8 packings record their activations; the integer layouts are weight-only
+        if not scheme.is_float and scheme.act_bits < 16 and float_packing(scheme) is None:
             return (f"auto_round holds integer weights weight-only and cannot record the activation quantization of "
                     f"{scheme.describe()}; INT8_W8A8-style checkpoints are written by format llm_compressor")
         return self.weights_error(scheme)
@@ -178,12 +186,7 @@ class AutoRoundFormat(ExportFormat):
 
     def shape_error(self, scheme: QuantScheme, in_features: int, out_features: int) -> str | None:
         if float_packing(scheme) is not None:
-            gs = scheme.group_size
-            if isinstance(gs, int) and gs > 0 and in_features % gs:
-                return f"{in_features} input channels are not a whole number of groups of {gs}"
-            if scheme.act_bits < 16 and scheme.act_group_size > 0 and in_features % scheme.act_group_size:
-                return f"{in_features} input channels are not a whole number of activation groups"
-            return None
+            return float_shape_error(scheme, in_features)
         if in_features % 32 or out_features % 32:
             return f"[{out_features} x {in_features}] is not a multiple of 32 in both dimensions"
         return None

@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from . import ExportFormat, ExportJob, register_format
-from .auto_round import AutoRoundFormat, float_layer_tensors
+from .auto_round import float_layer_tensors, float_shape_error
 from .writer import save_format
 from ..dtypes import family_of
 from ..schemes import QuantScheme
@@ -41,7 +41,7 @@ class FP8BlockFormat(ExportFormat):
         return None
 
     def shape_error(self, scheme: QuantScheme, in_features: int, out_features: int) -> str | None:
-        return AutoRoundFormat().shape_error(scheme, in_features, out_features)
+        return None if scheme.is_float else float_shape_error(scheme, in_features)
 
     def quantization_config(self, job: ExportJob) -> dict[str, Any]:
         s = job.scheme

@@ -28,10 +28,11 @@ import torch
 from torch import nn
 
 from . import ExportFormat, ExportJob, QuantizedLayer, register_format
-from .packing import mx_nv_tensors, pack_rows
+from .auto_round import float_layer_tensors, float_packing, float_shape_error, float_weights_error
+from .packing import pack_rows
 from .writer import save_format
 from ..dtypes import family_of
-from ..dtypes.floats import fp8_static_input_scale, nvfp4_global_scale
+from ..dtypes.floats import fp8_static_input_scale
 from ..schemes import QuantScheme
 
 BITS = (4, 8)
@@ -141,23 +142,12 @@ class LLMCompressorFormat(ExportFormat):
             return "compressed-tensors has no MX integer (MXINT4) format"
         if family not in ("mx", "nvfp", "fp8"):
             return f"compressed-tensors stores int, MXFP, NVFP4 and FP8 weights, not {scheme.data_type!r}"
-        if scheme.act_bits < 16:
-            act_family = family_of(scheme.act_scheme()).name
-            if family in ("mx", "nvfp") and act_family != family:
-                return (f"{scheme.data_type} weights are written with {family.upper()} activations only, not "
-                        f"{scheme.act_scheme().data_type!r}")
-            if family == "fp8" and act_family != "fp8":
-                return f"FP8 weights are written with FP8 activations only, not {scheme.act_scheme().data_type!r}"
-        return None
+        return float_weights_error(scheme)
 
     def shape_error(self, scheme: QuantScheme, in_features: int, out_features: int) -> str | None:
         gs = scheme.group_size
-        if not scheme.is_float and family_of(scheme).name != "int":
-            if isinstance(gs, int) and gs > 0 and in_features % gs:
-                return f"{in_features} input channels are not a whole number of groups of {gs}"
-            if scheme.act_bits < 16 and scheme.act_group_size > 0 and in_features % scheme.act_group_size:
-                return f"{in_features} input channels are not a whole number of activation groups"
-            return None
+        if not scheme.is_float and float_packing(scheme) is not None:
+            return float_shape_error(scheme, in_features)
         if scheme.act_bits < 16:
             return None
         if in_features % 32 or out_features % 32:
@@ -181,11 +171,8 @@ class LLMCompressorFormat(ExportFormat):
             if not qw.sym:
                 out["weight_zero_point"] = pack_rows(qw.zero.t().contiguous(), qw.bits).t().contiguous()
             return out
-        if family in ("nvfp", "mx"):
-            out = mx_nv_tensors(qw, family)
-            if family == "nvfp" and layer.scheme.act_bits < 16:
-                out["input_global_scale"] = nvfp4_global_scale(layer.input_amax)
-            return out
+        if family in ("nvfp", "mx"):  # the same tensors as the reference's auto_round:llm_compressor packing
+            return float_layer_tensors(layer)
         # FP8: E4M3 weights, float32 scales in compressed-tensors' shape for the strategy
         out = {"weight": qw.codes.view(torch.float8_e4m3fn)}
         strategy = _float_weights_args(layer)["strategy"]
