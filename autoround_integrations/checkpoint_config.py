@@ -10,6 +10,7 @@ from typing import Any, Mapping
 from autoround.quantizer.errors import SchemeError
 from autoround.quantizer.formats.auto_round import PACKING_ALIASES, zero_offset
 from autoround.quantizer.schemes import FLOAT, QuantScheme
+from autoround.quantizer.transforms.rotation import RotationSpec
 
 _REGEX_CHARS = set("*+?[](){}|^$\\")
 
@@ -24,6 +25,8 @@ class CheckpointQuantConfig:
     dynamic: tuple[tuple[str, Mapping[str, Any] | None], ...] = ()
     # AWQ ``modules_to_not_convert`` (and lm_head of GPTQ/AWQ checkpoints): name substrings left in float
     float_patterns: tuple[str, ...] = ()
+    # ``rotation_config``: every quantized layer's input is rotated (``transforms.rotation``)
+    rotation: RotationSpec | None = None
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> "CheckpointQuantConfig":
@@ -60,8 +63,13 @@ class CheckpointQuantConfig:
         float_patterns = list(cfg.get("modules_to_not_convert") or [])
         if method in ("gptq", "awq") and not cfg.get("lm_head", False):
             float_patterns.append("lm_head")
+        try:
+            rotation = RotationSpec.parse(cfg.get("rotation_config"))
+        except ValueError as exc:
+            raise SchemeError(f"this checkpoint's rotation_config cannot be applied: {exc}") from None
         return cls(
-            default, packing, tuple(flat), dict(cfg.get("extra_config") or {}), tuple(dynamic), tuple(float_patterns)
+            default, packing, tuple(flat), dict(cfg.get("extra_config") or {}), tuple(dynamic), tuple(float_patterns),
+            rotation,
         )
 
     @property

@@ -94,6 +94,12 @@ def parse_checkpoint_config(cfg: Mapping[str, Any]) -> CheckpointQuantConfig:
             "method does not serve; export them with --format llm_compressor (fp8 for FP8_BLOCK) for the engines' "
             "compressed-tensors kernels, or load this checkpoint with transformers"
         )
+    if ckpt.rotation is not None:
+        raise SchemeError(
+            f"this checkpoint rotates each layer's input ({ckpt.rotation.hadamard_type}, block "
+            f"{ckpt.rotation.block_size}: rotation_config), which the AutoRound engine method does not apply; load it "
+            "with transformers, or quantize again without rotation_config for serving"
+        )
     check_servable(ckpt.default, "the checkpoint's default scheme")
     return ckpt
 

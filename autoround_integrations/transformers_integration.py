@@ -21,6 +21,7 @@ from autoround.backends import InstallAdvice, reconcile_dtype, select_kernel
 from autoround.memory import release_host_memory
 from autoround.quantizer.errors import AutoRoundError, ModelLoadError, SchemeError
 from autoround.quantizer.model_io import linear_dims
+from autoround.quantizer.transforms.rotation import install_input_rotation
 
 from .checkpoint_config import CheckpointQuantConfig
 from .engine_common import checkpoint_tensor_names, layer_spec
@@ -202,6 +203,12 @@ class AutoRoundQuantizer(HfQuantizer):
             if present is not None:
                 wanted = list(qlinear.checkpoint_tensors) + (["bias"] if module.bias is not None else [])
                 missing += [f"{name}.{t}" for t in wanted if f"{name}.{t}" not in present]
+            if ckpt.rotation is not None and ckpt.rotation.hadamard_type == "random_hadamard":
+                # the layer's rotation matrix R, stored with it (the input is rotated by it after loading)
+                bs = ckpt.rotation.block_size
+                qlinear.register_buffer("hadamard_matrix", torch.empty(bs, bs, dtype=torch.float32, device="meta"))
+                if present is not None and f"{name}.hadamard_matrix" not in present:
+                    missing.append(f"{name}.hadamard_matrix")
             if present is not None and f"{name}.g_idx" in present:
                 # GPTQ group index: loaded, then checked to be the trivial i // group_size (no act-order)
                 qlinear.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, device="meta"))
@@ -229,6 +236,8 @@ class AutoRoundQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         missing = []
+        rotation = self.quantization_config.checkpoint_config().rotation
+        fixed = rotation.matrix() if rotation is not None and rotation.hadamard_type == "hadamard" else None
         for name, module in model.named_modules():
             if hasattr(module, "kernel_name"):
                 for bname, buf in module.named_buffers(recurse=False):
@@ -237,6 +246,10 @@ class AutoRoundQuantizer(HfQuantizer):
                 if not missing:
                     _check_g_idx(name, module)
                     module.post_init()
+                    if rotation is not None:  # x -> x Rᵀ per block before the layer (the weight is stored rotated)
+                        r = fixed if fixed is not None else module.hadamard_matrix
+                        _check_rotation(name, r, rotation.block_size)
+                        install_input_rotation(module, r)
         if missing:
             raise ModelLoadError(f"the checkpoint is missing quantized tensors: {_shorten(missing)}")
         release_host_memory()
@@ -247,6 +260,15 @@ class AutoRoundQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _check_rotation(name: str, r: torch.Tensor, block_size: int) -> None:
+    eye = torch.eye(block_size, dtype=torch.float64)
+    if tuple(r.shape) != (block_size, block_size) or not torch.allclose(r.double() @ r.double().T, eye, atol=1e-4):
+        raise ModelLoadError(
+            f"{name}.hadamard_matrix is not an orthonormal {block_size} x {block_size} matrix (shape "
+            f"{tuple(r.shape)}): the checkpoint's rotation cannot be undone"
+        )
 
 
 def _check_g_idx(name: str, module: nn.Module) -> None:

@@ -58,10 +58,11 @@ def build_parser(prog: str = "auto-round", recipe: str = "default") -> argparse.
     add_cli_arguments(p, CalibrationOptions, "calibration data", r)
     add_cli_arguments(p, RuntimeOptions, "runtime", r)
     g = p.add_argument_group("transforms")
-    g.add_argument("--rotation_type", default=None,
-                   help="Hadamard rotation type (hadamard, random_hadamard): not built yet, refused")
+    g.add_argument("--rotation_type", default=None, choices=["hadamard", "random_hadamard"],
+                   help="rotate each quantized layer's input by a block Hadamard matrix (rotation_config)")
     g.add_argument("--rotation_block_size", type=int, default=None,
-                   help="Hadamard rotation block size: not built yet, refused")
+                   help="Hadamard rotation block size (default 32; must divide every rotated layer's input features)")
+    g.add_argument("--rotation_seed", type=int, default=None, help="seed of random_hadamard's signs (default 0)")
     g = p.add_argument_group("AutoScheme (mixed bits under an average-bits budget; replaces --scheme)")
     g.add_argument("--avg_bits", "--target_bits", dest="avg_bits", type=float, default=None,
                    help="average bits per weight to reach at most, e.g. 3.0 (scales and zero points counted)")
@@ -319,9 +320,10 @@ def run(args: argparse.Namespace) -> int:
         for name in ("iters", "disable_opt_rtn"):
             if values[name] == parser.get_default(name):
                 del values[name]
-    if args.rotation_type is not None or args.rotation_block_size is not None:
-        values["rotation_config"] = {k: v for k, v in (("hadamard_type", args.rotation_type),
-                                                      ("block_size", args.rotation_block_size)) if v is not None}
+    rotation = (("hadamard_type", args.rotation_type), ("block_size", args.rotation_block_size),
+                ("seed", args.rotation_seed))
+    if any(v is not None for _, v in rotation):
+        values["rotation_config"] = {k: v for k, v in rotation if v is not None}
     if (args.avg_bits is None) != (args.options is None):
         raise AutoRoundError("AutoScheme needs both --avg_bits (or --target_bits) and --options")
     if args.avg_bits is not None:

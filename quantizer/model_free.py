@@ -203,6 +203,9 @@ class StreamedLayer:
     from the source and rounded to nearest each time it is asked for (never kept: one layer in memory at a time),
     exactly as ``quantize.quantize_layers`` rounds the loaded weight for plain RTN."""
 
+    input_amax = None
+    rotation = None  # the model-free route runs no transform
+
     def __init__(self, name: str, scheme: QuantScheme, module: nn.Linear, tensors: SourceTensors, transposed: bool):
         self.name, self.scheme = name, scheme
         self.in_features, self.out_features = module.in_features, module.out_features

@@ -77,7 +77,10 @@ class PlanOptions:
     super_bits: int | None = _opt(None, "GGUF k-quant super-block scale bits: fixed by the GGUF type", cli=False)
     super_group_size: int | None = _opt(None, "GGUF k-quant super-block size: fixed by the GGUF type", cli=False)
     scale_dtype: Any = _opt("fp16", "dtype of the stored scales: every format here stores float16", cli=False)
-    rotation_config: Any = _opt(None, "Hadamard rotation ('default' or a dict): not built yet", cli=False)
+    rotation_config: Any = _opt(
+        None, "Hadamard rotation of each quantized layer's input: 'default' (block-32 Hadamard), 'random_hadamard', "
+        "or {'hadamard_type': ..., 'block_size': N, 'seed': S}", cli=False,
+    )
     quant_nontext_module: bool = _opt(False, "also quantize the vision/audio towers of multimodal models: not built yet")
 
 
@@ -271,11 +274,9 @@ def check_unsupported(plan: PlanOptions, tuning: TuningOptions) -> None:
         raise ValueError(
             f"scale_dtype={sd!r} is not supported: every format here stores float16 scales; leave it at 'fp16'"
         )
-    if plan.rotation_config not in (None, False, "", {}):
-        raise ValueError(
-            f"rotation_config={plan.rotation_config!r}: Hadamard rotation is not built yet (it comes with the "
-            "MXFP/NVFP/FP8 data types); leave rotation_config unset"
-        )
+    from .transforms.rotation import RotationSpec
+
+    RotationSpec.parse(plan.rotation_config)  # one clear error for a bad rotation_config
     if plan.quant_nontext_module:
         raise ValueError(
             "quant_nontext_module=True: quantizing the vision/audio towers of multimodal models is not built yet; "

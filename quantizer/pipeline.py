@@ -38,6 +38,7 @@ from .plan import LayerPlan, plan_layers, scheme_for_layer
 from .quantize import quantize_layers
 from .schemes import SCHEME_OVERRIDES, QuantScheme, resolve_scheme
 from .transforms import Transform
+from .transforms.rotation import HadamardRotation, RotationSpec, rotation_of
 from .. import envs
 from ..log import logger
 from ..memory import peak_rss_gib
@@ -81,8 +82,11 @@ class Pipeline:
         self.options, self.source = options, source
         self.device = resolve_device_map(options.runtime.device_map)  # a missing device fails here, before work
         self.transforms: list[Transform] = list(transforms or [])
-        self._applied: list[Transform] = []
         p = options.plan
+        rotation = RotationSpec.parse(p.rotation_config)
+        if rotation is not None:
+            self.transforms.append(HadamardRotation(rotation))
+        self._applied: list[Transform] = []
         self.auto_scheme: AutoScheme | None = p.scheme if isinstance(p.scheme, AutoScheme) else None
         if self.auto_scheme is not None:
             given = [n for n in SCHEME_OVERRIDES if getattr(p, n) is not None]
@@ -238,11 +242,20 @@ class Pipeline:
     def adapt_scheme(self, fmts: list) -> None:
         """Formats that fix the scheme (gguf:q4_k_m needs GGUF:Q4_K_M) adapt it before any work; AutoScheme's
         options must each be writable as they are."""
+        self.check_transforms(fmts)
         if self.auto_scheme is not None:
             check_options(self.auto_scheme, fmts)
             return
         for fmt in fmts:
             self.scheme = fmt.adapt_scheme(self.scheme)
+
+    def check_transforms(self, fmts: list) -> None:
+        """Every format must be able to write what the run's transforms make of the model (before any work)."""
+        for t in self.transforms:
+            for fmt in fmts:
+                err = t.format_error(fmt)
+                if err:
+                    raise FormatError(err)
 
     def default_format(self, log: bool = False) -> str:
         """The format used when none is named: auto_round where it holds the run's schemes, else the format
@@ -261,7 +274,8 @@ class Pipeline:
         schemes = [o for o in self.auto_scheme.schemes if not o.is_float] if self.auto_scheme else [self.scheme]
         for name in ("auto_round", schemes[0].data_type, "llm_compressor"):
             fmt = get_format(name) if name in list_formats() else None
-            if fmt is not None and all(fmt.scheme_error(s) is None for s in schemes) and not fmt.mix_error(schemes):
+            if (fmt is not None and all(fmt.scheme_error(s) is None for s in schemes) and not fmt.mix_error(schemes)
+                    and not any(t.format_error(fmt) for t in self.transforms)):
                 return name
         return "auto_round"  # its refusal names the formats that can hold the scheme
 
@@ -384,6 +398,8 @@ class Pipeline:
             self._finish()
             return self.model, self.layer_config_out()
         self.plan = self.auto_plan(fmts) if self.auto_scheme is not None else self.make_plan(fmts)
+        for t in self._applied:
+            t.settle(self.model, set(self.plan.quantize))
         check_act_env(list(self.plan.quantize.values()))
         self._untie_lm_head()
         tuning = self.options.tuning
@@ -462,6 +478,10 @@ class Pipeline:
             self.layers.update(quantize_layers(self.linears, sub, None, envs.AR_SEARCH_SCALE_RATIO))
 
     def _finish(self) -> None:
+        for name, layer in self.layers.items():  # the exports write a rotated layer's rotation with it
+            rot = rotation_of(self.model.get_submodule(name))
+            if rot is not None:
+                layer.rotation = next(t.spec for t in self._applied if isinstance(t, HadamardRotation))
         model_io.linear_to_conv1d(self.model, self.conv1d_names)
         self.conv1d_names = []
         self.quantized = True
@@ -495,6 +515,7 @@ class Pipeline:
         check_output_dir(output_dir)
         if not self.quantized:
             raise AutoRoundError("call quantize() before save_quantized(), or use quantize_and_save()")
+        self.check_transforms(fmts)
         for fmt in fmts:  # formats chosen after quantize() must still hold the schemes and shapes used
             if self.auto_scheme is not None:
                 check_options(self.auto_scheme, [fmt])

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .act_quant import ActQuantizer, quantizes_acts
+from .transforms.rotation import RotatedInput, rotation_of
 from .dtypes import family_of
 from .importance import block_importance
 from .quantize import shared_global_amax
@@ -146,8 +147,9 @@ def tune_block(
         for name, qw in fixed.items():
             weight = block.get_submodule(name).weight
             weight.copy_(qw.dequantize().to(weight.device, weight.dtype))
-    for name, wrapper in wrappers.items():
-        _swap(block, name, wrapper)
+    for name, wrapper in wrappers.items():  # a rotated layer's wrapper sees the rotated input (its hook is bypassed)
+        rot = rotation_of(block.get_submodule(name))
+        _swap(block, name, RotatedInput(wrapper, rot) if rot is not None else wrapper)
     try:
         if not wrappers:  # nothing to tune: report the loss of the quantized block on one batch
             idx = torch.arange(min(options.batch_size, len(inputs)))

@@ -1,7 +1,7 @@
 """Side by side with Intel's ``auto-round`` on SmolLM2-135M-Instruct: perplexity, quantization time, peak RSS.
 
     python -m autoround.bench.vs_reference --ref-python /path/to/venv-with-auto-round/bin/python \\
-        [--schemes W4G64,W4G128,W2G64,AUTO3,AUTO4.5] [--methods rtn,opt_rtn,light,light_ext,default]
+        [--schemes W4G64,W4G128,W2G64,AUTO3,AUTO4.5,MXFP4,NVFP4,MXFP8,FP8_STATIC,INT8_W8A8,MXFP4_ROT] [--methods rtn,opt_rtn,light,light_ext,default]
         [--ref-cache FILE]
 
 Installs nothing.  Both tools get identical calibration tokens (consecutive 512-token chunks of the first 60%
@@ -40,6 +40,13 @@ SCHEMES = {  # name -> (bits, group_size), or ("auto", avg_bits) for AutoScheme 
     "W2G64": (2, 64),
     "AUTO3": ("auto", 3.0),
     "AUTO4.5": ("auto", 4.5),
+    # low-bit float and activation-quantized presets (issue 15), exported as each tool's default format for them
+    "MXFP4": ("preset", ("MXFP4", None)),
+    "NVFP4": ("preset", ("NVFP4", None)),
+    "MXFP8": ("preset", ("MXFP8", None)),
+    "FP8_STATIC": ("preset", ("FP8_STATIC", None)),
+    "INT8_W8A8": ("preset", ("INT8_W8A8", None)),
+    "MXFP4_ROT": ("preset", ("MXFP4", "default")),  # with rotation_config="default" (block-32 Hadamard)
 }
 AUTO_OPTIONS = ("W2A16G64", "W4A16", "W8A16")
 METHODS = {  # name -> (iters, lr, disable_opt_rtn, enable_alg_ext)
@@ -55,10 +62,26 @@ def _scheme_kwargs(name: str, auto_scheme_cls, workdir: str) -> dict:
     """The scheme arguments of a row, the same for both tools (their AutoScheme classes share the API); an
     AutoScheme row calibrates on the text file both tools can read (``_prepare``)."""
     first, second = SCHEMES[name]
+    if first == "preset":
+        preset, rotation = second
+        return {"scheme": preset, **({"rotation_config": rotation} if rotation else {})}
     if first == "auto":
         return {"scheme": auto_scheme_cls(avg_bits=second, options=AUTO_OPTIONS),
                 "dataset": str(Path(workdir) / "calib.jsonl")}
     return {"scheme": "W4A16", "bits": first, "group_size": second, "sym": True}
+
+
+def _format(name: str) -> str:
+    """The export format of a row: ``auto_round`` (the reference's default for every float preset), except
+    INT8_W8A8, which both tools write as ``llm_compressor`` (``auto_round`` holds no integer weights with
+    quantized activations)."""
+    return "llm_compressor" if SCHEMES[name] == ("preset", ("INT8_W8A8", None)) else "auto_round"
+
+
+def _size_mib(folder: str) -> float:
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) / 2**20
+
+
 SETTINGS = {"nsamples": 32, "seqlen": 512, "batch_size": 4, "seed": 42, "eval_windows": 40}
 
 
@@ -112,8 +135,8 @@ def worker_ours(a: argparse.Namespace) -> None:
         seed=SETTINGS["seed"], disable_opt_rtn=plain, enable_alg_ext=ext,
         **({"amp": False} if a.disable_amp else {}),
     )
-    ar.quantize_and_save(a.out, format="auto_round")
-    _emit({"seconds": time.time() - t0, "peak_rss_gib": _peak_rss_gib()})
+    ar.quantize_and_save(a.out, format=_format(a.scheme))
+    _emit({"seconds": time.time() - t0, "peak_rss_gib": _peak_rss_gib(), "size_mib": _size_mib(a.out)})
 
 
 def worker_ours_eval(a: argparse.Namespace) -> None:
@@ -166,7 +189,7 @@ def worker_ref(a: argparse.Namespace) -> None:
         qmodel = (qmodel if qmodel is not None else model).float().eval()
         result.update(ppl=_perplexity(qmodel, windows), loaded_from="in-memory fake-quantized model")
     else:
-        ar.quantize_and_save(output_dir=staging, format="auto_round")
+        ar.quantize_and_save(output_dir=staging, format=_format(a.scheme))
         seconds = time.time() - t0
         rss = _peak_rss_gib()
         found = [r for r, _, files in os.walk(staging) if "config.json" in files]
@@ -175,6 +198,7 @@ def worker_ref(a: argparse.Namespace) -> None:
         if os.path.isdir(a.out):  # this benchmark's own earlier checkpoint of the row (a re-run in the same workdir)
             shutil.rmtree(a.out)
         os.replace(found[0], a.out)
+        result["size_mib"] = _size_mib(a.out)
     result.update(seconds=seconds, peak_rss_gib=rss)
     _emit(result)
 
@@ -346,8 +370,8 @@ def _print_row(row: dict) -> None:
 
 def _table(rows: list[dict], ref_version: str | None) -> str:
     head = ("| scheme | method | ppl ours | ppl ref | ppl ratio | time ours (s) | time ref (s) | time ratio "
-            "| peak RSS ours (GiB) | peak RSS ref (GiB) |")
-    lines = [f"reference: auto-round {ref_version or '(not run)'}", head, "|" + "---|" * 10]
+            "| peak RSS ours (GiB) | peak RSS ref (GiB) | size ours (MiB) | size ref (MiB) |")
+    lines = [f"reference: auto-round {ref_version or '(not run)'}", head, "|" + "---|" * 12]
     for r in rows:
         o, f = r.get("ours"), r.get("ref")
         ppl_ratio = f"{o['ppl'] / f['ppl']:.3f}" if o and f else "-"
@@ -356,7 +380,8 @@ def _table(rows: list[dict], ref_version: str | None) -> str:
         lines.append(
             f"| {r['scheme']} | {r['method']} | {_fmt(o, 'ppl', '.3f')} | {_fmt(f, 'ppl', '.3f')} | {ppl_ratio} "
             f"| {_fmt(o, 'seconds', '.1f')} | {_fmt(f, 'seconds', '.1f')} | {t_ratio} "
-            f"| {_fmt(o, 'peak_rss_gib', '.2f')} | {_fmt(f, 'peak_rss_gib', '.2f')} |"
+            f"| {_fmt(o, 'peak_rss_gib', '.2f')} | {_fmt(f, 'peak_rss_gib', '.2f')} "
+            f"| {_fmt(o, 'size_mib', '.1f')} | {_fmt(f, 'size_mib', '.1f')} |"
         )
     return "\n".join(lines)
 

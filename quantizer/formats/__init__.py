@@ -28,6 +28,8 @@ class QuantizedLayer:
     out_features: int
     # the largest |input| seen in calibration, for schemes whose activation scale is static (``act_quant``)
     input_amax: torch.Tensor | None = None
+    # the layer's input rotation (``transforms.rotation.RotationSpec``): ``weight`` is the rotated weight
+    rotation: Any = None
 
 
 @dataclass
@@ -65,6 +67,8 @@ class ExportFormat:
     model_free: ClassVar[bool] = False
     # True: a model with no quantized layer is a valid export (a float GGUF file)
     float_model_ok: bool = False
+    # True: the format records an online input rotation (``transforms.rotation``) for its loader to apply
+    rotation: ClassVar[bool] = False
 
     def adapt_scheme(self, scheme: QuantScheme, switch: bool = True) -> QuantScheme:
         """The scheme this format needs instead of ``scheme`` (``switch`` False: raise ``FormatError`` rather

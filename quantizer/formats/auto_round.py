@@ -162,6 +162,7 @@ class AutoRoundFormat(ExportFormat):
     tied_lm_head = True
     uniform = False
     model_free = True
+    rotation = True  # rotation_config + (random_hadamard) each layer's hadamard_matrix, as the reference writes
 
     def scheme_error(self, scheme: QuantScheme) -> str | None:
         # MX/NV/FP8 packings record their activations; the integer layouts are weight-only
@@ -215,10 +216,14 @@ class AutoRoundFormat(ExportFormat):
 
     def layer_tensors(self, layer: QuantizedLayer, packing: str = PACKING_GPTQ) -> dict[str, torch.Tensor]:
         if float_packing(layer.scheme) is not None:
-            return float_layer_tensors(layer)
-        if packing == PACKING_AWQ:
-            return awq_layer_tensors(layer.weight)
-        return gptq_layer_tensors(layer.weight, zero_offset(packing))
+            out = float_layer_tensors(layer)
+        elif packing == PACKING_AWQ:
+            out = awq_layer_tensors(layer.weight)
+        else:
+            out = gptq_layer_tensors(layer.weight, zero_offset(packing))
+        if layer.rotation is not None and layer.rotation.hadamard_type == "random_hadamard":
+            out["hadamard_matrix"] = layer.rotation.matrix().to(torch.float32)
+        return out
 
     def quantization_config(self, job: ExportJob) -> dict[str, Any]:
         default = job.scheme
@@ -255,6 +260,11 @@ class AutoRoundFormat(ExportFormat):
             if isinstance(default.group_size, tuple):
                 config["weight_block_size"] = list(default.group_size)
         config.update(job.settings)
+        rotations = {layer.rotation for layer in job.layers.values() if layer.rotation is not None}
+        if len(rotations) > 1:
+            raise FormatError(f"one checkpoint holds one rotation_config; these layers have {len(rotations)}")
+        if rotations:
+            config["rotation_config"] = rotations.pop().record()
         if extra:
             config["extra_config"] = extra
         return config

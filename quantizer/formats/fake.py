@@ -11,6 +11,7 @@ import torch
 from . import ExportFormat, ExportJob, QuantizedLayer, register_format
 from .writer import save_format
 from ..schemes import QuantScheme
+from ..transforms.rotation import rotate_rows
 
 
 @register_format
@@ -23,6 +24,7 @@ class FakeFormat(ExportFormat):
     uniform = False
     model_free = False
     activations = True
+    rotation = True  # each rotated layer's dequantized weight is written rotated back: W = W_rot T
 
     def weights_error(self, scheme: QuantScheme) -> str | None:
         return None
@@ -32,6 +34,8 @@ class FakeFormat(ExportFormat):
 
     def layer_tensors(self, layer: QuantizedLayer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         w = layer.weight.dequantize()
+        if layer.rotation is not None:
+            w = rotate_rows(w, layer.rotation.matrix(), inverse=True)
         return {"weight": w.to(dtype or torch.float32)}
 
     def quantization_config(self, job: ExportJob) -> dict[str, Any] | None:

@@ -18,3 +18,10 @@ class Transform:
     def apply(self, model: nn.Module, linears: dict[str, nn.Module], block_names: list[str]) -> dict[str, nn.Module]:
         raise NotImplementedError(f"transform {self.name!r} does not implement apply()")
 
+    def settle(self, model: nn.Module, quantized: set[str]) -> None:
+        """Called once the plan is made (``quantized``: the layers that will be quantized), before calibration."""
+
+    def format_error(self, fmt) -> str | None:
+        """Why export format ``fmt`` cannot write a model this transform rewrote, or None."""
+        return None
+

@@ -501,11 +501,21 @@ def test_autoscheme_target_bits(capsys, model_dir, tmp_path):
 
 
 @usage("--rotation_type")
-@pytest.mark.parametrize("argv,issue", [(["--rotation_type", "hadamard"], ISSUE_15),
-                                        (["--rotation_block_size", "32"], ISSUE_15),
-                                        (["--quant_nontext_module"], ISSUE_17)])
-def test_rotation_and_nontext_options(capsys, model_dir, tmp_path, argv, issue):
-    not_built_cli(capsys, issue, "--model", model_dir, *argv, "--output_dir", str(tmp_path / "D"))
+def test_rotation_options(capsys, model_dir, tmp_path):
+    rc, _, err = cli(capsys, "--model", model_dir, "--scheme", "MXFP4", "--rotation_type", "random_hadamard",
+                     "--rotation_block_size", "64", "--rotation_seed", "4", "--iters", "0", *TINY,
+                     "--output_dir", str(tmp_path / "D"))
+    assert rc == 0, err
+    rot = qconfig(tmp_path / "D")["rotation_config"]
+    assert (rot["hadamard_type"], rot["block_size"], rot["seed"]) == ("random_hadamard", 64, 4)
+    rc, _, err = cli(capsys, "--model", model_dir, "--scheme", "MXFP4", "--rotation_block_size", "96", "--iters",
+                     "0", *TINY, "--output_dir", str(tmp_path / "E"))
+    assert rc != 0 and "does not divide the input features" in err and not (tmp_path / "E").exists()
+
+
+@usage("--quant_nontext_module")
+def test_nontext_option(capsys, model_dir, tmp_path):
+    not_built_cli(capsys, ISSUE_17, "--model", model_dir, "--quant_nontext_module", "--output_dir", str(tmp_path / "D"))
 
 
 # --- Python -----------------------------------------------------------------------------------------------------
@@ -644,13 +654,21 @@ def test_python_autoscheme_over_gguf_types(tmp_path):
 
 
 @usage('AutoRound(M, scheme="MXFP4", rotation_config="default")')
-@pytest.mark.parametrize("kw,issue", [({"scheme": "MXFP4", "rotation_config": "default"}, ISSUE_15),
-                                      ({"rotation_config": "default"}, ISSUE_15),
-                                      ({"quant_nontext_module": True}, ISSUE_17)])
-def test_python_not_built_options(model_dir, kw, issue):
+def test_python_rotation(model_dir, tmp_path):
     from autoround import AutoRound
 
-    not_built_api(issue, lambda: AutoRound(model_dir, **kw))
+    ar = AutoRound(model_dir, scheme="MXFP4", rotation_config="default", iters=1, nsamples=2, seqlen=32)
+    _, (folder,) = ar.quantize_and_save(str(tmp_path / "D"))
+    assert qconfig(folder)["rotation_config"]["block_size"] == 32
+    ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(load(folder)(ids).logits, ar.model(ids).logits, atol=1e-4)
+
+
+def test_python_not_built_options(model_dir):
+    from autoround import AutoRound
+
+    not_built_api(ISSUE_17, lambda: AutoRound(model_dir, quant_nontext_module=True))
 
 
 @usage('AutoRound(M, scheme="MXFP4", rotation_config="default")')

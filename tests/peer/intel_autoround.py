@@ -175,6 +175,8 @@ def _build_autoround(model, tokenizer, args, *, route: str):
         kwargs["tokenizer"] = tokenizer
     if args.disable_opt_rtn:
         kwargs["disable_opt_rtn"] = True
+    if getattr(args, "rotation", None):
+        kwargs["rotation_config"] = args.rotation if not args.rotation.startswith("{") else json.loads(args.rotation)
     if route == "regular":
         kwargs["disable_model_free"] = True
     elif route == "model_free":
@@ -294,6 +296,7 @@ def _add_quant_args(p: argparse.ArgumentParser, *, with_iters: bool) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--no_amp", action="store_true",
                    help="pass amp=False: quantize from float32 weights instead of Intel's CPU default bfloat16")
+    p.add_argument("--rotation", default=None, help="rotation_config: 'default' or a JSON object")
     if with_iters:
         p.add_argument("--iters", type=int, default=0)
 

@@ -262,3 +262,51 @@ def test_intel_nvfp4_and_fp8_block_load_through_ours(smollm2_folder, ids_file, t
     with torch.no_grad():
         base = nll(float_model(ids).logits)
     assert nll(our_float_logits(fp8, ids_file)) < base + 0.2
+
+
+# --- Hadamard rotation (rotation_config) ---------------------------------------------------------------------
+
+
+def _codes_up_to_zero_sign(packed):
+    """E2M1 codes of a ``weight_packed`` tensor with the sign bit of ±0 cleared: a weight that rotates to exactly
+    zero (SmolLM2's float weights come from a Q4_1 GGUF, so blocks are lattice-valued) lands on +0 or -0 by the
+    last bit of the rotation's float rounding, which differs between the two tools."""
+    from autoround.quantizer.formats.packing import unpack_nibbles
+
+    codes = unpack_nibbles(packed)
+    return torch.where((codes & 7) == 0, torch.zeros_like(codes), codes)
+
+
+def test_rotated_mxfp4_equals_intels_and_each_loader_reads_the_other(smollm2_folder, ids_file, tmp_path):
+    """rotation_config="default" with MXFP4 plain RTN: the same config record, scales and codes (up to the sign
+    of zero) as Intel's checkpoint; Intel's checkpoint through our loader gives its own loader's logits, and ours
+    through Intel's loader gives ours."""
+    theirs_dir = tmp_path / "intel"
+    peer(SCRIPT, "quantize", "--model", smollm2_folder, "--out", theirs_dir, "--scheme", "MXFP4", "--iters", 0,
+         "--disable_opt_rtn", "--no_amp", "--rotation", "default")
+    ar = AutoRound(str(smollm2_folder), scheme="MXFP4", iters=0, disable_opt_rtn=True, rotation_config="default")
+    _, (ours_dir,) = ar.quantize_and_save(str(tmp_path / "ours"), format="auto_round")
+    cfg = json.loads((theirs_dir / "config.json").read_text())["quantization_config"]
+    ours_cfg = json.loads((Path(ours_dir) / "config.json").read_text())["quantization_config"]
+    assert ours_cfg["rotation_config"] == cfg["rotation_config"]
+    ours, theirs = tensors(ours_dir, (".weight_scale", ".weight_packed")), tensors(theirs_dir, (".weight_scale", ".weight_packed"))
+    assert ours.keys() == theirs.keys() and len(ours) == 2 * 210
+    for k in ours:
+        if k.endswith(".weight_scale"):
+            assert torch.equal(ours[k], theirs[k]), k
+        else:
+            assert torch.equal(_codes_up_to_zero_sign(ours[k]), _codes_up_to_zero_sign(theirs[k])), k
+    theirs_logits = intel_logits(theirs_dir, ids_file, tmp_path)
+    assert torch.allclose(our_float_logits(theirs_dir, ids_file), theirs_logits["logits"], atol=1e-3)
+    intel_on_ours = intel_logits(ours_dir, ids_file, tmp_path)
+    assert torch.allclose(our_float_logits(ours_dir, ids_file), intel_on_ours["logits"], atol=1e-3)
+
+
+def test_random_hadamard_checkpoint_loads_through_intel(smollm2_folder, ids_file, tmp_path):
+    """random_hadamard stores each layer's matrix (``hadamard_matrix``): Intel's loader rotates with it and gives
+    our loader's logits."""
+    ar = AutoRound(str(smollm2_folder), scheme="MXFP4", iters=0, disable_opt_rtn=True,
+                   rotation_config={"hadamard_type": "random_hadamard", "seed": 3})
+    _, (ours_dir,) = ar.quantize_and_save(str(tmp_path / "ours"), format="auto_round")
+    theirs = intel_logits(ours_dir, ids_file, tmp_path)
+    assert torch.allclose(our_float_logits(ours_dir, ids_file), theirs["logits"], atol=1e-3)
