@@ -21,6 +21,7 @@ from autoround.backends import InstallAdvice, reconcile_dtype, select_kernel
 from autoround.memory import release_host_memory
 from autoround.quantizer.errors import AutoRoundError, ModelLoadError, SchemeError
 from autoround.quantizer.model_io import linear_dims
+from autoround.quantizer.moe import fused_experts, unfuse_experts
 from autoround.quantizer.transforms.rotation import install_input_rotation
 
 from .checkpoint_config import CheckpointQuantConfig
@@ -169,6 +170,12 @@ class AutoRoundQuantizer(HfQuantizer):
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         backend = getattr(self.quantization_config, "backend", "auto")
+        # MoE experts written expert by expert (``quantizer/moe.py``): the model gets one module per expert first
+        fused = {n for n, _ in fused_experts(model)}
+        if fused:
+            prefixes = {n: f"{n}.0." for n in fused}
+            per_expert = {n for n, p in prefixes.items() if present is None or any(k.startswith(p) for k in present)}
+            unfuse_experts(model, check=False, only=per_expert)
         advice = InstallAdvice()
         replaced = 0
         missing: list[str] = []

@@ -75,7 +75,7 @@ def model_importance(
             body(input_ids=calib[i : i + batch_size].to(device), use_cache=False)
     if amax is not None:
         amax.update(hooks.amax)
-    return hooks.result(unseen_as_zero=True)
+    return hooks.result()  # a layer no token reached (an unrouted expert) has no importance: plain RTN ranges
 
 
 @torch.no_grad()

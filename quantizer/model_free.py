@@ -322,6 +322,10 @@ def open_model(folder: "str | Path", block_names: list[str] | None = None) -> So
     entries = read_entries(files)
     dtype = _load_dtype(config, folder, entries)
     model = _skeleton(folder, config, dtype)
+    from .moe import fused_experts
+
+    if fused_experts(model):
+        raise Declined("its MoE experts are fused 3-D parameters, quantized expert by expert on the loaded model")
     if dtype in (torch.float16, torch.bfloat16) and (
         getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None)
     ):

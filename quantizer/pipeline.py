@@ -37,6 +37,7 @@ from .options import CalibrationOptions, PlanOptions, RuntimeOptions, SignRoundO
 from .plan import LayerPlan, plan_layers, scheme_for_layer
 from .quantize import quantize_layers
 from .schemes import SCHEME_OVERRIDES, QuantScheme, resolve_scheme
+from .moe import router_linears, unfuse_experts
 from .transforms import Transform
 from .transforms.rotation import HadamardRotation, RotationSpec, rotation_of
 from .. import envs
@@ -151,7 +152,18 @@ class Pipeline:
         self.block_names = self.block_names_option() or model_io.find_block_names(self.model)
         # GPT-2-style Conv1D layers become nn.Linear while quantizing, and are restored afterwards
         self.conv1d_names = model_io.conv1d_to_linear(self.model, self.block_names)
+        # transformers' fused 3-D experts become one set of linear layers per expert (``moe.py``)
+        self.expert_modules = unfuse_experts(self.model)
+        if self.expert_modules:
+            n = self.model.get_submodule(self.expert_modules[0]).num_experts
+            logger.info("MoE: %d experts modules of %d experts each are quantized expert by expert (routers stay "
+                        "float)", len(self.expert_modules), n)
         self.linears = model_io.quantizable_linears(self.model, self.block_names)
+        routers = router_linears(self.linears, self.expert_modules)
+        for name in routers:  # a router's few outputs decide which experts run: kept float, as the reference
+            del self.linears[name]
+        if routers:
+            logger.info("MoE: %d router layers stay float (e.g. %s)", len(routers), routers[0])
         quant_head = self.options.plan.quant_lm_head or self._head_in_layer_config()
         self.lm_head_name, self.lm_head_tied = self._find_lm_head() if quant_head else (None, False)
         if self.lm_head_name is not None:
@@ -250,12 +262,20 @@ class Pipeline:
             self.scheme = fmt.adapt_scheme(self.scheme)
 
     def check_transforms(self, fmts: list) -> None:
-        """Every format must be able to write what the run's transforms make of the model (before any work)."""
+        """Every format must be able to write what the run's transforms (and the load stage's unfused MoE experts)
+        make of the model (before any work)."""
         for t in self.transforms:
             for fmt in fmts:
                 err = t.format_error(fmt)
                 if err:
                     raise FormatError(err)
+        experts = self.__dict__.get("expert_modules")
+        for fmt in fmts if experts else []:
+            if fmt.moe_experts is None:
+                raise FormatError(
+                    f"format {fmt.name!r} cannot write this MoE model's experts (quantized expert by expert: "
+                    f"{experts[0]}.0.gate_proj, ...); write auto_round (our transformers loader reads it) or fake"
+                )
 
     def default_format(self, log: bool = False) -> str:
         """The format used when none is named: auto_round where it holds the run's schemes, else the format
@@ -376,6 +396,10 @@ class Pipeline:
             self.model, {n: self.linears[n] for n in names if n != self.lm_head_name}, tokens,
             tuning.batch_size, amax=amax,
         )
+        unseen = [n for n in names if n != self.lm_head_name and n not in amax]
+        if unseen:
+            logger.info("%d layers saw no calibration token (e.g. %s: an expert no token was routed to); they are "
+                        "quantized with plain RTN ranges", len(unseen), unseen[0])
         return Calibration(tokens, importance=None if tuning.disable_opt_rtn else importance,
                            input_amax={n: calibrated_amax(amax[n]) for n in static if n in amax})
 
@@ -391,6 +415,7 @@ class Pipeline:
         if not self.loaded:
             self.load()
         self.transform()
+        self.check_transforms(fmts)
         if self.scheme.is_float and all(f.float_model_ok for f in fmts):
             # e.g. gguf:bf16: a float file, nothing to quantize
             self.plan = LayerPlan(keep_float=list(self.linears))

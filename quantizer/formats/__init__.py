@@ -69,6 +69,9 @@ class ExportFormat:
     float_model_ok: bool = False
     # True: the format records an online input rotation (``transforms.rotation``) for its loader to apply
     rotation: ClassVar[bool] = False
+    # how the format writes MoE experts that the load stage unfused (``moe.py``): "unfused" (one set of layers
+    # per expert), "fused" (back into the model class's 3-D parameters), or None (it cannot)
+    moe_experts: ClassVar[str | None] = None
 
     def adapt_scheme(self, scheme: QuantScheme, switch: bool = True) -> QuantScheme:
         """The scheme this format needs instead of ``scheme`` (``switch`` False: raise ``FormatError`` rather

@@ -162,6 +162,7 @@ class AutoRoundFormat(ExportFormat):
     tied_lm_head = True
     uniform = False
     model_free = True
+    moe_experts = "unfused"  # our transformers loader unfuses the model it builds
     rotation = True  # rotation_config + (random_hadamard) each layer's hadamard_matrix, as the reference writes
 
     def scheme_error(self, scheme: QuantScheme) -> str | None:

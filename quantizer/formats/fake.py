@@ -24,6 +24,7 @@ class FakeFormat(ExportFormat):
     uniform = False
     model_free = False
     activations = True
+    moe_experts = "fused"
     rotation = True  # each rotated layer's dequantized weight is written rotated back: W = W_rot T
 
     def weights_error(self, scheme: QuantScheme) -> str | None:

@@ -280,11 +280,16 @@ def save_format(
         # a quantized lm_head is stored apart from the (float) input embedding: the written model is untied
         updates["tie_word_embeddings"] = False
     logger.info("writing %s checkpoint (%d quantized layers)", fmt.name, len(job.layers))
+    tensors = checkpoint_tensors(job, layer_tensors)
+    if getattr(fmt, "moe_experts", None) == "fused":
+        from ..moe import fuse_back_tensors
+
+        tensors = fuse_back_tensors(job.model, tensors)
     return str(
         write_checkpoint(
             output_dir,
             model=job.model,
-            tensors=checkpoint_tensors(job, layer_tensors),
+            tensors=tensors,
             quantization_config=quantization_config,
             tokenizer=job.tokenizer,
             extra_json=extra_json,
