@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import model_io
+from . import act_quant, model_io
 from .autoscheme import AutoScheme, allocate, auto_candidates, bits_range, check_options, layer_groups
 from .data import calibration_batch, loss_mask
 from .devices import resolve_device_map
@@ -39,7 +39,7 @@ from .quantize import quantize_layers
 from .schemes import SCHEME_OVERRIDES, QuantScheme, resolve_scheme
 from .moe import router_linears, unfuse_experts
 from .transforms import Transform
-from .transforms.rotation import HadamardRotation, RotationSpec, rotation_of
+from .transforms.rotation import HadamardRotation, RotationSpec, install_input_rotation, rotation_of
 from .. import envs
 from ..log import logger
 from ..memory import peak_rss_gib
@@ -507,7 +507,14 @@ class Pipeline:
             rot = rotation_of(self.model.get_submodule(name))
             if rot is not None:
                 layer.rotation = next(t.spec for t in self._applied if isinstance(t, HadamardRotation))
+        rotations = {n: rotation_of(self.model.get_submodule(n)) for n in self.conv1d_names}
         model_io.linear_to_conv1d(self.model, self.conv1d_names)
+        for name, rot in rotations.items():  # the restored Conv1D layers keep their input rotation and act quant
+            module = self.model.get_submodule(name)
+            if rot is not None:
+                install_input_rotation(module, rot.r)
+            if name in self.layers:
+                act_quant.install(module, self.layers[name].scheme, self.layers[name].input_amax)
         self.conv1d_names = []
         self.quantized = True
 

@@ -204,3 +204,19 @@ def test_engines_refuse_rotated_checkpoints():
            "packing_format": "auto_round:auto_gptq", "rotation_config": RotationSpec().record()}
     with pytest.raises(AutoRoundError, match="does not apply"):
         parse_checkpoint_config(cfg)
+
+
+def test_gpt2_conv1d_layers_keep_rotation_and_activation_quantization(tmp_path):
+    """GPT-2's Conv1D layers are quantized as linears and restored afterwards: the restored layers keep their input
+    rotation and activation quantization, and the checkpoint loads with the same logits."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from autoround import AutoRoundConfig  # noqa: F401
+
+    torch.manual_seed(0)
+    m = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64)).eval()
+    ar = AutoRound(m, scheme="MXFP4", iters=0, rotation_config="default", **DATA)
+    _, (out,) = ar.quantize_and_save(str(tmp_path / "ckpt"), format="auto_round")
+    assert rotation_of(ar.model.transformer.h[0].mlp.c_fc) is not None
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert torch.allclose(_logits(loaded), _logits(ar.model), atol=1e-5, rtol=1e-5)
