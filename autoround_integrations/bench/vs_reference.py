@@ -173,6 +173,9 @@ def worker_ref(a: argparse.Namespace) -> None:
         kwargs["disable_opt_rtn"] = True
     if a.disable_amp:
         kwargs["amp"] = False
+    if "rotation_config" in kwargs:
+        # the reference's model-free route (its plain-RTN default for a folder) drops rotation_config silently
+        kwargs["disable_model_free"] = True
     model = tok = a.model
     if in_memory:
         model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
