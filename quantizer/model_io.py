@@ -84,7 +84,7 @@ def load_model(
             raise ModelLoadError(f"model folder {path} has no config.json; is it a transformers model folder?")
         check_safetensors(path)
         try:
-            m = AutoModelForCausalLM.from_pretrained(str(path), **load_kw)
+            m = _auto_class(path).from_pretrained(str(path), **load_kw)
         except Exception as exc:
             raise ModelLoadError(f"could not load the model in {path}: {exc}") from None
         if tokenizer is None:
@@ -94,6 +94,20 @@ def load_model(
     if looks_local or not _HUB_ID.match(str(model)):
         raise ModelLoadError(f"model folder {path} does not exist; pass an existing folder, a .gguf file or a hub id")
     return _from_hub(str(model), tokenizer, load_kw)
+
+
+def _auto_class(path: Path) -> Any:
+    """AutoModelForCausalLM, or for a vision-language model (a config it does not map) AutoModelForImageTextToText."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except Exception:
+        return AutoModelForCausalLM  # its own error says what is wrong
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
 
 
 def load_tokenizer(folder: "str | Path") -> Any:
@@ -124,15 +138,39 @@ def _from_hub(repo_id: str, tokenizer: Any, load_kw: dict[str, Any]) -> tuple[nn
     return m, tokenizer
 
 
-def find_block_names(model: nn.Module) -> list[str]:
-    """Names of the ModuleLists holding the repeated decoder blocks (e.g. ``["model.layers"]``)."""
-    best: list[tuple[int, str]] = []
+def _block_lists(model: nn.Module) -> list[tuple[int, str]]:
+    found = []
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             classes = {type(m) for m in module}
             has_linear = any(linear_dims(x) is not None for x in module[0].modules())
             if len(classes) == 1 and has_linear:
-                best.append((len(module), name))
+                found.append((len(module), name))
+    return found
+
+
+def _decoder_prefix(model: nn.Module) -> str | None:
+    """The name of the text decoder inside a multimodal model (``model.language_model``), or None when the model
+    is its own decoder or has no separate one."""
+    body = decoder_body(model)
+    if body is model:
+        return None
+    return next((n for n, m in model.named_modules() if m is body), None)
+
+
+def find_block_names(model: nn.Module) -> list[str]:
+    """Names of the ModuleLists holding the repeated decoder blocks (e.g. ``["model.layers"]``); in a multimodal
+    model, those of its text decoder (``get_decoder()``), never the vision or audio towers."""
+    best = _block_lists(model)
+    prefix = _decoder_prefix(model)
+    if prefix:
+        text = [(n, name) for n, name in best if name.startswith(prefix + ".")]
+        if not text and best:
+            raise ModelLoadError(
+                f"could not find the decoder blocks of {type(model).__name__}'s text decoder ({prefix}); pass "
+                "to_quant_block_names=... naming the block list to quantize"
+            )
+        best = text
     if not best:
         raise ModelLoadError(
             f"could not find the repeated decoder blocks of {type(model).__name__}: no ModuleList of identical "
@@ -141,6 +179,16 @@ def find_block_names(model: nn.Module) -> list[str]:
     top = max(n for n, _ in best)
     names = [name for n, name in best if n == top]
     # keep outermost lists only
+    return [n for n in names if not any(n != o and n.startswith(o + ".") for o in names)]
+
+
+def nontext_block_names(model: nn.Module) -> list[str]:
+    """The block lists of a multimodal model outside its text decoder (vision / audio towers, projectors'
+    blocks): what ``quant_nontext_module=True`` adds."""
+    prefix = _decoder_prefix(model)
+    if not prefix:
+        return []
+    names = [name for _, name in _block_lists(model) if not name.startswith(prefix + ".")]
     return [n for n in names if not any(n != o and n.startswith(o + ".") for o in names)]
 
 

@@ -81,7 +81,9 @@ class PlanOptions:
         None, "Hadamard rotation of each quantized layer's input: 'default' (block-32 Hadamard), 'random_hadamard', "
         "or {'hadamard_type': ..., 'block_size': N, 'seed': S}", cli=False,
     )
-    quant_nontext_module: bool = _opt(False, "also quantize the vision/audio towers of multimodal models: not built yet")
+    quant_nontext_module: bool = _opt(
+        False, "also quantize the vision/audio towers of multimodal models (plain RTN: calibration is text-only)"
+    )
 
 
 @dataclass(frozen=True)
@@ -277,11 +279,6 @@ def check_unsupported(plan: PlanOptions, tuning: TuningOptions) -> None:
     from .transforms.rotation import RotationSpec
 
     RotationSpec.parse(plan.rotation_config)  # one clear error for a bad rotation_config
-    if plan.quant_nontext_module:
-        raise ValueError(
-            "quant_nontext_module=True: quantizing the vision/audio towers of multimodal models is not built yet; "
-            "leave it unset (the text decoder is what gets quantized)"
-        )
     if isinstance(tuning.nblocks, bool) or tuning.nblocks != 1:
         raise ValueError(
             f"nblocks={tuning.nblocks!r} is not supported yet: SignRound tunes one decoder block at a time; "

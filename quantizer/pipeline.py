@@ -96,6 +96,11 @@ class Pipeline:
                     f"{', '.join(given)} cannot be combined with scheme=AutoScheme(...): put those settings in the "
                     "AutoScheme options instead (e.g. options='W2A16G64,W4A16')"
                 )
+            if p.quant_nontext_module:
+                raise AutoRoundError(
+                    "quant_nontext_module=True cannot be combined with scheme=AutoScheme(...): AutoScheme scores "
+                    "layers with the text loss, which never reaches the vision/audio towers"
+                )
             quantized = [o for o in self.auto_scheme.schemes if not o.is_float]
             if not quantized:
                 raise AutoRoundError("AutoScheme options are all float (BF16): add at least one quantized scheme")
@@ -159,6 +164,17 @@ class Pipeline:
             logger.info("MoE: %d experts modules of %d experts each are quantized expert by expert (routers stay "
                         "float)", len(self.expert_modules), n)
         self.linears = model_io.quantizable_linears(self.model, self.block_names)
+        if self.options.plan.quant_nontext_module:
+            towers = model_io.nontext_block_names(self.model)
+            if not towers:
+                raise AutoRoundError(
+                    f"quant_nontext_module=True: {type(self.model).__name__} has no vision/audio blocks outside its "
+                    "text decoder; leave it unset"
+                )
+            nontext = model_io.quantizable_linears(self.model, towers)
+            self.linears.update(nontext)
+            logger.info("quant_nontext_module: %d layers of %s are quantized too, with plain RTN ranges (the "
+                        "calibration data is text, which never reaches them)", len(nontext), ", ".join(towers))
         routers = router_linears(self.linears, self.expert_modules)
         for name in routers:  # a router's few outputs decide which experts run: kept float, as the reference
             del self.linears[name]
@@ -227,6 +243,8 @@ class Pipeline:
             return "the model is not a local folder"
         if self.options.plan.quant_lm_head:
             return "quant_lm_head is set"
+        if self.options.plan.quant_nontext_module:
+            return "quant_nontext_module is set"
         if any(k == "lm_head" or k.endswith(".lm_head") for k in self.layer_config):
             return "layer_config names lm_head"
         if self.device.type != "cpu":
@@ -398,7 +416,8 @@ class Pipeline:
         )
         unseen = [n for n in names if n != self.lm_head_name and n not in amax]
         if unseen:
-            logger.info("%d layers saw no calibration token (e.g. %s: an expert no token was routed to); they are "
+            logger.info("%d layers saw no calibration token (e.g. %s: an MoE expert no token was routed to, a vision "
+                        "tower); they are "
                         "quantized with plain RTN ranges", len(unseen), unseen[0])
         return Calibration(tokens, importance=None if tuning.disable_opt_rtn else importance,
                            input_amax={n: calibrated_amax(amax[n]) for n in static if n in amax})

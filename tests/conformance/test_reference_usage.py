@@ -28,10 +28,6 @@ from autoround.quantizer.schemes import PRESETS
 
 from arhelpers import tiny_llama
 
-ISSUE_15 = ("Beyond integers: MXFP, NVFP, FP8 and INT8 activations, Hadamard rotation, and the formats that carry "
-            "them")
-ISSUE_17 = ("Past one device and one machine's memory: streamed tuning, device maps, torchrun, MoE and "
-            "vision-language models")
 TINY = ["--nsamples", "2", "--seqlen", "32"]
 USAGE_FILE = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "reference-usage.md"
 
@@ -65,20 +61,6 @@ def one_clear_line(rc: int, err: str, *needles: str, prog: str = "auto-round") -
     for needle in needles:
         assert needle in errors[0], errors[0]
     return errors[0]
-
-
-def not_built_cli(capsys, issue: str, *argv: str, needle: str = "not built yet") -> None:
-    rc, _, err = cli(capsys, *argv)
-    one_clear_line(rc, err, needle)
-    pytest.xfail(issue)
-
-
-def not_built_api(issue: str, fn, needle: str = "not built yet") -> None:
-    with pytest.raises(AutoRoundError) as info:
-        fn()
-    message = str(info.value)
-    assert "\n" not in message and needle in message, message
-    pytest.xfail(issue)
 
 
 def qconfig(folder: str | Path) -> dict:
@@ -514,8 +496,27 @@ def test_rotation_options(capsys, model_dir, tmp_path):
 
 
 @usage("--quant_nontext_module")
-def test_nontext_option(capsys, model_dir, tmp_path):
-    not_built_cli(capsys, ISSUE_17, "--model", model_dir, "--quant_nontext_module", "--output_dir", str(tmp_path / "D"))
+def test_nontext_option(capsys, smollm2_folder, tmp_path):
+    from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    cfg = Qwen2VLConfig(text_config=text, vocab_size=49152, image_token_id=49150, video_token_id=49151,
+                        vision_start_token_id=49149,
+                        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, patch_size=14,
+                                           spatial_merge_size=2, temporal_patch_size=2, mlp_ratio=2))
+    Qwen2VLForConditionalGeneration(cfg).save_pretrained(tmp_path / "vlm")
+    AutoTokenizer.from_pretrained(smollm2_folder).save_pretrained(tmp_path / "vlm")
+    rc, _, err = cli(capsys, "--model", str(tmp_path / "vlm"), "--quant_nontext_module", "--iters", "0", *TINY,
+                     "--output_dir", str(tmp_path / "D"))
+    assert rc == 0, err
+    extra = qconfig(tmp_path / "D").get("extra_config", {})
+    assert any(k.startswith("model.visual.blocks.") and v.get("bits") == 4 for k, v in extra.items())
+    rc, _, err = cli(capsys, "--model", str(tmp_path / "vlm"), "--iters", "0", *TINY,
+                     "--output_dir", str(tmp_path / "E"))
+    assert rc == 0, err
+    assert not any(k.startswith("model.visual.") for k in qconfig(tmp_path / "E").get("extra_config", {}))
 
 
 # --- Python -----------------------------------------------------------------------------------------------------
@@ -665,10 +666,12 @@ def test_python_rotation(model_dir, tmp_path):
         assert torch.allclose(load(folder)(ids).logits, ar.model(ids).logits, atol=1e-4)
 
 
-def test_python_not_built_options(model_dir):
+def test_python_nontext_option_on_a_text_model(model_dir):
     from autoround import AutoRound
+    from autoround.quantizer.errors import AutoRoundError
 
-    not_built_api(ISSUE_17, lambda: AutoRound(model_dir, quant_nontext_module=True))
+    with pytest.raises(AutoRoundError, match="no vision/audio blocks"):
+        AutoRound(model_dir, quant_nontext_module=True, iters=0, nsamples=2, seqlen=32).quantize()
 
 
 @usage('AutoRound(M, scheme="MXFP4", rotation_config="default")')
