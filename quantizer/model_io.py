@@ -84,9 +84,10 @@ def load_model(
             raise ModelLoadError(f"model folder {path} has no config.json; is it a transformers model folder?")
         check_safetensors(path)
         try:
-            m = _auto_class(path).from_pretrained(str(path), **load_kw)
+            m, info = _auto_class(path).from_pretrained(str(path), output_loading_info=True, **load_kw)
         except Exception as exc:
             raise ModelLoadError(f"could not load the model in {path}: {exc}") from None
+        m._autoround_unexpected_keys = sorted(info.get("unexpected_keys") or [])  # for uninstantiated_tensors
         if tokenizer is None:
             tokenizer = load_tokenizer(path)
         return m, tokenizer
@@ -108,6 +109,34 @@ def _auto_class(path: Path) -> Any:
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
         return AutoModelForImageTextToText
     return AutoModelForCausalLM
+
+
+def uninstantiated_tensors(source: Any, model: nn.Module) -> dict[str, str]:
+    """Tensors of a local safetensors folder that the loaded model holds no place for (DeepSeek-V3-style
+    multi-token-prediction layers the class skips on purpose, or keys it does not know): name -> file.  A key
+    counts when it is not one of the model's own state-dict names and either matches the class's
+    ``_keys_to_ignore_on_load_unexpected`` patterns or was reported unexpected by transformers (so keys that
+    transformers renamed or fused while loading are not copied)."""
+    if not isinstance(source, (str, Path)) or not Path(str(source)).expanduser().is_dir():
+        return {}
+    import re
+
+    from safetensors import safe_open
+
+    folder = Path(str(source)).expanduser()
+    files = sorted(folder.glob("*.safetensors"))
+    patterns = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    unexpected = set(getattr(model, "_autoround_unexpected_keys", ()) or ())
+    state = set(model.state_dict())
+    out: dict[str, str] = {}
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                if key in state or key.endswith(("rotary_emb.inv_freq", "position_ids")):
+                    continue
+                if any(p.search(key) for p in patterns) or key in unexpected:
+                    out[key] = str(file)
+    return out
 
 
 def load_tokenizer(folder: "str | Path") -> Any:

@@ -153,6 +153,11 @@ class Pipeline:
             device_map=None if self.device.type == "cpu" else str(self.device),
         )
         self.deferred_folder = None
+        self.source_tensors = model_io.uninstantiated_tensors(self.source, self.model)
+        if self.source_tensors:
+            names = sorted(self.source_tensors)
+            logger.info("%d tensors of the source are not part of the model class (e.g. %s: multi-token-prediction "
+                        "layers); the checkpoint keeps them as stored", len(names), names[0])
         self.model.eval()
         self.block_names = self.block_names_option() or model_io.find_block_names(self.model)
         # GPT-2-style Conv1D layers become nn.Linear while quantizing, and are restored afterwards
@@ -588,7 +593,7 @@ class Pipeline:
             paths.append(
                 export_checkpoint(
                     fmt, self.model, self.layers, self.plan, self.scheme, self.block_names, out, self.tokenizer,
-                    self.settings(),
+                    self.settings(), source_tensors=self.source_tensors,
                 )
             )
         return paths

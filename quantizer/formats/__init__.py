@@ -48,6 +48,8 @@ class ExportJob:
     # are read from the source files only when the writer reaches them, and so is each layer's weight
     float_tensors: Mapping[str, torch.Tensor] | None = None
     max_shard_bytes: int | None = None  # None: the writer's default
+    # source tensors the model class never instantiates (MTP layers, ...): name -> safetensors file, copied as stored
+    source_tensors: Mapping[str, str] = field(default_factory=dict)
 
 
 class ExportFormat:
@@ -191,6 +193,7 @@ def export(
     settings: dict[str, Any],
     float_tensors: Mapping[str, torch.Tensor] | None = None,
     max_shard_bytes: int | None = None,
+    source_tensors: Mapping[str, str] | None = None,
 ) -> str:
     """Write one format's checkpoint of the quantized ``layers`` (``plan``: the ``plan.LayerPlan`` whose
     ``keep_float`` layers are written in float).  ``float_tensors``/``max_shard_bytes``: the model-free route's streamed
@@ -205,5 +208,6 @@ def export(
         settings=settings,
         float_tensors=float_tensors,
         max_shard_bytes=max_shard_bytes,
+        source_tensors=dict(source_tensors or {}),
     )
     return fmt.save(job, output_dir)

@@ -263,6 +263,11 @@ def checkpoint_tensors(job: Any, layer_tensors: Any) -> Iterator[tuple[str, torc
         bias = layer.bias
         if bias is not None:
             yield f"{name}.bias", bias.to(job.dtype or bias.dtype)
+    for name, file in sorted(job.source_tensors.items()):  # never instantiated by the model class: as stored
+        from safetensors import safe_open
+
+        with safe_open(file, "pt") as f:
+            yield name, f.get_tensor(name)
 
 
 def save_format(

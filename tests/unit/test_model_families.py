@@ -53,3 +53,28 @@ def test_family_signround_save_load(family, tmp_path):
     with torch.no_grad():
         a, b = ar.model(ids).logits, loaded(ids).logits
     assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
+def test_tensors_the_model_class_never_instantiates_are_copied(tmp_path):
+    """A DeepSeek-V3-style extra layer (a multi-token-prediction block the class skips) stays in the checkpoint,
+    byte for byte, in every format written from the loaded model."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from autoround import AutoRound
+    from arhelpers import tiny_llama
+
+    src = tmp_path / "src"
+    tiny_llama(hidden=64, inter=128).save_pretrained(src)
+    tensors = load_file(src / "model.safetensors")
+    extra = {"model.layers.2.mtp.eh_proj.weight": torch.randn(64, 128), "model.layers.2.mtp.norm.weight": torch.ones(64)}
+    save_file({**tensors, **extra}, src / "model.safetensors", metadata={"format": "pt"})
+    calib = [torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    ar = AutoRound(str(src), scheme="W4A16", group_size=32, iters=0, dataset=calib, nsamples=4, seqlen=32,
+                   disable_model_free=True)
+    assert set(ar.pipeline.source_tensors) == set(extra)
+    _, folders = ar.quantize_and_save(str(tmp_path / "out"), format="auto_round,fake")
+    for folder in folders:
+        with safe_open(f"{folder}/model.safetensors", "pt") as f:
+            for k, v in extra.items():
+                assert torch.equal(f.get_tensor(k), v), (folder, k)

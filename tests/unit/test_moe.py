@@ -136,3 +136,15 @@ def test_model_free_route_declines_fused_experts(tmp_path):
     with pytest.raises(AutoRoundError, match="fused 3-D parameters"):
         AutoRound(str(folder), scheme="W4A16", group_size=32, model_free=True).quantize_and_save(
             str(tmp_path / "out"))
+
+
+def test_experts_loaded_from_a_folder_are_not_copied_as_extra_tensors(tmp_path):
+    """Whatever names transformers saves the experts under, loading fuses them into the model: none of them is
+    taken for a tensor the class never instantiates."""
+    folder = tmp_path / "mixtral"
+    mixtral().save_pretrained(folder)
+    ar = AutoRound(str(folder), scheme="W4A16", group_size=32, iters=0, disable_opt_rtn=True,
+                   disable_model_free=True)
+    assert ar.pipeline.source_tensors == {}
+    ar.quantize()
+    assert len([k for k in ar.layers if ".experts." in k]) == 2 * 3 * 4
