@@ -39,7 +39,9 @@ from .quantize import quantize_layers
 from .schemes import SCHEME_OVERRIDES, QuantScheme, resolve_scheme
 from .moe import router_linears, unfuse_experts
 from .transforms import Transform
-from .transforms.rotation import HadamardRotation, RotationSpec, install_input_rotation, rotation_of
+from .transforms.rotation import (
+    HadamardRotation, ResidualRotation, RotationSpec, install_input_rotation, rotation_of,
+)
 from .. import envs
 from ..log import logger
 from ..memory import peak_rss_gib
@@ -86,7 +88,7 @@ class Pipeline:
         p = options.plan
         rotation = RotationSpec.parse(p.rotation_config)
         if rotation is not None:
-            self.transforms.append(HadamardRotation(rotation))
+            self.transforms.append(HadamardRotation(rotation) if rotation.mode == "online" else ResidualRotation(rotation))
         self._applied: list[Transform] = []
         self.auto_scheme: AutoScheme | None = p.scheme if isinstance(p.scheme, AutoScheme) else None
         if self.auto_scheme is not None:

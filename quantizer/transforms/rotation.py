@@ -29,13 +29,14 @@ from torch import nn
 
 from . import Transform
 from ..errors import AutoRoundError
+from ...log import logger
 
 HADAMARD_TYPES = ("hadamard", "random_hadamard")
 DEFAULT_BLOCK_SIZE = 32
 _ROTATION_ATTR = "_autoround_input_rotation"
 # keys of the reference's RotationConfig that this rotation reads (written back to checkpoints as it does)
 _KNOWN_KEYS = {"algorithm", "backend", "block_size", "hadamard_type", "seed", "random_seed", "layerwise",
-               "fuse_online_to_weight", "allow_online_rotation"}
+               "fuse_online_to_weight", "allow_online_rotation", "mode"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class RotationSpec:
     hadamard_type: str = "hadamard"
     block_size: int = DEFAULT_BLOCK_SIZE
     seed: int = 0
+    # "online": each layer's input is rotated when it runs (the reference's transform layout); "residual": the
+    # residual stream is rotated and every rotation folded into the weights (an ordinary checkpoint)
+    mode: str = "online"
 
     def __post_init__(self) -> None:
         if self.hadamard_type not in HADAMARD_TYPES:
@@ -57,6 +61,8 @@ class RotationSpec:
         hadamard_order_error(self.block_size, raise_=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise AutoRoundError(f"rotation_config seed={self.seed!r} must be an integer")
+        if self.mode not in ("online", "residual"):
+            raise AutoRoundError(f"rotation_config mode={self.mode!r}: choose 'online' or 'residual'")
 
     @classmethod
     def parse(cls, value: Any) -> "RotationSpec | None":
@@ -90,11 +96,15 @@ class RotationSpec:
             raise AutoRoundError(
                 f"rotation_config algorithm={algorithm!r} is not built; only 'hadamard' (per-layer input rotation)"
             )
-        if value.get("backend", "auto") not in ("auto", "transform"):
+        backend = value.get("backend", "auto")
+        if backend not in ("auto", "transform", "inplace"):
             raise AutoRoundError(
-                f"rotation_config backend={value['backend']!r}: only the per-layer online rotation ('auto' / "
-                "'transform') is built; the reference's 'inplace' residual rotation is not"
+                f"rotation_config backend={backend!r}: choose 'auto' / 'transform' (per-layer online rotation) or "
+                "'inplace' (the residual stream rotated, folded into the weights)"
             )
+        kind = str(value.get("hadamard_type", "hadamard")).lower()
+        mode = value.get("mode", "residual" if backend == "inplace" or kind.startswith("inplace_") else "online")
+        kind = {"inplace_hadamard": "hadamard", "inplace_random": "random_hadamard"}.get(kind, kind)
         if value.get("fuse_online_to_weight"):
             raise AutoRoundError("rotation_config fuse_online_to_weight is not built; leave it unset")
         if value.get("allow_online_rotation") is False:
@@ -107,9 +117,10 @@ class RotationSpec:
         seed = value.get("seed", value.get("random_seed"))
         block = value.get("block_size")
         return cls(
-            hadamard_type=str(value.get("hadamard_type", "hadamard")).lower(),
+            hadamard_type=kind,
             block_size=DEFAULT_BLOCK_SIZE if block is None else block,
             seed=0 if seed is None else seed,
+            mode=mode,
         )
 
     def record(self) -> dict[str, Any]:
@@ -322,3 +333,115 @@ class HadamardRotation(Transform):
                 w.copy_(rotate_rows(w.detach(), rot.r.to(w.device), inverse=True))
                 remove_input_rotation(module)
         self.rotated = [n for n in self.rotated if n in quantized]
+
+
+# -- residual-stream rotation, folded into the weights ------------------------------------------------------------
+
+RESIDUAL_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class ResidualRotation(Transform):
+    """``mode="residual"`` (the reference's ``inplace`` backend): the residual stream is rotated, x -> x Tᵀ, and
+    every rotation is folded into the weights, so the model stays an ordinary checkpoint that any reader runs.
+
+    - Each RMSNorm's gain is folded into the layers that read it (W <- W diag(g), g <- 1): a unit-gain RMSNorm
+      commutes with an orthogonal T.
+    - The embedding and the layers that read the residual (q/k/v, gate/up, lm_head) take W <- W Tᵀ; the layers that
+      write it (o_proj, down_proj) take W <- T W (and their bias b <- b Tᵀ).
+    - V/O: v_proj's output rows and o_proj's input are rotated per head (block_size must divide head_dim), so
+      o_proj's input is rotated too with no online step.
+    - down_proj's input (after the gate's nonlinearity) cannot be folded: it stays unrotated.
+    - A tied lm_head is untied (its copy takes the final norm's gain).
+
+    Pre-norm RMSNorm decoders with the standard names (``RESIDUAL_MODEL_TYPES``); the float model's logits are
+    checked unchanged after folding, and any other model is refused before work."""
+
+    name = "hadamard rotation (residual stream, folded)"
+
+    def __init__(self, spec: RotationSpec) -> None:
+        self.spec = spec
+
+    def _structure_error(self, model: nn.Module, block_names: list[str]) -> str | None:
+        mt = getattr(getattr(model, "config", None), "model_type", None)
+        if mt not in RESIDUAL_MODEL_TYPES:
+            return f"model type {mt!r} (built for {', '.join(RESIDUAL_MODEL_TYPES)})"
+        body = getattr(model, "model", None)
+        need = [(body, "embed_tokens"), (body, "norm"), (model, "lm_head")]
+        missing = [n for owner, n in need if getattr(owner, n, None) is None]
+        if missing or block_names != ["model.layers"]:
+            return f"the model's layout (missing {missing or 'the model.layers block list'})"
+        for block in body.layers:
+            for path in ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+                         "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+                try:
+                    block.get_submodule(path)
+                except AttributeError:
+                    return f"a block without {path}"
+        hidden = body.embed_tokens.weight.shape[1]
+        if hidden % self.spec.block_size:
+            return f"block_size {self.spec.block_size} does not divide the hidden size {hidden}"
+        return None
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, linears: dict[str, nn.Module], block_names: list[str]) -> dict[str, nn.Module]:
+        err = self._structure_error(model, block_names)
+        if err:
+            raise AutoRoundError(
+                f"rotation_config backend 'inplace' (residual-stream rotation) cannot fold into this model: {err}; "
+                "use the per-layer online rotation (rotation_config='default') instead"
+            )
+        body, head = model.model, model.lm_head
+        ids = torch.randint(0, body.embed_tokens.weight.shape[0], (1, 16), generator=torch.Generator().manual_seed(0))
+        ids = ids.to(body.embed_tokens.weight.device)
+        before = model(input_ids=ids).logits.float()
+        r = self.spec.matrix()
+        head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+        fold_vo = head_dim % self.spec.block_size == 0
+
+        def rot_in(lin: nn.Module, gain: torch.Tensor | None = None) -> None:
+            w = lin.weight.detach().double()
+            if gain is not None:
+                w = w * gain.double()[None, :]
+            lin.weight.copy_(rotate_rows(w, r).to(lin.weight.dtype))
+
+        def rot_out(lin: nn.Module) -> None:
+            lin.weight.copy_(rotate_rows(lin.weight.detach().double().T, r).T.to(lin.weight.dtype))
+            if lin.bias is not None:
+                lin.bias.copy_(rotate_rows(lin.bias.detach().double(), r).to(lin.bias.dtype))
+
+        if head.weight is body.embed_tokens.weight or getattr(model.config, "tie_word_embeddings", False):
+            head.weight = nn.Parameter(head.weight.detach().clone())
+            model.config.tie_word_embeddings = False
+            if hasattr(model.config, "get_text_config"):
+                model.config.get_text_config().tie_word_embeddings = False
+        emb = body.embed_tokens.weight
+        emb.copy_(rotate_rows(emb.detach().double(), r).to(emb.dtype))
+        for block in body.layers:
+            attn, mlp = block.self_attn, block.mlp
+            g = block.input_layernorm.weight
+            for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+                rot_in(lin, g)
+            g.fill_(1.0)
+            rot_out(attn.o_proj)
+            if fold_vo:
+                rot_out(attn.v_proj)
+                rot_in(attn.o_proj)
+            g = block.post_attention_layernorm.weight
+            for lin in (mlp.gate_proj, mlp.up_proj):
+                rot_in(lin, g)
+            g.fill_(1.0)
+            rot_out(mlp.down_proj)
+        rot_in(head, body.norm.weight)
+        body.norm.weight.fill_(1.0)
+        after = model(input_ids=ids).logits.float()
+        tol = 1e-3 if emb.dtype == torch.float32 else 5e-2  # 16-bit weights round the rotated values again
+        if not torch.allclose(after, before, atol=tol * float(before.abs().max().clamp_min(1.0)), rtol=tol):
+            raise AutoRoundError(
+                "rotation_config backend 'inplace': the folded model's logits differ from the float model's "
+                f"(max |diff| {float((after - before).abs().max()):.3g}); this model's layout is not the one the "
+                "residual rotation assumes; use rotation_config='default'"
+            )
+        if not fold_vo:
+            logger.info("residual rotation: head_dim %d is not a multiple of block_size %d; o_proj's input is not "
+                        "rotated", head_dim, self.spec.block_size)
+        return linears

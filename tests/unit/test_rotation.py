@@ -67,8 +67,8 @@ def test_parse_spellings():
     # a checkpoint's record (the reference's keys) parses back to the same rotation
     spec = RotationSpec("random_hadamard", 64, 3)
     assert RotationSpec.parse(spec.record()) == spec
-    for bad, what in [("quarot", "not known"), ({"hadamard_type": "inplace_hadamard"}, "not built"),
-                      ({"block_size": 32, "colour": 1}, "not known"), ({"backend": "inplace"}, "inplace"),
+    for bad, what in [("quarot", "not known"), ({"hadamard_type": "quarot_hadamard"}, "not built"),
+                      ({"block_size": 32, "colour": 1}, "not known"), ({"backend": "spin"}, "inplace"),
                       ({"block_size": 0}, ">= 2")]:
         with pytest.raises(AutoRoundError, match=what):
             RotationSpec.parse(bad)
@@ -220,3 +220,49 @@ def test_gpt2_conv1d_layers_keep_rotation_and_activation_quantization(tmp_path):
     assert rotation_of(ar.model.transformer.h[0].mlp.c_fc) is not None
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert torch.allclose(_logits(loaded), _logits(ar.model), atol=1e-5, rtol=1e-5)
+
+
+# --- residual-stream rotation folded into the weights (backend "inplace") -----------------------------------------
+
+
+def test_residual_rotation_folds_into_an_ordinary_checkpoint(tmp_path):
+    """backend='inplace': the folded float model computes what it did; the quantized model is written as an ordinary
+    checkpoint with no rotation_config, which even llm_compressor / auto_gptq can hold, and loads back equal."""
+    from autoround import AutoRoundConfig  # noqa: F401
+
+    m = tiny_llama(hidden=64, inter=128)
+    ref = _logits(m)
+    ar = AutoRound(m, scheme="W4A16", group_size=32, iters=2, rotation_config={"backend": "inplace"}, **DATA)
+    ar.pipeline.transform()
+    assert torch.allclose(_logits(ar.model), ref, atol=1e-4)
+    assert torch.equal(ar.model.model.layers[0].input_layernorm.weight, torch.ones(64))
+    assert rotation_of(ar.model.model.layers[0].self_attn.q_proj) is None  # nothing online
+    _, folders = ar.quantize_and_save(str(tmp_path / "out"), format="auto_round,auto_gptq")
+    for folder in folders:
+        cfg = json.load(open(os.path.join(folder, "config.json")))
+        assert "rotation_config" not in cfg["quantization_config"] and cfg["tie_word_embeddings"] is False
+        kw = {"quantization_config": AutoRoundConfig()} if folder.endswith("auto_gptq") else {}
+        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
+        assert torch.allclose(_logits(loaded), _logits(ar.model), atol=1e-4, rtol=1e-4)
+
+
+def test_residual_rotation_unties_a_tied_head():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    ref = _logits(m)
+    ar = AutoRound(m, scheme="W4A16", group_size=32, iters=0, rotation_config={"backend": "inplace"}, **DATA)
+    ar.pipeline.transform()
+    assert ar.model.lm_head.weight is not ar.model.model.embed_tokens.weight
+    assert torch.allclose(_logits(ar.model), ref, atol=1e-4)
+
+
+def test_residual_rotation_refuses_other_layouts():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64)).eval()
+    ar = AutoRound(m, scheme="W4A16", group_size=32, iters=0, rotation_config={"backend": "inplace"}, **DATA)
+    with pytest.raises(AutoRoundError, match="cannot fold into this model: model type 'gpt2'"):
+        ar.quantize()
