@@ -49,6 +49,8 @@ SCHEMES = {  # name -> (bits, group_size), or ("auto", avg_bits) for AutoScheme 
     "MXFP4_ROT": ("preset", ("MXFP4", "default")),  # with rotation_config="default" (block-32 Hadamard)
     # the residual stream rotated and folded into the weights (ours only: the reference does not export it)
     "MXFP4_RES": ("preset", ("MXFP4", {"backend": "inplace"})),
+    "W4G128_ROT": ("preset", ("W4A16", "default")),
+    "W4G128_RES": ("preset", ("W4A16", {"backend": "inplace"})),
 }
 AUTO_OPTIONS = ("W2A16G64", "W4A16", "W8A16")
 METHODS = {  # name -> (iters, lr, disable_opt_rtn, enable_alg_ext)
