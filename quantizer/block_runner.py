@@ -113,6 +113,11 @@ class BlockRunner:
         else:
             module.weight.copy_(qw.dequantize().to(module.weight.dtype))
 
+    def forget(self, block: nn.Module) -> None:
+        """Stop holding the weights of ``block``'s layers (streamed tuning drops the block itself)."""
+        mine = {id(m) for m in block.modules()}
+        self._held = [h for h in self._held if id(h[0]) not in mine]
+
     def block_done(self) -> None:
         """Give back the block's autograd buffers: otherwise RSS creeps up block after block."""
         release_host_memory()

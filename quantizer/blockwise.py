@@ -8,7 +8,7 @@ a block runs (device, amp, batches, compile, where tuned weights are held) is ``
 from __future__ import annotations
 
 import time
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from .resume import ResumeStore
 from .schemes import QuantScheme
 from .signround import SignRoundOptions, searches_range, tune_block
 from ..log import logger
-from ..memory import peak_rss_gib
+from ..memory import peak_rss_gib, release_host_memory
 
 
 def signround_blocks(
@@ -39,6 +39,7 @@ def signround_blocks(
     cache_device: torch.device | str | None = None,
     compile_forward: bool = False,
     lm_head: tuple[str, nn.Module, nn.Module] | None = None,
+    stream: Any = None,
 ) -> dict[str, QuantizedLayer]:
     """Tune every block; each block's weights become their fake-quantized values in place.
 
@@ -46,7 +47,9 @@ def signround_blocks(
     loaded from it instead of tuned, and every newly tuned block is saved to it.  ``cache_device``: where the
     cached activations live (default: the model's device; "cpu" for ``low_gpu_mem_usage``).
     ``compile_forward``: ``torch.compile`` the block forward used while tuning.  ``lm_head``: (name, final
-    norm, lm_head) to tune the output projection on the last block's outputs after the blocks.
+    norm, lm_head) to tune the output projection on the last block's outputs after the blocks.  ``stream``:
+    streamed tuning's ``streaming.BlockStream``, whose ``open`` reads a block's weights before it runs and whose
+    ``close`` packs its layers and drops its weights after.
 
     With ``options.amp`` the tuning steps and the quantized path's forward run under bf16 autocast, as the
     reference does; the float targets stay in the model's dtype (``BlockRunner``).
@@ -70,6 +73,8 @@ def signround_blocks(
 
     bar = tqdm(blocks, desc="SignRound blocks")
     for block_name, block in bar:
+        if stream is not None:
+            stream.open(block_name, block)
         layers = {
             full[len(block_name) + 1 :]: s for full, s in schemes.items() if full.startswith(block_name + ".")
         }
@@ -82,6 +87,8 @@ def signround_blocks(
                 if needs_amax(s) and rel in hooks.amax}
         if not layers:
             next_inputs(block, fp_out)
+            if stream is not None:
+                stream.close(block_name, block, {})
             continue
         if resume is not None and resume.has(block_name):
             weights, (loss_before, loss_best) = resume.load_block(block_name)
@@ -102,16 +109,21 @@ def signround_blocks(
             )
             if resume is not None:
                 resume.save_block(block_name, weights, (loss_before, loss_best))
+        done: dict[str, QuantizedLayer] = {}
         for rel, qw in weights.items():
             module = block.get_submodule(rel)
             runner.commit(module, qw)
             act_quant.install(module, layers[rel], amax.get(rel))  # the quantized path sees W4A4-style inputs
             full = f"{block_name}.{rel}"
             bias = module.bias.detach().clone() if module.bias is not None else None
-            result[full] = QuantizedLayer(full, layers[rel], qw, bias, module.in_features, module.out_features,
-                                          amax.get(rel))
+            done[full] = QuantizedLayer(full, layers[rel], qw, bias, module.in_features, module.out_features,
+                                        amax.get(rel))
+        result.update(done)
         next_inputs(block, fp_out)
         fp_out = None
+        if stream is not None:
+            runner.forget(block)
+            stream.close(block_name, block, done)
         runner.block_done()
     if lm_head is not None and lm_head[0] in schemes:
         result[lm_head[0]] = _tune_lm_head(lm_head, schemes[lm_head[0]], acts.fp, acts.q, options, loss_mask, bs,
@@ -161,3 +173,61 @@ def _tune_lm_head(
         head.weight.copy_(qw.dequantize().to(head.weight.dtype))
     b = head.bias.detach().clone() if head.bias is not None else None
     return QuantizedLayer(name, scheme, qw, b, head.in_features, head.out_features)
+
+
+def rtn_blocks(
+    model: nn.Module,
+    blocks: list[tuple[str, nn.Module]],
+    schemes: Mapping[str, QuantScheme],
+    calib: torch.Tensor | None,
+    batch_size: int,
+    optimized: bool,
+    search_lowest: float,
+    stream: Any = None,
+    cache_device: torch.device | str | None = None,
+) -> dict[str, QuantizedLayer]:
+    """Round every block's planned layers to nearest, block by block on the float path: the block's float
+    forward measures the input importance (``optimized``: optimized RTN's scale search) and the input amax of
+    static activation scales, exactly as the whole model's forward would (``importance.model_importance``).
+    What streamed tuning runs for iters 0; ``stream`` as in ``signround_blocks``.  ``calib`` None: plain RTN of
+    layers that need no activation statistics, no forward at all."""
+    from .plan import LayerPlan
+    from .quantize import quantize_layers
+
+    acts = runner = None
+    if calib is not None:
+        bs = min(batch_size, len(calib))
+        n = (len(calib) // bs) * bs
+        if n < len(calib):  # the blocks run with the keyword arguments (masks) of one whole batch
+            logger.warning("using %d of %d calibration samples (a multiple of batch_size %d)", n, len(calib), bs)
+        acts = ActivationCache(model, blocks[0][1], calib[:n], bs, cache_device)
+        runner = BlockRunner(acts.device, acts.kwargs, bs, amp=False)
+    result: dict[str, QuantizedLayer] = {}
+    start = time.time()
+    for block_name, block in tqdm(blocks, desc="optimized RTN blocks" if optimized else "RTN blocks"):
+        if stream is not None:
+            stream.open(block_name, block)
+        layers = {
+            full[len(block_name) + 1 :]: s for full, s in schemes.items() if full.startswith(block_name + ".")
+        }
+        hooked = [rel for rel, s in layers.items() if optimized or needs_amax(s)]
+        with ImportanceHooks.of_block(block, hooked) as hooks:
+            fp_out = runner.run_float(block, acts.fp) if runner is not None else None
+        importance = {f"{block_name}.{rel}": v for rel, v in hooks.result().items()} if optimized else None
+        amax = {f"{block_name}.{rel}": act_quant.calibrated_amax(hooks.amax[rel])
+                for rel, s in layers.items() if needs_amax(s) and rel in hooks.amax}
+        linears = {f"{block_name}.{rel}": block.get_submodule(rel) for rel in layers}
+        plan = LayerPlan(quantize={f"{block_name}.{rel}": s for rel, s in layers.items()})
+        done = quantize_layers(linears, plan, importance, search_lowest, amax) if layers else {}
+        result.update(done)
+        if acts is not None:
+            acts.advance(fp_out, fp_out)
+        fp_out = None
+        if stream is not None:
+            stream.close(block_name, block, done)
+        release_host_memory()
+    if acts is not None:
+        acts.clear()
+    logger.info("rounded %d layers in %d blocks in %.1fs; peak RSS %.2f GiB", len(result), len(blocks),
+                time.time() - start, peak_rss_gib())
+    return result

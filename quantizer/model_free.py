@@ -23,7 +23,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -235,6 +235,7 @@ class SourceModel:
     linears: dict[str, nn.Linear]  # what the in-memory route quantizes (Conv1D layers as their nn.Linear twin)
     transposed: set[str]  # Conv1D layers (weight stored [in, out])
     tensors: SourceTensors
+    shared: dict[str, str] = field(default_factory=dict)  # a tied tensor's name -> the name it is stored under
 
     def close(self) -> None:
         self.tensors.close()
@@ -257,8 +258,9 @@ def _load_dtype(config: Any, folder: Path, entries: Mapping[str, _Entry]) -> tor
     return dtype
 
 
-def _skeleton(folder: Path, config: Any, dtype: torch.dtype) -> nn.Module:
-    """The model on the meta device, with the config and generation config ``from_pretrained`` would give it."""
+def _skeleton(folder: Path, config: Any, dtype: torch.dtype, real_buffers: bool = False) -> nn.Module:
+    """The model on the meta device, with the config and generation config ``from_pretrained`` would give it;
+    ``real_buffers``: buffers (rotary frequencies, which no weights file holds) are computed on the CPU."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     config = copy.deepcopy(config)
@@ -269,8 +271,15 @@ def _skeleton(folder: Path, config: Any, dtype: torch.dtype) -> nn.Module:
             sub.dtype = dtype
     config.name_or_path = str(folder)
     try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if real_buffers:
+            from accelerate import init_empty_weights
+
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model.tie_weights()
+        else:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except Exception as exc:
         raise Declined(f"cannot build the model skeleton ({type(exc).__name__}: {exc})") from None
     model.eval()
@@ -305,8 +314,11 @@ def _blocks_linears(model: nn.Module, block_names: list[str]) -> tuple[dict[str,
     return linears, transposed
 
 
-def open_model(folder: "str | Path", block_names: list[str] | None = None) -> SourceModel:
-    """Open a local model folder for the model-free route; ``Declined`` when it cannot be reproduced exactly."""
+def open_model(
+    folder: "str | Path", block_names: list[str] | None = None, real_buffers: bool = False
+) -> SourceModel:
+    """Open a local model folder for the model-free route; ``Declined`` when it cannot be reproduced exactly.
+    ``real_buffers``: the skeleton's buffers are computed on the CPU (streamed tuning runs it)."""
     from transformers import AutoConfig
 
     folder = Path(folder)
@@ -321,7 +333,7 @@ def open_model(folder: "str | Path", block_names: list[str] | None = None) -> So
         raise Declined("the model's weights are not only in the standard safetensors files")
     entries = read_entries(files)
     dtype = _load_dtype(config, folder, entries)
-    model = _skeleton(folder, config, dtype)
+    model = _skeleton(folder, config, dtype, real_buffers)
     from .moe import fused_experts
 
     if fused_experts(model):
@@ -366,7 +378,7 @@ def open_model(folder: "str | Path", block_names: list[str] | None = None) -> So
     for name in linears:  # the in-memory route rounds such a weight in place, changing its twin too
         if f"{name}.weight" in involved or f"{name}.bias" in involved:
             raise Declined(f"the weight of {name} is shared with another tensor")
-    return SourceModel(folder, model, list(blocks), linears, transposed, SourceTensors(entries, dtypes))
+    return SourceModel(folder, model, list(blocks), linears, transposed, SourceTensors(entries, dtypes), shared)
 
 
 def export(

@@ -178,6 +178,11 @@ class RuntimeOptions:
 
     device_map: Any = _opt(None, "device for the model, e.g. cpu, cuda:0, auto (default: cpu)", aliases=["--device"])
     low_gpu_mem_usage: bool = _opt(False, "keep cached activations off the accelerator")
+    low_cpu_mem_usage: bool = _opt(
+        True, "streamed tuning: a local model folder's blocks are read when they are tuned and packed at once, so "
+        "memory holds one block, not the model (same checkpoint); off: load the whole model",
+        flag="--disable_low_cpu_mem_usage", negate=True,
+    )
     enable_torch_compile: bool = _opt(False, "torch.compile the tuned block's forward")
     enable_deterministic_algorithms: bool = _opt(
         False, "torch.use_deterministic_algorithms(True) (slower on some accelerators)"

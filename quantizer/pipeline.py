@@ -49,7 +49,8 @@ from ..memory import peak_rss_gib
 STAGES = ("load", "transform", "plan", "calibrate", "quantize", "export", "evaluate")
 
 # set by load(); until then (a folder whose plain RTN may take the model-free route) they load the model on use
-LOADED_ATTRS = ("model", "tokenizer", "block_names", "conv1d_names", "linears", "lm_head_name", "lm_head_tied")
+LOADED_ATTRS = ("model", "tokenizer", "block_names", "conv1d_names", "linears", "lm_head_name", "lm_head_tied",
+                "source_tensors")
 
 
 @dataclass(frozen=True)
@@ -120,10 +121,15 @@ class Pipeline:
         self.layers: dict[str, QuantizedLayer] = {}
         self.plan: LayerPlan | None = None
         self.quantized = False
-        # plain RTN of a local folder may never need the model (the model-free route streams the weights): its
-        # load waits until something asks for it (the model, quantize(), a format that needs it)
+        # streamed tuning (``streaming.py``): the opened folder and the scratch folder of the packed layers
+        self.stream: Any = None
+        self.stage_dir: Path | None = None
+        self.stager: Any = None
+        # a local folder may never need the whole model in memory (the model-free route and streamed tuning read
+        # the weights from its files): its load waits until something asks for it (the model, quantize(), a
+        # format that needs it)
         self.deferred_folder = self._model_free_folder()
-        if options.runtime.model_free and self.deferred_folder is None:
+        if options.runtime.model_free and (self.deferred_folder is None or self.model_free_reason() is not None):
             why = self.model_free_reason() or "it reads a local model folder with a config.json"
             raise AutoRoundError(f"model_free=True: this run cannot take the model-free route ({why})")
         if tokenizer is not None or self.deferred_folder is None:
@@ -138,6 +144,13 @@ class Pipeline:
 
     def __getattr__(self, name: str) -> Any:
         # only reached for attributes not set yet: those of a model whose load was deferred
+        written = self.__dict__.get("streamed_to")
+        if name == "model" and written is not None:
+            raise AutoRoundError(
+                "this run was tuned streamed (low_cpu_mem_usage): the quantized model was never whole in memory; "
+                f"load the checkpoint written to {written[0]} (AutoModelForCausalLM.from_pretrained), or pass "
+                "low_cpu_mem_usage=False to keep the quantized model in memory"
+            )
         if name in LOADED_ATTRS and self.__dict__.get("deferred_folder") is not None:
             if name == "tokenizer":  # the tokenizer alone does not need the model
                 self.tokenizer = model_io.load_tokenizer(self.deferred_folder)
@@ -160,6 +173,36 @@ class Pipeline:
             names = sorted(self.source_tensors)
             logger.info("%d tensors of the source are not part of the model class (e.g. %s: multi-token-prediction "
                         "layers); the checkpoint keeps them as stored", len(names), names[0])
+        self._inspect()
+
+    def load_streamed(self) -> bool:
+        """The load stage of streamed tuning: the folder opened with only the weights outside the blocks read
+        in (``streaming.StreamedModel``); False (with the reason logged) where it cannot be reproduced that way."""
+        from . import model_free
+        from .streaming import StreamedModel, log_route
+
+        folder = self.deferred_folder
+        try:
+            src = model_free.open_model(folder, self.block_names_option(), real_buffers=True)
+        except model_free.Declined as exc:
+            logger.info("in-memory route: loading the model (streamed tuning cannot reproduce it: %s)", exc)
+            return False
+        if src.transposed:
+            src.close()
+            logger.info("in-memory route: loading the model (streamed tuning does not read GPT-2 Conv1D weights)")
+            return False
+        self.stream = StreamedModel(src)
+        self.model = src.skeleton
+        if self.__dict__.get("tokenizer") is None:
+            self.tokenizer = model_io.load_tokenizer(folder)
+        self.deferred_folder = None
+        self.source_tensors = {}  # open_model declines a folder holding tensors the model has no place for
+        log_route(src)
+        self._inspect()
+        return True
+
+    def _inspect(self) -> None:
+        """Find the blocks, the layers to quantize and the output projection of the loaded model."""
         self.model.eval()
         self.block_names = self.block_names_option() or model_io.find_block_names(self.model)
         # GPT-2-style Conv1D layers become nn.Linear while quantizing, and are restored afterwards
@@ -221,8 +264,9 @@ class Pipeline:
         return name, tied
 
     def _model_free_folder(self) -> str | None:
-        """The folder whose load may be deferred (plain RTN of a local folder), after checking its files."""
-        if self.model_free_reason() is not None:
+        """The folder whose load may be deferred (plain RTN of a local folder, or streamed tuning), after
+        checking its files."""
+        if self.model_free_reason() is not None and self.stream_reason() is not None:
             return None
         path = Path(str(self.source)).expanduser()
         if not path.is_dir() or not (path / "config.json").is_file():
@@ -263,6 +307,34 @@ class Pipeline:
                 return f"format {fmt.name!r} is written from the loaded model"
         if fmts is not None and (self.scheme.is_float or not family_of(self.scheme).model_free):
             return f"scheme {self.scheme.describe()} is not plain integer RTN"
+        return None
+
+    def stream_reason(self, fmts: list | None = None) -> str | None:
+        """Why this run cannot tune streamed (``streaming.py``), or None when it can."""
+        runtime = self.options.runtime
+        if not runtime.low_cpu_mem_usage:
+            return "low_cpu_mem_usage=False"
+        tuning = self.options.tuning
+        if runtime.disable_model_free and tuning.iters == 0 and tuning.disable_opt_rtn:
+            return "disable_model_free=True"  # plain RTN: it loads the model
+        if self.auto_scheme is not None:
+            return "AutoScheme scores the options on the whole loaded model"
+        if not isinstance(self.source, (str, os.PathLike)):
+            return "the model was passed already loaded"
+        path = Path(str(self.source)).expanduser()
+        if path.suffix.lower() == ".gguf":
+            return "the model is a GGUF file"
+        if not path.is_dir():
+            return "the model is not a local folder"
+        if self.options.plan.quant_nontext_module:
+            return "quant_nontext_module is set"
+        if self.device.type != "cpu":
+            return f"device_map={runtime.device_map!r}: streamed tuning runs on the CPU"
+        if self.transforms:
+            return "transforms rewrite the whole loaded model"
+        for fmt in fmts or []:
+            if not fmt.streams:
+                return f"format {fmt.name!r} is written from the whole model"
         return None
 
     # -- transform ------------------------------------------------------------------------------------
@@ -414,6 +486,8 @@ class Pipeline:
         tokens = calibration_batch(c.dataset, self.tokenizer, c.nsamples, c.seqlen, tuning.seed)
         if tuning.iters > 0:
             return Calibration(tokens, loss_mask=loss_mask(tokens, getattr(self.tokenizer, "pad_token_id", None)))
+        if self.stream is not None:  # the block loop measures them block by block (``blockwise.rtn_blocks``)
+            return Calibration(tokens)
         logger.info("collecting activation statistics on %d x %d calibration tokens", *tokens.shape)
         amax: dict[str, torch.Tensor] = {}
         names = self.plan.quantize if not tuning.disable_opt_rtn else static
@@ -438,6 +512,8 @@ class Pipeline:
                                  "quantize_and_save(output_dir, format=...) instead of quantize()")
         fmts = parse_formats(formats or self.default_format())
         self.adapt_scheme(fmts)
+        if self.stream is None:
+            self.__dict__.pop("streamed_to", None)  # a new run in memory
         if not self.loaded:
             self.load()
         self.transform()
@@ -463,16 +539,19 @@ class Pipeline:
                 options = SignRoundOptions(**dataclasses.asdict(tuning))
             except ValueError as exc:
                 raise AutoRoundError(str(exc)) from None
-            self._signround(options, self.calibrate())
+            self._signround(options, self.calibrate(), fmts)
             self._quantize_outside_blocks()
             self._finish()
             return self.model, self.layer_config_out()
         if self.resume:
             logger.info("--resume has nothing to resume with iters 0 (round-to-nearest runs in one pass)")
         calibration = self.calibrate()
-        importance = calibration.importance if calibration is not None else None
-        self.layers = quantize_layers(self.linears, self.plan, importance, envs.AR_SEARCH_SCALE_RATIO,
-                                      calibration.input_amax if calibration is not None else None)
+        if self.stream is not None:
+            self._rtn_streamed(calibration, fmts)
+        else:
+            importance = calibration.importance if calibration is not None else None
+            self.layers = quantize_layers(self.linears, self.plan, importance, envs.AR_SEARCH_SCALE_RATIO,
+                                          calibration.input_amax if calibration is not None else None)
         self._finish()
         logger.info(
             "%s done in %.1fs: %d layers quantized (%s), %d kept in float",
@@ -481,23 +560,51 @@ class Pipeline:
         )
         return self.model, self.layer_config_out()
 
-    def _signround(self, options: SignRoundOptions, calibration: Calibration) -> None:
-        from .block_runner import resolve_amp
-        from .blockwise import signround_blocks
-        from .resume import ResumeStore, model_digest, resume_dir_for, tensor_digest
-
-        blocks = [
+    def _blocks(self) -> list[tuple[str, nn.Module]]:
+        return [
             (f"{list_name}.{i}", block)
             for list_name in self.block_names
             for i, block in enumerate(self.model.get_submodule(list_name))
         ]
+
+    def _block_stream(self, fmts: list) -> Any:
+        """Streamed tuning's ``BlockStream``: every format's packing of the planned layers is fixed now (from
+        their schemes and shapes), so each block's layers are packed as soon as it is tuned."""
+        from .formats import ExportJob
+        from .streaming import BlockStream, Stager, stub_layers
+
+        job = ExportJob(model=self.model, layers=stub_layers(self.plan.quantize, self.linears), scheme=self.scheme,
+                        block_names=self.block_names, float_layers=self.plan.keep_float)
+        self.stager = Stager(fmts, job, self.stage_dir)
+        return BlockStream(self.stream, self.stager)
+
+    def _rtn_streamed(self, calibration: Calibration | None, fmts: list) -> None:
+        """RTN / optimized RTN block by block on the streamed model, then the planned layers outside the blocks."""
+        from .blockwise import rtn_blocks
+
+        tuning = self.options.tuning
+        optimized = not tuning.disable_opt_rtn
+        schemes = {n: s for n, s in self.plan.quantize.items() if n != self.lm_head_name}
+        self.layers = rtn_blocks(
+            self.model, self._blocks(), schemes, calibration.tokens if calibration is not None else None,
+            tuning.batch_size, optimized,
+            envs.AR_SEARCH_SCALE_RATIO, stream=self._block_stream(fmts),
+        )
+        self._quantize_outside_blocks()
+
+    def _signround(self, options: SignRoundOptions, calibration: Calibration, fmts: list | None = None) -> None:
+        from .block_runner import resolve_amp
+        from .blockwise import signround_blocks
+        from .resume import ResumeStore, model_digest, resume_dir_for, tensor_digest
+
+        blocks = self._blocks()
         store = None
         if self.resume_dir is not None:
             # amp as this run resolves it (off where bf16 is slow here): blocks tuned under another amp policy
             # must not be mixed into this checkpoint
             options = resolve_amp(options, next(self.model.parameters()).device)
             fingerprint = {
-                "model": model_digest(self.model),
+                "model": model_digest(self.model, self.stream.read if self.stream is not None else None),
                 "calibration": tensor_digest(calibration.tokens),
                 "schemes": {n: s.to_dict() for n, s in self.plan.quantize.items()},
                 # every tuning option but the one that only concerns iters 0
@@ -513,7 +620,7 @@ class Pipeline:
             self.model, blocks, self.plan.quantize, calibration.tokens, options, options.enable_quanted_input,
             loss_mask=calibration.loss_mask, resume=store, cache_device=cache_device,
             compile_forward=self.options.runtime.enable_torch_compile,
-            lm_head=lm_head,
+            lm_head=lm_head, stream=self._block_stream(fmts) if self.stream is not None else None,
         )
         self.resume_store = store
         logger.info(
@@ -571,6 +678,13 @@ class Pipeline:
         format = format or self.default_format(log=True)
         fmts = parse_formats(format)
         check_output_dir(output_dir)
+        written = self.__dict__.get("streamed_to")
+        if written is not None and self.stream is None:
+            raise AutoRoundError(
+                f"this run was tuned streamed (low_cpu_mem_usage) and its layers were packed straight into "
+                f"{', '.join(written)}; to write more formats pass them all to quantize_and_save(format='a,b'), or "
+                "set low_cpu_mem_usage=False to keep the quantized model in memory"
+            )
         if not self.quantized:
             raise AutoRoundError("call quantize() before save_quantized(), or use quantize_and_save()")
         self.check_transforms(fmts)
@@ -590,12 +704,18 @@ class Pipeline:
                     "quantize_and_save(format='a,b') so those layers are planned before quantization"
                 )
         paths = []
+        streamed: dict[str, Any] = {}
+        if self.stream is not None:  # the float tensors from the source files, the block layers as staged
+            self.stager.finish()
+            streamed = {"float_tensors": self.stream.src.tensors}
         for fmt in fmts:
             out = str(output_dir) if len(fmts) == 1 else os.path.join(str(output_dir), fmt.name)
+            if self.stream is not None:
+                streamed["staged"] = self.stager.staged[fmt.name]
             paths.append(
                 export_checkpoint(
                     fmt, self.model, self.layers, self.plan, self.scheme, self.block_names, out, self.tokenizer,
-                    self.settings(), source_tensors=self.source_tensors,
+                    self.settings(), source_tensors=self.source_tensors, **streamed,
                 )
             )
         return paths
@@ -649,10 +769,16 @@ class Pipeline:
                     return None, paths
             elif self.options.runtime.model_free:
                 raise AutoRoundError(f"model_free=True: this run cannot take the model-free route ({reason})")
+            stream_why = self.stream_reason(fmts)
+            if stream_why is None:
+                if self.load_streamed():
+                    return None, self._run_streamed(output_dir, format, resume, start)
             else:
-                logger.info("in-memory route: loading the model (%s)", reason)
+                logger.info("in-memory route: loading the model (%s)", "; ".join(dict.fromkeys((reason, stream_why))))
         else:
-            reason = self.model_free_reason() or "the model is already loaded"
+            reasons = (self.model_free_reason(), self.stream_reason(fmts))
+            reason = "; ".join(dict.fromkeys(r for r in reasons if r)) or \
+                "the model is already loaded"
             logger.info("in-memory route (%s)", reason)
         self.resume_dir, self.resume = str(output_dir), resume
         self.resume_store = None
@@ -662,6 +788,33 @@ class Pipeline:
             self.resume_store.discard()
         logger.info("quantize_and_save finished in %.1fs; peak RSS %.2f GiB", time.time() - start, peak_rss_gib())
         return self.model, paths
+
+    def _run_streamed(self, output_dir: str | os.PathLike, format: str, resume: bool, start: float) -> list[str]:
+        """quantize + export with the blocks streamed (``load_streamed`` has opened the folder); the staged
+        layers and the source files' handles are given back whatever happens."""
+        from .streaming import remove_staging, staging_dir
+
+        self.resume_dir, self.resume = str(output_dir), resume
+        self.resume_store = None
+        self.stage_dir = staging_dir(output_dir)
+        folder = str(self.stream.src.folder)
+        try:
+            self.quantize(format)
+            paths = self.export(output_dir, format)
+        finally:
+            self.stream.close()
+            remove_staging(self.stage_dir)
+            self.stream = self.stager = self.stage_dir = None
+            # the skeleton's blocks hold no weights now: a later use of the model loads it from the folder
+            for name in LOADED_ATTRS:
+                if name != "tokenizer":
+                    self.__dict__.pop(name, None)
+            self.deferred_folder = folder
+        self.streamed_to = paths
+        if self.resume_store is not None:
+            self.resume_store.discard()
+        logger.info("quantize_and_save finished in %.1fs; peak RSS %.2f GiB", time.time() - start, peak_rss_gib())
+        return paths
 
     # -- evaluate -------------------------------------------------------------------------------------
     def evaluate(self, text: str, seqlen: int = 512, n_windows: int | None = 40, folder: str | None = None) -> float:

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -38,12 +38,15 @@ def tensor_digest(t: torch.Tensor) -> str:
 _DIGEST_CHUNKS, _DIGEST_CHUNK = 16, 64  # per tensor: 16 runs of 64 consecutive values
 
 
-def model_digest(model: torch.nn.Module) -> str:
+def model_digest(model: torch.nn.Module, read: "Callable[[str], torch.Tensor] | None" = None) -> str:
     """A cheap fingerprint of a model's float weights: names, shapes, dtypes and 16 short runs of consecutive
     values spread over every tensor.  Runs, not a fine stride: a weight mapped from the checkpoint file is read
-    page by page, and a strided sample would bring every page of the model into memory before tuning starts."""
+    page by page, and a strided sample would bring every page of the model into memory before tuning starts.
+    ``read``: where a tensor on the meta device is read from (streamed tuning's source files)."""
     h = hashlib.sha256()
     for name, p in model.state_dict().items():
+        if p.is_meta and read is not None:  # streamed tuning: a block not read in yet, read from the source
+            p = read(name)
         flat = p.detach().reshape(-1)
         n = flat.numel()
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())

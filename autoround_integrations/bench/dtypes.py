@@ -32,7 +32,8 @@ def worker(a: argparse.Namespace) -> None:
     t0 = time.time()
     ar = AutoRound(a.model, scheme=a.scheme, dataset=list(calib), iters=iters, lr=lr,
                    nsamples=SETTINGS["nsamples"], seqlen=SETTINGS["seqlen"], batch_size=SETTINGS["batch_size"],
-                   seed=SETTINGS["seed"], disable_opt_rtn=plain, enable_alg_ext=ext, disable_model_free=True)
+                   seed=SETTINGS["seed"], disable_opt_rtn=plain, enable_alg_ext=ext, disable_model_free=True,
+                   low_cpu_mem_usage=False)
     ar.quantize_and_save(a.out, format="llm_compressor")
     seconds = time.time() - t0
     model = ar.model.eval()

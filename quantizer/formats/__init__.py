@@ -7,7 +7,7 @@ it imports nothing from them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 
@@ -50,6 +50,9 @@ class ExportJob:
     max_shard_bytes: int | None = None  # None: the writer's default
     # source tensors the model class never instantiates (MTP layers, ...): name -> safetensors file, copied as stored
     source_tensors: Mapping[str, str] = field(default_factory=dict)
+    # streamed tuning (``quantizer/streaming.py``): each layer's tensors as packed when its block finished, held
+    # on disk (layer name -> suffix -> ``writer.FileSlice``); those layers' ``weight`` is then None
+    staged: Mapping[str, Mapping[str, Any]] | None = None
 
 
 class ExportFormat:
@@ -74,6 +77,9 @@ class ExportFormat:
     # how the format writes MoE experts that the load stage unfused (``moe.py``): "unfused" (one set of layers
     # per expert), "fused" (back into the model class's 3-D parameters), or None (it cannot)
     moe_experts: ClassVar[str | None] = None
+    # True: the format's tensors are ``tensor_writer(job)(layer)`` per layer and its config reads only the layers'
+    # schemes and shapes, so streamed tuning can pack each block's layers as soon as the block is tuned
+    streams: ClassVar[bool] = False
 
     def adapt_scheme(self, scheme: QuantScheme, switch: bool = True) -> QuantScheme:
         """The scheme this format needs instead of ``scheme`` (``switch`` False: raise ``FormatError`` rather
@@ -105,6 +111,11 @@ class ExportFormat:
     def layer_tensors(self, layer: QuantizedLayer) -> dict[str, torch.Tensor]:
         """Tensors replacing ``<name>.weight`` (suffix -> tensor), bias excluded."""
         raise NotImplementedError
+
+    def tensor_writer(self, job: ExportJob) -> Callable[[QuantizedLayer], dict[str, torch.Tensor]]:
+        """What ``save`` packs each layer of ``job`` with (``layer_tensors`` with the job's choices bound: the
+        packing, the scales' dtype); it reads only the schemes and shapes of ``job.layers``."""
+        return self.layer_tensors
 
     def quantization_config(self, job: ExportJob) -> dict[str, Any]:
         """The ``quantization_config`` dict for config.json."""
@@ -194,10 +205,12 @@ def export(
     float_tensors: Mapping[str, torch.Tensor] | None = None,
     max_shard_bytes: int | None = None,
     source_tensors: Mapping[str, str] | None = None,
+    staged: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     """Write one format's checkpoint of the quantized ``layers`` (``plan``: the ``plan.LayerPlan`` whose
     ``keep_float`` layers are written in float).  ``float_tensors``/``max_shard_bytes``: the model-free route's streamed
-    source tensors and shard size (``model`` is then its meta-device skeleton)."""
+    source tensors and shard size (``model`` is then its meta-device skeleton); ``staged``: streamed tuning's
+    packed layers (``ExportJob.staged``)."""
     job = ExportJob(
         model=model,
         layers=layers,
@@ -209,5 +222,6 @@ def export(
         float_tensors=float_tensors,
         max_shard_bytes=max_shard_bytes,
         source_tensors=dict(source_tensors or {}),
+        staged=staged,
     )
     return fmt.save(job, output_dir)

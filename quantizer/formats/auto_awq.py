@@ -24,6 +24,7 @@ class AutoAWQFormat(ExportFormat):
     tied_lm_head = False
     uniform = True
     model_free = True
+    streams = True
 
     def weights_error(self, scheme: QuantScheme) -> str | None:
         if scheme.is_float:

@@ -162,6 +162,7 @@ class AutoRoundFormat(ExportFormat):
     tied_lm_head = True
     uniform = False
     model_free = True
+    streams = True
     moe_experts = "unfused"  # our transformers loader unfuses the model it builds
     rotation = True  # rotation_config + (random_hadamard) each layer's hadamard_matrix, as the reference writes
 
@@ -270,13 +271,14 @@ class AutoRoundFormat(ExportFormat):
             config["extra_config"] = extra
         return config
 
-    def save(self, job: ExportJob, output_dir: str) -> str:
+    def tensor_writer(self, job: ExportJob) -> Any:
         packing = self.packing_for(job)
+        return lambda layer: self.layer_tensors(layer, packing)
+
+    def save(self, job: ExportJob, output_dir: str) -> str:
+        writer = self.tensor_writer(job)
         qconfig = self.quantization_config(job)
-        return save_format(
-            self, job, output_dir, lambda layer: self.layer_tensors(layer, packing), qconfig,
-            {"quantization_config.json": qconfig},
-        )
+        return save_format(self, job, output_dir, writer, qconfig, {"quantization_config.json": qconfig})
 
 
 class _FixedPacking(AutoRoundFormat):

@@ -23,6 +23,7 @@ class FakeFormat(ExportFormat):
     tied_lm_head = True
     uniform = False
     model_free = False
+    streams = True
     activations = True
     moe_experts = "fused"
     rotation = True  # each rotated layer's dequantized weight is written rotated back: W = W_rot T
@@ -42,6 +43,9 @@ class FakeFormat(ExportFormat):
     def quantization_config(self, job: ExportJob) -> dict[str, Any] | None:
         return None
 
-    def save(self, job: ExportJob, output_dir: str) -> str:
+    def tensor_writer(self, job: ExportJob) -> Any:
         dtype = job.dtype or next(job.model.parameters()).dtype
-        return save_format(self, job, output_dir, lambda layer: self.layer_tensors(layer, dtype), None)
+        return lambda layer: self.layer_tensors(layer, dtype)
+
+    def save(self, job: ExportJob, output_dir: str) -> str:
+        return save_format(self, job, output_dir, self.tensor_writer(job), None)

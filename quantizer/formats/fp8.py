@@ -27,6 +27,7 @@ class FP8BlockFormat(ExportFormat):
     lm_head = False
     uniform = True
     model_free = True
+    streams = True
     activations = True
 
     def weights_error(self, scheme: QuantScheme) -> str | None:
@@ -62,5 +63,8 @@ class FP8BlockFormat(ExportFormat):
             config["modules_to_not_convert"] = ignored
         return config
 
+    def tensor_writer(self, job: ExportJob) -> Any:
+        return float_layer_tensors
+
     def save(self, job: ExportJob, output_dir: str) -> str:
-        return save_format(self, job, output_dir, float_layer_tensors, self.quantization_config(job))
+        return save_format(self, job, output_dir, self.tensor_writer(job), self.quantization_config(job))

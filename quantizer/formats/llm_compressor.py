@@ -119,6 +119,7 @@ class LLMCompressorFormat(ExportFormat):
     tied_lm_head = False
     uniform = False
     model_free = True
+    streams = True
     activations = True
 
     def weights_error(self, scheme: QuantScheme) -> str | None:
@@ -218,8 +219,9 @@ class LLMCompressorFormat(ExportFormat):
             "provider": "autoround",
         }
 
-    def save(self, job: ExportJob, output_dir: str) -> str:
+    def tensor_writer(self, job: ExportJob) -> Any:
         dtype = job.dtype or next(job.model.parameters()).dtype
-        return save_format(
-            self, job, output_dir, lambda layer: self.layer_tensors(layer, dtype), self.quantization_config(job)
-        )
+        return lambda layer: self.layer_tensors(layer, dtype)
+
+    def save(self, job: ExportJob, output_dir: str) -> str:
+        return save_format(self, job, output_dir, self.tensor_writer(job), self.quantization_config(job))

@@ -242,7 +242,8 @@ def checkpoint_tensors(job: Any, layer_tensors: Any) -> Iterator[tuple[str, torc
 
     One function for every format, so the formats differ only in how one layer is packed.  The float tensors
     are ``job.model``'s, or ``job.float_tensors`` when the model-free route reads them from the source files
-    (then each one is read only when it is reached, and so is each quantized layer's weight)."""
+    (then each one is read only when it is reached, and so is each quantized layer's weight).  A layer that
+    streamed tuning packed already (``job.staged``) is copied from where it was staged."""
     floats = job.float_tensors if job.float_tensors is not None else float_state_dict(job.model)
     as_stored = getattr(floats, "as_stored", None)  # the model-free route: bytes copied as they are when possible
     for name in floats:
@@ -257,8 +258,10 @@ def checkpoint_tensors(job: Any, layer_tensors: Any) -> Iterator[tuple[str, torc
         if job.dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(job.dtype)
         yield name, tensor
+    staged = job.staged or {}
     for name, layer in job.layers.items():
-        for suffix, t in layer_tensors(layer).items():
+        packed = staged.get(name)
+        for suffix, t in (packed if packed is not None else layer_tensors(layer)).items():
             yield f"{name}.{suffix}", t
         bias = layer.bias
         if bias is not None:

@@ -54,7 +54,7 @@ def test_vllm_serves_our_llm_compressor_w8a8(vllm_python, smollm2_folder, prompt
 
     out = tmp_path / scheme
     # optimized RTN: the in-memory route, whose fake-quantized model is the reference below
-    ar = AutoRound(str(smollm2_folder), scheme=scheme, iters=0, nsamples=16, seqlen=256)
+    ar = AutoRound(str(smollm2_folder), scheme=scheme, iters=0, nsamples=16, seqlen=256, low_cpu_mem_usage=False)
     ar.quantize_and_save(str(out), format="llm_compressor")
     result = _vllm_greedy(vllm_python, out, prompt_ids, tmp_path, dtype="bfloat16")
     assert result["quant_method"] == "compressed-tensors"

@@ -1,0 +1,158 @@
+"""Streamed tuning (low_cpu_mem_usage, the default for a local model folder): blocks are read from the source
+files when the loop reaches them and dropped after, their layers packed at once; the checkpoint equals the
+in-memory route's, byte for byte, and what cannot stream says why and loads the model."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from autoround import AutoRound
+from autoround.quantizer.errors import AutoRoundError
+from autoround.quantizer.streaming import StreamedModel, Stager
+
+from arhelpers import tiny_llama
+
+CALIB = [torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+RUN = dict(dataset=CALIB, nsamples=8, seqlen=32, batch_size=4, amp=False)
+
+
+def tensors(folder):
+    out = {}
+    for f in sorted(Path(folder).rglob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                out[f"{f.parent.relative_to(folder)}/{k}"] = h.get_tensor(k)
+    return out
+
+
+def side_files(folder):
+    return {str(f.relative_to(folder)): json.loads(f.read_text()) for f in sorted(Path(folder).rglob("*.json"))
+            if f.name != "model.safetensors.index.json"}
+
+
+def assert_same_checkpoint(a, b):
+    ta, tb = tensors(a), tensors(b)
+    assert sorted(ta) == sorted(tb)
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype and ta[name].shape == tb[name].shape, name
+        assert torch.equal(ta[name].reshape(-1).view(torch.uint8), tb[name].reshape(-1).view(torch.uint8)), name
+    assert side_files(a) == side_files(b)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_llama(layers=3).save_pretrained(path)
+    return str(path)
+
+
+def both(folder, tmp_path, fmt, caplog, **kw):
+    """Run streamed and in memory; return (streamed out, in-memory out, streamed AutoRound, streamed model)."""
+    outs = []
+    with caplog.at_level(logging.INFO, logger="autoround"):
+        for low in (True, False):
+            ar = AutoRound(folder, low_cpu_mem_usage=low, **{**RUN, **kw})
+            model, _ = ar.quantize_and_save(str(tmp_path / f"low{low}"), format=fmt)
+            outs.append((ar, model))
+    assert "streamed route (low_cpu_mem_usage)" in caplog.text
+    assert "in-memory route" in caplog.text and "low_cpu_mem_usage=False" in caplog.text
+    (ar, model), _ = outs
+    return tmp_path / "lowTrue", tmp_path / "lowFalse", ar, model
+
+
+def test_streamed_signround_writes_the_in_memory_checkpoint(folder, tmp_path, caplog):
+    a, b, ar, model = both(folder, tmp_path, "auto_round,fake", caplog, iters=2, scheme="W2A16G32")
+    assert model is None  # the streamed route keeps no model, as the model-free one
+    assert_same_checkpoint(a, b)
+    assert not list(tmp_path.glob(".*staging*"))  # the scratch folder of the packed layers is gone
+
+
+def test_streamed_optimized_rtn_with_static_activations(folder, tmp_path, caplog):
+    # optimized RTN's importance and FP8_STATIC's input scales come from each block's float forward
+    a, b, _, _ = both(folder, tmp_path, "llm_compressor", caplog, iters=0, scheme="FP8_STATIC")
+    assert_same_checkpoint(a, b)
+    assert any(k.endswith("input_scale") for k in tensors(a))
+
+
+def test_streamed_plain_rtn_where_the_model_free_route_cannot_write(folder, tmp_path, caplog):
+    # the fake format is written from the loaded model, so the model-free route declines it; streaming does not
+    a, b, _, _ = both(folder, tmp_path, "fake", caplog, iters=0, disable_opt_rtn=True)
+    assert_same_checkpoint(a, b)
+
+
+def test_one_block_in_memory_at_a_time(folder, tmp_path, monkeypatch):
+    seen = []
+    opened = StreamedModel.open_block
+
+    def spy(self, name, block):
+        blocks = self.model.model.layers
+        seen.append(sum(not next(b.parameters()).is_meta for b in blocks))
+        opened(self, name, block)
+
+    monkeypatch.setattr(StreamedModel, "open_block", spy)
+    AutoRound(folder, iters=1, **RUN).quantize_and_save(str(tmp_path / "out"))
+    assert seen == [0, 0, 0]  # every earlier block was dropped before the next one was read
+
+
+def test_a_failure_leaves_no_checkpoint_and_no_scratch(folder, tmp_path, monkeypatch):
+    calls = []
+    stage = Stager.stage
+
+    def fail_second(self, layers):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        stage(self, layers)
+
+    monkeypatch.setattr(Stager, "stage", fail_second)
+    with pytest.raises(RuntimeError, match="disk full"):
+        AutoRound(folder, iters=0, **RUN).quantize_and_save(str(tmp_path / "out"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_after_a_streamed_run(folder, tmp_path):
+    ar = AutoRound(folder, iters=1, **RUN)
+    ar.quantize_and_save(str(tmp_path / "out"))
+    with pytest.raises(AutoRoundError, match="tuned streamed.*pass them all to quantize_and_save"):
+        ar.save_quantized(str(tmp_path / "other"), format="fake")
+    with pytest.raises(AutoRoundError, match="never whole in memory; load the checkpoint written to"):
+        ar.model
+    model, _ = ar.quantize()  # a new run in memory: the float model is loaded and quantized
+    assert not any(p.is_meta for p in model.parameters())
+    ar.save_quantized(str(tmp_path / "other"), format="fake")
+
+
+@pytest.mark.parametrize("kw, why", [
+    (dict(low_cpu_mem_usage=False), "low_cpu_mem_usage=False"),
+    (dict(format="gguf:q4_0"), "format 'gguf:q4_0' is written from the whole model"),
+    (dict(rotation_config="default", scheme="MXFP4"), "transforms rewrite the whole loaded model"),
+])
+def test_what_cannot_stream_says_why(folder, tmp_path, caplog, kw, why):
+    fmt = kw.pop("format", None)
+    with caplog.at_level(logging.INFO, logger="autoround"):
+        AutoRound(folder, iters=1, **{**RUN, **kw}).quantize_and_save(str(tmp_path / "out"), format=fmt)
+    assert "in-memory route" in caplog.text and why in caplog.text
+    assert "streamed route" not in caplog.text
+
+
+def test_a_folder_streaming_cannot_reproduce_is_loaded(tmp_path, caplog):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    path = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64)).save_pretrained(path)
+    with caplog.at_level(logging.INFO, logger="autoround"):
+        AutoRound(str(path), iters=1, **RUN).quantize_and_save(str(tmp_path / "out"))
+    assert "streamed tuning does not read GPT-2 Conv1D weights" in caplog.text
+
+
+def test_cli_switch():
+    from autoround.quantizer.cli import build_parser
+
+    args = build_parser().parse_args(["--model", "m", "--disable_low_cpu_mem_usage"])
+    assert args.low_cpu_mem_usage is False
+    assert build_parser().parse_args(["--model", "m"]).low_cpu_mem_usage is not False
