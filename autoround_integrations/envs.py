@@ -54,6 +54,22 @@ def _positive_int(raw: str) -> int:
     return val
 
 
+def _nonneg_int(raw: str) -> int:
+    try:
+        val = int(raw)
+    except ValueError:
+        raise ValueError("expected a non-negative integer") from None
+    if val < 0:
+        raise ValueError("expected a non-negative integer")
+    return val
+
+
+def _text(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("expected a non-empty value")
+    return raw.strip()
+
+
 def _path(raw: str) -> str:
     if not raw.strip():
         raise ValueError("expected a non-empty path")
@@ -72,12 +88,14 @@ class _Var:
 
 _VARS: dict[str, _Var] = {
     "AR_LOG_LEVEL": _Var(_log_level, "INFO", "log level of the 'autoround' logger"),
-    "AR_WORK_SPACE": _Var(_path, "ar_work_space", "folder for temporary offloaded tensors",
-                          unsupported="nothing is offloaded to disk yet (finished blocks stay in memory)"),
+    "AR_WORK_SPACE": _Var(_path, "ar_work_space",
+                          "folder for temporary offloaded tensors: the block loop's cached activations when they "
+                          "would not fit in memory (a subfolder per run, removed at its end)"),
     "AR_USE_MODELSCOPE": _Var(_bool, False, "load hub models and datasets from ModelScope instead of Hugging Face",
                               unsupported="only the Hugging Face hub and local files are read"),
-    "AR_DISABLE_OFFLOAD": _Var(_bool, False, "keep every block in memory instead of offloading finished ones",
-                               unsupported="finished blocks always stay in memory (there is no offload to disable)"),
+    "AR_DISABLE_OFFLOAD": _Var(_bool, False,
+                               "keep the block loop's cached activations in memory even when they would not fit "
+                               "(by default they go to files under AR_WORK_SPACE then)"),
     "AR_DISABLE_DATASET_SUBPROCESS": _Var(_bool, False, "tokenize calibration data in the main process"),
     "AR_ACT_SCALE": _Var(_positive_float, 1.0,
                          "multiplier on the calibrated activation ranges (static scales such as FP8_STATIC's, "
@@ -104,6 +122,15 @@ _VARS: dict[str, _Var] = {
                                       "AutoScheme scoring batch size where AutoScheme(batch_size=...) is not given "
                                       "(else 8)"),
     "AR_CACHE_DIR": _Var(_path, os.path.join("~", ".cache", "autoround"), "cache for converted models and corpora"),
+    "AR_DIST_TIMEOUT": _Var(_positive_float, 1800.0,
+                            "torch.distributed: seconds a rank waits in a collective for the others before it stops "
+                            "with an error"),
+    # set by the launcher (torchrun): a run with WORLD_SIZE > 1 splits its calibration samples across the ranks
+    "WORLD_SIZE": _Var(_positive_int, None, "torchrun: number of processes of the run"),
+    "RANK": _Var(_nonneg_int, None, "torchrun: this process's rank"),
+    "LOCAL_RANK": _Var(_nonneg_int, None, "torchrun: this process's rank on its machine (its GPU index)"),
+    "MASTER_ADDR": _Var(_text, None, "torchrun: address of rank 0's rendezvous"),
+    "MASTER_PORT": _Var(_positive_int, None, "torchrun: port of rank 0's rendezvous"),
 }
 
 
@@ -117,6 +144,10 @@ def _describe(name: str) -> str:
         return "a positive number"
     if var.parse is _positive_int:
         return "a positive integer"
+    if var.parse is _nonneg_int:
+        return "a non-negative integer"
+    if var.parse is _text:
+        return "a non-empty value"
     return "a non-empty path"
 
 

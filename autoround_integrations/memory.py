@@ -80,13 +80,9 @@ def peak_rss_bytes() -> int:
 
     Not ``getrusage``'s ``ru_maxrss``: Linux carries that across exec from the spawning process (Python starts
     subprocesses with vfork), so a small worker started by a large parent reports the parent's peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _proc_bytes("/proc/self/status", "VmHWM:")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
@@ -95,3 +91,20 @@ def peak_rss_bytes() -> int:
 def peak_rss_gib() -> float:
     """This process's peak resident memory so far, in GiB."""
     return peak_rss_bytes() / 2**30
+
+
+def available_bytes() -> int | None:
+    """Memory the kernel says can be had without swapping (``MemAvailable``), or None where it does not say."""
+    return _proc_bytes("/proc/meminfo", "MemAvailable:")
+
+
+def _proc_bytes(path: str, key: str) -> int | None:
+    """The ``key`` line of a /proc file that counts in kB, in bytes (None when there is none)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

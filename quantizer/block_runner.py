@@ -73,9 +73,14 @@ class BlockRunner:
     through ``torch.compile`` (eager if compiling fails)."""
 
     def __init__(
-        self, device: torch.device, kwargs: dict[str, Any], batch_size: int, amp: bool, compile_forward: bool = False
+        self, device: torch.device, kwargs: dict[str, Any], batch_size: int, amp: bool, compile_forward: bool = False,
+        kwargs_batch: int | None = None, store: Any = None,
     ) -> None:
         self.device, self.kwargs, self.batch_size, self.amp = device, kwargs, batch_size, amp
+        # the batch size the keyword arguments were captured with: a smaller batch (a rank's part of a batch in a
+        # distributed run) gets their first rows (every calibration row has the same length, so the same masks)
+        self.kwargs_batch = kwargs_batch or batch_size
+        self.store = store  # ``activations.ActivationStore`` of the outputs (None: in memory)
         self.tuning_forward = compiled_or_eager(self._forward) if compile_forward else self._forward
         # (module, dtype, quantized weight) of the weights held in bfloat16 under amp until the end
         self._held: list[tuple[nn.Module, torch.dtype, Any]] = []
@@ -85,10 +90,19 @@ class BlockRunner:
         """``block`` over every sample of ``x``; the outputs stay where ``x`` is, in its dtype."""
         bs, device = self.batch_size, self.device
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            return torch.cat([
-                first_output(block(x[i : i + bs].to(device), **self.kwargs)).to(x.device, x.dtype)
+            parts = (
+                first_output(block(x[i : i + bs].to(device), **self.kwargs_for(len(x[i : i + bs])))).to(x.device, x.dtype)
                 for i in range(0, len(x), bs)
-            ])
+            )
+            if self.store is None:
+                return torch.cat(list(parts))
+            return self.store.filled(parts, len(x))
+
+    def kwargs_for(self, n: int) -> dict[str, Any]:
+        """The block's keyword arguments for a batch of ``n`` samples."""
+        if n >= self.kwargs_batch or self.kwargs_batch == 1:
+            return self.kwargs
+        return {k: _rows(v, self.kwargs_batch, n) for k, v in self.kwargs.items()}
 
     def run_float(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The float path: the model's dtype, no autocast."""
@@ -100,7 +114,7 @@ class BlockRunner:
 
     def _forward(self, b: nn.Module, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            return first_output(b(x, **self.kwargs))
+            return first_output(b(x, **self.kwargs_for(x.shape[0])))
 
     @torch.no_grad()
     def commit(self, module: nn.Module, qw: Any) -> None:
@@ -130,6 +144,15 @@ class BlockRunner:
             replace_weight(module, qw.dequantize().to(dtype))
             release_host_memory()  # the bf16 copy just dropped: keep the heap from holding both
         self._held = []
+
+
+def _rows(value: Any, batch: int, n: int) -> Any:
+    """``value`` with its leading ``batch`` dimension cut to ``n`` rows (tensors, inside tuples and lists too)."""
+    if isinstance(value, torch.Tensor):
+        return value[:n] if value.dim() and value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(v, batch, n) for v in value)
+    return value
 
 
 def compiled_or_eager(fn):

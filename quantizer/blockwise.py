@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 
 from . import act_quant
 from .act_quant import needs_amax
-from .activations import ActivationCache
+from .activations import ActivationCache, ActivationStore
 from .block_runner import BlockRunner, resolve_amp
+from .distributed import SINGLE, Group, Shard
 from .formats import QuantizedLayer
 from .importance import ImportanceHooks
 from .resume import ResumeStore
@@ -40,6 +41,8 @@ def signround_blocks(
     compile_forward: bool = False,
     lm_head: tuple[str, nn.Module, nn.Module] | None = None,
     stream: Any = None,
+    group: Group = SINGLE,
+    store: ActivationStore | None = None,
 ) -> dict[str, QuantizedLayer]:
     """Tune every block; each block's weights become their fake-quantized values in place.
 
@@ -49,7 +52,11 @@ def signround_blocks(
     ``compile_forward``: ``torch.compile`` the block forward used while tuning.  ``lm_head``: (name, final
     norm, lm_head) to tune the output projection on the last block's outputs after the blocks.  ``stream``:
     streamed tuning's ``streaming.BlockStream``, whose ``open`` reads a block's weights before it runs and whose
-    ``close`` packs its layers and drops its weights after.
+    ``close`` packs its layers and drops its weights after.  ``group`` (``distributed.Group``, torchrun): this
+    rank carries its share of the samples through the blocks and every tuning step is summed over the ranks
+    (``signround.tune_block``'s ``shard``); the resume store is rank 0's, its blocks broadcast to the others.
+    ``store``: where the cached activations live (default: ``ActivationStore()``, which offloads them to files when
+    they would not fit in memory).
 
     With ``options.amp`` the tuning steps and the quantized path's forward run under bf16 autocast, as the
     reference does; the float targets stay in the model's dtype (``BlockRunner``).
@@ -61,11 +68,22 @@ def signround_blocks(
     calib = calib[:n]
     if loss_mask is not None:
         loss_mask = loss_mask[:n]
-    acts = ActivationCache(model, blocks[0][1], calib, bs, cache_device)
+    shard = Shard(group, n) if group.active else None
+    store = store or ActivationStore()
+    try:
+        return _signround_blocks(model, blocks, schemes, calib, options, enable_quanted_input, loss_mask, resume,
+                                 cache_device, compile_forward, lm_head, stream, group, store, shard, bs)
+    finally:
+        store.close()
+
+
+def _signround_blocks(model, blocks, schemes, calib, options, enable_quanted_input, loss_mask, resume, cache_device,
+                      compile_forward, lm_head, stream, group, store, shard, bs):
+    acts = ActivationCache(model, blocks[0][1], calib, bs, cache_device, shard, store)
     result: dict[str, QuantizedLayer] = {}
     start = time.time()
     options = resolve_amp(options, acts.device)
-    runner = BlockRunner(acts.device, acts.kwargs, bs, options.amp, compile_forward)
+    runner = BlockRunner(acts.device, acts.kwargs, bs, options.amp, compile_forward, acts.kwargs_batch, store)
 
     def next_inputs(block: nn.Module, fp_out: torch.Tensor) -> None:
         q_out = runner.run_quantized(block, acts.q) if enable_quanted_input else fp_out
@@ -83,6 +101,7 @@ def signround_blocks(
         hooked = [rel for rel, s in layers.items() if searches_range(s, options) or needs_amax(s)]
         with ImportanceHooks.of_block(block, hooked) as hooks:
             fp_out = runner.run_float(block, acts.fp)
+        hooks.reduce(group)
         amax = {rel: act_quant.calibrated_amax(hooks.amax[rel]) for rel, s in layers.items()
                 if needs_amax(s) and rel in hooks.amax}
         if not layers:
@@ -90,8 +109,8 @@ def signround_blocks(
             if stream is not None:
                 stream.close(block_name, block, {})
             continue
-        if resume is not None and resume.has(block_name):
-            weights, (loss_before, loss_best) = resume.load_block(block_name)
+        if group.broadcast(resume is not None and resume.has(block_name)):
+            weights, (loss_before, loss_best) = group.broadcast(resume.load_block(block_name) if group.is_main else None)
             logger.info("%s: loaded from the resume state (loss %.6g -> %.6g)", block_name, loss_before, loss_best)
         else:
             tuned = tune_block(
@@ -101,13 +120,14 @@ def signround_blocks(
                 loss_mask=loss_mask,
                 importance=hooks.result(),
                 input_amax=amax,
+                shard=shard,
             )
             weights, loss_before, loss_best = tuned.weights, tuned.loss_before, tuned.loss_best
             logger.info(
                 "%s: loss %.6g (start) -> %.6g (tuned, best of %d iterations)",
                 block_name, loss_before, loss_best, options.iters,
             )
-            if resume is not None:
+            if resume is not None and group.is_main:
                 resume.save_block(block_name, weights, (loss_before, loss_best))
         done: dict[str, QuantizedLayer] = {}
         for rel, qw in weights.items():
@@ -127,7 +147,7 @@ def signround_blocks(
         runner.block_done()
     if lm_head is not None and lm_head[0] in schemes:
         result[lm_head[0]] = _tune_lm_head(lm_head, schemes[lm_head[0]], acts.fp, acts.q, options, loss_mask, bs,
-                                           acts.device)
+                                           acts.device, shard)
     fp_out = None
     acts.clear()  # the cached activations are no longer needed
     runner.restore_held()
@@ -149,6 +169,7 @@ def _tune_lm_head(
     loss_mask: torch.Tensor | None,
     bs: int,
     device: torch.device,
+    shard: Shard | None = None,
 ) -> QuantizedLayer:
     """Tune the output projection on the final-norm outputs; float targets are computed per batch (logits of
     every calibration token would not fit in memory)."""
@@ -165,7 +186,7 @@ def _tune_lm_head(
     holder = nn.ModuleDict({"head": head})
     tuned = tune_block(
         holder, {"head": scheme}, q_x, targets, options,
-        forward=lambda b, x: b["head"](x), loss_mask=loss_mask,
+        forward=lambda b, x: b["head"](x), loss_mask=loss_mask, shard=shard,
     )
     logger.info("%s: loss %.6g (start) -> %.6g (tuned)", name, tuned.loss_before, tuned.loss_best)
     qw = tuned.weights["head"]
@@ -185,12 +206,26 @@ def rtn_blocks(
     search_lowest: float,
     stream: Any = None,
     cache_device: torch.device | str | None = None,
+    group: Group = SINGLE,
+    store: ActivationStore | None = None,
 ) -> dict[str, QuantizedLayer]:
     """Round every block's planned layers to nearest, block by block on the float path: the block's float
     forward measures the input importance (``optimized``: optimized RTN's scale search) and the input amax of
     static activation scales, exactly as the whole model's forward would (``importance.model_importance``).
     What streamed tuning runs for iters 0; ``stream`` as in ``signround_blocks``.  ``calib`` None: plain RTN of
-    layers that need no activation statistics, no forward at all."""
+    layers that need no activation statistics, no forward at all.  ``group``: each rank runs its share of
+    the samples and the statistics are reduced over the ranks, so every rank rounds alike.  ``store``: as in
+    ``signround_blocks``."""
+    store = store or ActivationStore()
+    try:
+        return _rtn_blocks(model, blocks, schemes, calib, batch_size, optimized, search_lowest, stream, cache_device,
+                           group, store)
+    finally:
+        store.close()
+
+
+def _rtn_blocks(model, blocks, schemes, calib, batch_size, optimized, search_lowest, stream, cache_device, group,
+                store):
     from .plan import LayerPlan
     from .quantize import quantize_layers
 
@@ -200,8 +235,9 @@ def rtn_blocks(
         n = (len(calib) // bs) * bs
         if n < len(calib):  # the blocks run with the keyword arguments (masks) of one whole batch
             logger.warning("using %d of %d calibration samples (a multiple of batch_size %d)", n, len(calib), bs)
-        acts = ActivationCache(model, blocks[0][1], calib[:n], bs, cache_device)
-        runner = BlockRunner(acts.device, acts.kwargs, bs, amp=False)
+        acts = ActivationCache(model, blocks[0][1], calib[:n], bs, cache_device,
+                               Shard(group, n) if group.active else None, store)
+        runner = BlockRunner(acts.device, acts.kwargs, bs, amp=False, kwargs_batch=acts.kwargs_batch, store=store)
     result: dict[str, QuantizedLayer] = {}
     start = time.time()
     for block_name, block in tqdm(blocks, desc="optimized RTN blocks" if optimized else "RTN blocks"):
@@ -213,6 +249,7 @@ def rtn_blocks(
         hooked = [rel for rel, s in layers.items() if optimized or needs_amax(s)]
         with ImportanceHooks.of_block(block, hooked) as hooks:
             fp_out = runner.run_float(block, acts.fp) if runner is not None else None
+        hooks.reduce(group)
         importance = {f"{block_name}.{rel}": v for rel, v in hooks.result().items()} if optimized else None
         amax = {f"{block_name}.{rel}": act_quant.calibrated_amax(hooks.amax[rel])
                 for rel, s in layers.items() if needs_amax(s) and rel in hooks.amax}

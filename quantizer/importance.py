@@ -48,6 +48,30 @@ class ImportanceHooks:
             h.remove()
         self._hooks = []
 
+    def reduce(self, group: Any) -> "ImportanceHooks":
+        """Sum the squared-input sums and counts and take the amax over the ranks of ``group``
+        (``distributed.Group``; each saw its share of the samples): afterwards every rank holds what one process
+        that saw every sample would.  A module no rank saw stays unseen."""
+        if group is None or not group.active:
+            return self
+        names = list(self.modules)
+        sums = [self.sums.get(n, torch.zeros(self.modules[n].in_features, dtype=torch.float64)) for n in names]
+        counts = torch.tensor([self.counts[n] for n in names], dtype=torch.float64)
+        amax = [self.amax.get(n, torch.zeros((), dtype=torch.float32)).reshape(1) for n in names]
+        group.sum_(sums + [counts])
+        if amax:
+            stacked = torch.cat(amax)
+            group.max_([stacked])
+            amax = list(stacked)
+        for i, n in enumerate(names):
+            self.counts[n] = int(counts[i].item())
+            if self.counts[n] > 0:
+                self.sums[n], self.amax[n] = sums[i], amax[i].reshape(())
+            else:
+                self.sums.pop(n, None)
+                self.amax.pop(n, None)
+        return self
+
     def result(self, unseen_as_zero: bool = False) -> dict[str, torch.Tensor]:
         """Means of the modules that saw inputs (``unseen_as_zero``: zeros for the others too)."""
         out = {}
@@ -62,17 +86,21 @@ class ImportanceHooks:
 @torch.no_grad()
 def model_importance(
     model: nn.Module, linears: Mapping[str, nn.Linear], calib: torch.Tensor, batch_size: int,
-    amax: dict[str, torch.Tensor] | None = None,
+    amax: dict[str, torch.Tensor] | None = None, group: Any = None,
 ) -> dict[str, torch.Tensor]:
     """Importance of every layer in ``linears`` over the decoder body's forward of ``calib`` (one entry each);
-    ``amax``: filled with each layer's largest |input|."""
+    ``amax``: filled with each layer's largest |input|.  ``group`` (``distributed.Group``): this rank runs its
+    share of ``calib`` and the statistics are reduced over the ranks."""
     from .model_io import decoder_body
 
     device = next(model.parameters()).device
     body = decoder_body(model)
+    if group is not None and group.active:
+        calib = calib[group.rank :: group.world_size]
     with ImportanceHooks(linears) as hooks:
         for i in tqdm(range(0, len(calib), batch_size), desc="calibration statistics", leave=False):
             body(input_ids=calib[i : i + batch_size].to(device), use_cache=False)
+    hooks.reduce(group)
     if amax is not None:
         amax.update(hooks.amax)
     return hooks.result()  # a layer no token reached (an unrouted expert) has no importance: plain RTN ranges
@@ -85,10 +113,12 @@ def block_importance(
     inputs: torch.Tensor,
     forward: Callable[[nn.Module, torch.Tensor], torch.Tensor],
     batch_size: int,
+    group: Any = None,
 ) -> dict[str, torch.Tensor]:
-    """Importance of each named linear layer of ``block`` over all ``inputs``, through ``forward``."""
+    """Importance of each named linear layer of ``block`` over all ``inputs``, through ``forward`` (``group``:
+    each rank's ``inputs`` are its share, reduced over the ranks)."""
     device = next(block.parameters()).device
     with ImportanceHooks.of_block(block, names) as hooks:
         for i in range(0, len(inputs), batch_size):
             forward(block, inputs[i : i + batch_size].to(device))
-    return hooks.result()
+    return hooks.reduce(group).result()

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import act_quant, model_io
+from . import act_quant, distributed, model_io
 from .autoscheme import AutoScheme, allocate, auto_candidates, bits_range, check_options, layer_groups
 from .data import calibration_batch, loss_mask
 from .devices import resolve_device_map
@@ -85,6 +85,10 @@ class Pipeline:
     ) -> None:
         self.options, self.source = options, source
         self.device = resolve_device_map(options.runtime.device_map)  # a missing device fails here, before work
+        # torchrun: the process group this run's ranks share (``distributed.py``); SINGLE for one process
+        self.group = distributed.current()
+        if self.group.active and self.device.type == "cuda":  # one GPU per rank, as torchrun numbers them
+            self.device = torch.device("cuda", envs.LOCAL_RANK or 0)
         self.transforms: list[Transform] = list(transforms or [])
         p = options.plan
         rotation = RotationSpec.parse(p.rotation_config)
@@ -318,7 +322,7 @@ class Pipeline:
         if runtime.disable_model_free and tuning.iters == 0 and tuning.disable_opt_rtn:
             return "disable_model_free=True"  # plain RTN: it loads the model
         if self.auto_scheme is not None:
-            return "AutoScheme scores the options on the whole loaded model"
+            return "AutoScheme scores the options on the loaded model"
         if not isinstance(self.source, (str, os.PathLike)):
             return "the model was passed already loaded"
         path = Path(str(self.source)).expanduser()
@@ -431,6 +435,7 @@ class Pipeline:
         nsamples, seqlen, batch_size = auto.scoring()
         tokens = calibration_batch(auto.dataset if auto.dataset is not None else c.dataset, self.tokenizer,
                                    nsamples, seqlen, tuning.seed)
+        tokens = self.group.broadcast(tokens)  # torchrun: every rank scores its share of rank 0's samples
         mask = loss_mask(tokens, getattr(self.tokenizer, "pad_token_id", None))
         proj = self.model.get_output_embeddings()
         if proj is None:
@@ -445,13 +450,14 @@ class Pipeline:
             # start): score the options with them, not with plain RTN's larger low-bit errors
             importance = model_importance(
                 self.model, {n: self.linears[n] for n in free if n != self.lm_head_name}, tokens,
-                batch_size,
+                batch_size, group=self.group,
             )
         scores = delta_loss_scores(
             self.model, blocks, self.linears,
             [{n: (s[k] if not s[k].is_float else None) for n, s in free.items()} for k in range(len(auto.schemes))],
             fixed, tokens, mask, batch_size, (final_norm(self.model), proj, head_name),
             cache_device="cpu" if self.options.runtime.low_gpu_mem_usage else None, importance=importance,
+            group=self.group,
         )
         result = allocate(auto, shapes, free, fixed, groups, scores)
         logger.info(
@@ -484,6 +490,14 @@ class Pipeline:
             return None
         c = self.options.calibration
         tokens = calibration_batch(c.dataset, self.tokenizer, c.nsamples, c.seqlen, tuning.seed)
+        if self.group.active:  # every rank splits the same samples: rank 0's
+            tokens = self.group.broadcast(tokens)
+            usable = len(tokens) // min(tuning.batch_size, len(tokens)) * min(tuning.batch_size, len(tokens))
+            if usable < self.group.world_size:
+                raise AutoRoundError(
+                    f"{usable} calibration samples cannot be split across {self.group.world_size} ranks: raise "
+                    f"nsamples to at least {self.group.world_size} (a multiple of batch_size), or start fewer processes"
+                )
         if tuning.iters > 0:
             return Calibration(tokens, loss_mask=loss_mask(tokens, getattr(self.tokenizer, "pad_token_id", None)))
         if self.stream is not None:  # the block loop measures them block by block (``blockwise.rtn_blocks``)
@@ -493,7 +507,7 @@ class Pipeline:
         names = self.plan.quantize if not tuning.disable_opt_rtn else static
         importance = model_importance(
             self.model, {n: self.linears[n] for n in names if n != self.lm_head_name}, tokens,
-            tuning.batch_size, amax=amax,
+            tuning.batch_size, amax=amax, group=self.group,
         )
         unseen = [n for n in names if n != self.lm_head_name and n not in amax]
         if unseen:
@@ -575,7 +589,8 @@ class Pipeline:
 
         job = ExportJob(model=self.model, layers=stub_layers(self.plan.quantize, self.linears), scheme=self.scheme,
                         block_names=self.block_names, float_layers=self.plan.keep_float)
-        self.stager = Stager(fmts, job, self.stage_dir)
+        # under torchrun rank 0 alone packs and writes; the other ranks drop each block's layers once tuned
+        self.stager = Stager(fmts, job, self.stage_dir) if self.group.is_main else None
         return BlockStream(self.stream, self.stager)
 
     def _rtn_streamed(self, calibration: Calibration | None, fmts: list) -> None:
@@ -588,7 +603,7 @@ class Pipeline:
         self.layers = rtn_blocks(
             self.model, self._blocks(), schemes, calibration.tokens if calibration is not None else None,
             tuning.batch_size, optimized,
-            envs.AR_SEARCH_SCALE_RATIO, stream=self._block_stream(fmts),
+            envs.AR_SEARCH_SCALE_RATIO, stream=self._block_stream(fmts), group=self.group,
         )
         self._quantize_outside_blocks()
 
@@ -599,7 +614,7 @@ class Pipeline:
 
         blocks = self._blocks()
         store = None
-        if self.resume_dir is not None:
+        if self.resume_dir is not None and self.group.is_main:  # rank 0's store, its blocks broadcast to the others
             # amp as this run resolves it (off where bf16 is slow here): blocks tuned under another amp policy
             # must not be mixed into this checkpoint
             options = resolve_amp(options, next(self.model.parameters()).device)
@@ -620,7 +635,7 @@ class Pipeline:
             self.model, blocks, self.plan.quantize, calibration.tokens, options, options.enable_quanted_input,
             loss_mask=calibration.loss_mask, resume=store, cache_device=cache_device,
             compile_forward=self.options.runtime.enable_torch_compile,
-            lm_head=lm_head, stream=self._block_stream(fmts) if self.stream is not None else None,
+            lm_head=lm_head, stream=self._block_stream(fmts) if self.stream is not None else None, group=self.group,
         )
         self.resume_store = store
         logger.info(
@@ -677,6 +692,8 @@ class Pipeline:
         subfolder each."""
         format = format or self.default_format(log=True)
         fmts = parse_formats(format)
+        if not self.group.is_main:  # torchrun: rank 0 writes; the others return its folders once it is done
+            return self.group.broadcast(None)
         check_output_dir(output_dir)
         written = self.__dict__.get("streamed_to")
         if written is not None and self.stream is None:
@@ -718,7 +735,7 @@ class Pipeline:
                     self.settings(), source_tensors=self.source_tensors, **streamed,
                 )
             )
-        return paths
+        return self.group.broadcast(paths)
 
     def _export_model_free(self, output_dir: str | os.PathLike, fmts: list) -> list[str] | None:
         """load + plan + quantize + export as one stream from the model folder (``model_free.py``), or None
@@ -754,6 +771,10 @@ class Pipeline:
     ) -> tuple[Any, list[str]]:
         """Every stage through export: the model-free route where it applies, else load -> ... -> export.
         Returns (model, folders); the model is None when the model-free route wrote the checkpoint."""
+        with distributed.terminate_as_error(self.group):
+            return self._run(output_dir, format, resume)
+
+    def _run(self, output_dir: str | os.PathLike, format: str | None, resume: bool) -> tuple[Any, list[str]]:
         format = format or self.default_format(log=True)
         check_output_dir(output_dir)
         start = time.time()
@@ -761,12 +782,14 @@ class Pipeline:
         if self.deferred_folder is not None:
             reason = self.model_free_reason(fmts)
             if reason is None:
+                if not self.group.is_main:  # plain RTN from the files needs no samples: rank 0 writes it alone
+                    return None, self.group.broadcast(None)
                 paths = self._export_model_free(output_dir, fmts)
                 if paths is not None:
                     logger.info(
                         "quantize_and_save finished in %.1fs; peak RSS %.2f GiB", time.time() - start, peak_rss_gib()
                     )
-                    return None, paths
+                    return None, self.group.broadcast(paths)
             elif self.options.runtime.model_free:
                 raise AutoRoundError(f"model_free=True: this run cannot take the model-free route ({reason})")
             stream_why = self.stream_reason(fmts)
@@ -796,7 +819,7 @@ class Pipeline:
 
         self.resume_dir, self.resume = str(output_dir), resume
         self.resume_store = None
-        self.stage_dir = staging_dir(output_dir)
+        self.stage_dir = staging_dir(output_dir) if self.group.is_main else None
         folder = str(self.stream.src.folder)
         try:
             self.quantize(format)

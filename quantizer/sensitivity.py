@@ -13,7 +13,7 @@ block's forward with its quantized weights as leaves that collect gradients.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .activations import capture_block_inputs
 from .block_runner import first_output
 from .dtypes import family_of
+from .errors import AutoRoundError
 from .schemes import QuantScheme
 
 
@@ -76,17 +77,29 @@ def delta_loss_scores(
     cache_device: torch.device | str | None = None,
     progress: Callable[[str], None] | None = None,
     importance: Mapping[str, torch.Tensor] | None = None,
+    group: Any = None,
 ) -> dict[str, list[float]]:
     """``scores[layer][k]`` for every layer named in ``option_schemes[k]`` (its scheme under option ``k``;
     None = kept float, score 0).  ``fixed``: quantized with these schemes under every option.  ``head``:
     (final norm, output projection, the projection's layer name when it is scored or fixed, else None).
     ``importance``: per-layer input importance; the layers it names get the importance-weighted RTN (the
-    quantizer the run ends with under optimized RTN) instead of plain RTN."""
+    quantizer the run ends with under optimized RTN) instead of plain RTN.  ``group`` (``distributed.Group``,
+    torchrun): rank r scores batches r, r + N, ... and the scores are summed over the ranks; every score is a sum
+    over batches, so the result is one process's up to the order of that sum."""
     names = sorted({n for o in option_schemes for n in o})
     scores = {n: [0.0] * len(option_schemes) for n in names}
     bs = min(batch_size, len(tokens))
     n = (len(tokens) // bs) * bs
     tokens, mask = tokens[:n], mask[:n]
+    if group is not None and group.active:
+        mine = [b for b in range(n // bs) if b % group.world_size == group.rank]
+        if not mine:
+            raise AutoRoundError(
+                f"AutoScheme: {n // bs} scoring batches cannot be split across {group.world_size} ranks; raise "
+                "AutoScheme(nsamples=...) or lower its batch_size, or start fewer processes"
+            )
+        rows = torch.cat([torch.arange(b * bs, (b + 1) * bs) for b in mine])
+        tokens, mask = tokens[rows], mask[rows]
     x0, kwargs = capture_block_inputs(model, blocks[0][1], tokens, bs)
     device = x0.device
     store = torch.device(cache_device) if cache_device is not None else device
@@ -112,6 +125,10 @@ def delta_loss_scores(
     finally:
         for p, r in requires.items():
             p.requires_grad_(r)
+    if group is not None and group.active:
+        total = torch.tensor([scores[n] for n in names], dtype=torch.float64)
+        group.sum_([total])
+        scores = {n: total[i].tolist() for i, n in enumerate(names)}
     return scores
 
 

@@ -97,6 +97,7 @@ def tune_block(
     loss_mask: torch.Tensor | None = None,
     importance: Mapping[str, torch.Tensor] | None = None,
     input_amax: Mapping[str, torch.Tensor] | None = None,
+    shard: Any = None,
 ) -> TuneResult:
     """Tune ``layers`` (names relative to ``block``) so that ``forward(block, inputs[i])`` matches ``targets[i]``.
 
@@ -110,6 +111,11 @@ def tune_block(
     Layers whose scheme quantizes activations (act_bits < 16) quantize their inputs in the tuned forward too
     (``act_quant``; ``input_amax``: layer name -> calibrated input amax, for static activation scales).
 
+    ``shard`` (``distributed.Shard``, torchrun): ``inputs`` and ``targets`` hold this rank's rows of
+    ``shard.n`` samples and ``loss_mask`` all of them; the batches are drawn from the global indices, each rank
+    computes its rows' part of the batch loss, and the gradients and losses are summed over the ranks before
+    every step, so every rank takes the step one process holding every sample would.
+
     Each layer's weight family makes its tunable fake-quantizer (``WeightFamily.tuner``).  A family that asks for
     an importance (``tuning_importance``: integer layers starting from optimized RTN's searched range, GGUF block
     types starting from the importance-weighted iters-0 blocks) gets ``importance[name]`` (layer name ->
@@ -122,7 +128,8 @@ def tune_block(
     need = {n for n, s in layers.items() if family_of(s).tuning_importance(s, options)}
     missing = [n for n in sorted(need) if importance is None or n not in importance]
     if missing:  # measured on the block's tuning inputs
-        importance = {**(importance or {}), **block_importance(block, missing, inputs, forward, options.batch_size)}
+        importance = {**(importance or {}), **block_importance(block, missing, inputs, forward, options.batch_size,
+                                                               shard.group if shard is not None else None)}
     fixed: dict[str, Any] = {}
     wrappers: dict[str, nn.Module] = {}
     shared = shared_global_amax({n: block.get_submodule(n) for n in layers}, layers)
@@ -154,11 +161,14 @@ def tune_block(
         if not wrappers:  # nothing to tune: report the loss of the quantized block on one batch
             idx = torch.arange(min(options.batch_size, len(inputs)))
             target = targets(idx) if callable(targets) else targets[idx]
+            mask = None
+            if loss_mask is not None:  # a shard's local rows 0.. are its first global samples
+                mask = loss_mask[idx if shard is None else shard.owned(torch.arange(shard.n))[: len(idx)]]
             with torch.no_grad():
                 out = forward(block, inputs[idx].to(next(block.parameters()).device))
-                loss = masked_mse(out, target.to(out.device), loss_mask[idx].to(out.device) if loss_mask is not None else None).item()
+                loss = masked_mse(out, target.to(out.device), mask.to(out.device) if mask is not None else None).item()
             return TuneResult(dict(fixed), loss, loss)
-        result = _tune(block, wrappers, inputs, targets, options, forward, progress, loss_mask)
+        result = _tune(block, wrappers, inputs, targets, options, forward, progress, loss_mask, shard)
         result.weights.update(fixed)
         return result
     finally:
@@ -174,7 +184,45 @@ def searches_range(scheme: QuantScheme, options: TuningOptions) -> bool:
     return family_of(scheme).float_forward_importance(scheme, options)
 
 
-def _tune(block, wrappers, inputs, targets, options, forward, progress, loss_mask) -> TuneResult:
+def _sharded_loss(block, forward, inputs, target_of, loss_mask, idx, shard, drop_outliers, device, amp,
+                  per_position: int, positions: int, parts: int) -> float:
+    """A rank's part of one batch's loss (``idx``: global indices), normalized by the whole batch's element
+    count, back-propagated; returns its value.  Every rank calls it for every batch (the outlier filter gathers
+    each rank's largest errors), also one that holds none of the batch's samples."""
+    owned = shard.owned(idx)
+    rows = shard.local(owned)
+    positions_in_batch = int(loss_mask[idx].sum().item()) if loss_mask is not None else len(idx) * positions
+    counted = positions_in_batch * per_position
+    k = max(1, int(counted * OUTLIER_SHARE)) if drop_outliers else 0
+    filtered = drop_outliers and counted > k
+    diff = m = None
+    if len(rows):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = forward(block, inputs[rows].to(device))
+        diff = (out.float() - target_of(rows).to(device).float()).pow(2)
+        if loss_mask is None:
+            m = torch.ones_like(diff)
+        else:
+            mask = loss_mask[owned].to(device)
+            m = mask.to(diff.dtype).reshape(*mask.shape, *([1] * (diff.dim() - mask.dim()))).expand_as(diff).clone()
+    if filtered:  # the k largest errors of the whole batch count for nothing
+        top = torch.full((k,), -1.0, device=device)
+        if diff is not None:
+            scored = torch.where(m > 0, diff.detach(), torch.full_like(diff, -1.0)).reshape(-1)
+            mine = torch.topk(scored, min(k, scored.numel())).values
+            top[: len(mine)] = mine
+        threshold = torch.topk(torch.cat(shard.group.gather(top)), k).values[-1]
+        if diff is not None:
+            m = torch.where(diff.detach() >= threshold, torch.zeros_like(m), m)
+        counted -= k
+    if diff is None:
+        return 0.0
+    loss = (diff * m).sum() / max(counted, 1) / parts
+    loss.backward()
+    return loss.item()
+
+
+def _tune(block, wrappers, inputs, targets, options, forward, progress, loss_mask, shard=None) -> TuneResult:
     gen = torch.Generator().manual_seed(options.seed)
     frozen = [p for p in block.parameters() if p.requires_grad]
     for p in frozen:
@@ -193,7 +241,7 @@ def _tune(block, wrappers, inputs, targets, options, forward, progress, loss_mas
     adam = None
     if options.enable_adam:
         adam = torch.optim.AdamW([{"params": ps, "lr": base} for ps, base in groups], weight_decay=0)
-    n = inputs.shape[0]
+    n = inputs.shape[0] if shard is None else shard.n
     bs = min(options.batch_size, n)
     steps = options.gradient_accumulate_steps
     sampler = IndexSampler(n, bs * steps, gen)
@@ -201,6 +249,10 @@ def _tune(block, wrappers, inputs, targets, options, forward, progress, loss_mas
     device = next(iter(wrappers.values())).v.device
     # SignRoundV2 below 4 bits: the block loss leaves out its largest elementwise errors
     drop_outliers = options.enable_alg_ext and min(w.scheme.bits for w in wrappers.values()) < 4
+    if shard is not None:  # elements of one sample's target per loss-mask position, and positions per sample
+        first = target_of(torch.zeros(1, dtype=torch.long))
+        positions = first.shape[1] if first.dim() > 1 else 1
+        per_position = first[0].numel() // positions
     best_loss, best_state, first_loss, best_iter = math.inf, None, None, 0
     try:
         for it in range(options.iters):
@@ -208,12 +260,23 @@ def _tune(block, wrappers, inputs, targets, options, forward, progress, loss_mas
             value = 0.0
             parts = [indices[i : i + bs] for i in range(0, len(indices), bs)]
             for idx in parts:
+                if shard is not None:
+                    value += _sharded_loss(block, forward, inputs, target_of, loss_mask, idx, shard, drop_outliers,
+                                           device, options.amp, per_position, positions, len(parts))
+                    continue
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.amp):
                     out = forward(block, inputs[idx].to(device))
                 mask = loss_mask[idx].to(device) if loss_mask is not None else None
                 loss = masked_mse(out, target_of(idx).to(device), mask, drop_outliers) / len(parts)  # in fp32
                 loss.backward()
                 value += loss.item()
+            if shard is not None and shard.group.active:  # every rank takes the same step
+                for p in rounding + minmax:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                total = torch.tensor([value], dtype=torch.float64)
+                shard.group.sum_([p.grad for p in rounding + minmax] + [total])
+                value = float(total.item())
             if first_loss is None:
                 first_loss = value
             if value < best_loss:

@@ -124,14 +124,18 @@ class BlockStream:
     """What the block loop calls around each block: read its weights before, pack its layers and drop its
     weights after."""
 
-    def __init__(self, model: StreamedModel, stager: Stager) -> None:
+    def __init__(self, model: StreamedModel, stager: "Stager | None") -> None:
         self.model, self.stager = model, stager
 
     def open(self, name: str, block: nn.Module) -> None:
         self.model.open_block(name, block)
 
     def close(self, name: str, block: nn.Module, layers: Mapping[str, QuantizedLayer]) -> None:
-        self.stager.stage(layers)
+        if self.stager is not None:
+            self.stager.stage(layers)
+        else:  # a rank that writes nothing (torchrun, rank > 0) keeps no packed weights either
+            for layer in layers.values():
+                layer.weight = None
         self.model.drop_block(block)
 
 

@@ -81,25 +81,30 @@ def _run(cmd: list[str], timeout: float) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m autoround.bench.memory", description=__doc__.split("\n\n")[0])
-    p.add_argument("--depths", default="4,16,64")
+def add_folder_args(p: argparse.ArgumentParser, nsamples: int) -> None:
+    """The random Llama folder's shape, the calibration size, and the worker's hidden arguments."""
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--intermediate", type=int, default=2816)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--methods", default="opt_rtn,iters2", help=f"comma-separated, of {', '.join(METHODS)}")
-    p.add_argument("--routes", default="streamed,in_memory")
-    p.add_argument("--nsamples", type=int, default=8)
+    p.add_argument("--nsamples", type=int, default=nsamples)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--workdir", default=None, help="where the model folders are built and kept")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m autoround.bench.memory", description=__doc__.split("\n\n")[0])
+    p.add_argument("--depths", default="4,16,64")
+    p.add_argument("--methods", default="opt_rtn,iters2", help=f"comma-separated, of {', '.join(METHODS)}")
+    p.add_argument("--routes", default="streamed,in_memory")
+    add_folder_args(p, nsamples=8)
     p.add_argument("--results", default=None, help="JSON file of the rows (default: <workdir>/memory.json)")
     p.add_argument("--plot", action="store_true", help="also write peak RSS against depth as a PNG")
     p.add_argument("--timeout", type=float, default=3600.0)
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--route", help=argparse.SUPPRESS)
-    p.add_argument("--model", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         worker(a)

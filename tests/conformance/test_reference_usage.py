@@ -732,7 +732,8 @@ def test_envs_set_config_is_set_and_refusals(model_dir):
             AutoRound(model_dir, iters=0)
         message = str(info.value)
         assert "\n" not in message
-        assert all(n in message for n in ("AR_USE_MODELSCOPE", "AR_ENABLE_COMPILE_PACKING", "AR_WORK_SPACE"))
+        assert all(n in message for n in ("AR_USE_MODELSCOPE", "AR_ENABLE_COMPILE_PACKING"))
+        assert "AR_WORK_SPACE" not in message  # supported: where cached activations go when they do not fit
     finally:
         set_config(**before)
 

@@ -156,3 +156,42 @@ def test_cli_switch():
     args = build_parser().parse_args(["--model", "m", "--disable_low_cpu_mem_usage"])
     assert args.low_cpu_mem_usage is False
     assert build_parser().parse_args(["--model", "m"]).low_cpu_mem_usage is not False
+
+
+@pytest.mark.parametrize("iters", [2, 0])
+def test_activations_offloaded_to_files_give_the_same_checkpoint(folder, tmp_path, monkeypatch, caplog, iters):
+    from autoround.quantizer import activations
+
+    ar = AutoRound(folder, iters=iters, **RUN)
+    ar.quantize_and_save(str(tmp_path / "memory"), format="auto_round")
+    work = tmp_path / "ws"
+    monkeypatch.setenv("AR_WORK_SPACE", str(work))
+    monkeypatch.setattr(activations, "OFFLOAD_SHARE", 0.0)  # any size is "too large" for memory now
+    with caplog.at_level(logging.INFO, logger="autoround"):
+        AutoRound(folder, iters=iters, **RUN).quantize_and_save(str(tmp_path / "disk"), format="auto_round")
+    assert "are kept in files under" in caplog.text
+    assert_same_checkpoint(tmp_path / "memory", tmp_path / "disk")
+    assert list(work.iterdir()) == []  # the run's scratch folder is gone
+    caplog.clear()
+    monkeypatch.setenv("AR_DISABLE_OFFLOAD", "1")
+    with caplog.at_level(logging.INFO, logger="autoround"):
+        AutoRound(folder, iters=iters, **RUN).quantize_and_save(str(tmp_path / "kept"), format="auto_round")
+    assert "AR_DISABLE_OFFLOAD keeps them in memory" in caplog.text and "kept in files" not in caplog.text
+    assert_same_checkpoint(tmp_path / "memory", tmp_path / "kept")
+
+
+def test_an_offloaded_activation_tensor_lives_in_an_unlinked_file(tmp_path, monkeypatch):
+    from autoround.memory import _file_backed
+    from autoround.quantizer.activations import ActivationStore
+
+    monkeypatch.setenv("AR_WORK_SPACE", str(tmp_path))
+    store = ActivationStore(offload=True)
+    t = store.empty((3, 1024, 64), torch.float32, torch.device("cpu"))
+    t.copy_(torch.arange(t.numel(), dtype=torch.float32).reshape(t.shape))
+    filled = store.filled(iter([t[:2], t[2:]]), 3)
+    assert torch.equal(filled, t)
+    start = t.data_ptr()
+    assert _file_backed(start, start + t.numel() * 4)  # a file mapping, not the heap
+    assert [list(p.iterdir()) for p in tmp_path.iterdir()] == [[]]  # mapped, then unlinked: nothing left on disk
+    store.close()
+    assert list(tmp_path.iterdir()) == []
