@@ -55,13 +55,14 @@ def codes_and_floats(out):
     # SignRound: every step's gradients are summed over the ranks; the sum of two partial losses equals the one
     # process's batch loss up to float rounding, which could flip a gradient's sign only at an exact tie
     (["--iters", "12"], 0),
-    # SignRoundV2 below 4 bits: the outlier filter takes the largest errors of the whole batch across the ranks
-    (["--iters", "12", "--bits", "2", "--group_size", "32", "--enable_alg_ext"], 0),
+    # (slow: .ci/run's first slow group runs them) SignRoundV2 below 4 bits: the outlier filter takes the largest
+    # errors of the whole batch across the ranks
+    pytest.param(["--iters", "12", "--bits", "2", "--group_size", "32", "--enable_alg_ext"], 0, marks=pytest.mark.slow),
     # optimized RTN: each rank's float32 sums of squared inputs cover other batches than one process's, so an
     # importance differs in its last bits, which moves the scale search only where two ranges tie
-    (["--iters", "0"], 1e-3),
+    pytest.param(["--iters", "0"], 1e-3, marks=pytest.mark.slow),
     # AutoScheme: each rank scores its share of the batches and the scores are summed: the same choice per layer
-    (["--iters", "0", "--avg_bits", "3", "--options", "W2A16G32,W4A16"], 1e-3),
+    pytest.param(["--iters", "0", "--avg_bits", "3", "--options", "W2A16G32,W4A16"], 1e-3, marks=pytest.mark.slow),
 ])
 def test_two_ranks_write_what_one_process_writes(folder, tmp_path, extra, tolerance):
     one = cli([sys.executable], folder, tmp_path / "one", *extra)
