@@ -161,7 +161,6 @@ class ActivationCache:
     ) -> None:
         if shard is not None and shard.group.active:  # this rank's share of the samples (``distributed.Shard``)
             calib = shard.rows(calib)
-        self.store = store
         fp, self.kwargs = capture_block_inputs(model, first_block, calib, batch_size, store)
         self.kwargs_batch = min(batch_size, len(calib))  # the batch the keyword arguments were captured for
         self.device = fp.device  # where the model (and so every block) runs

@@ -108,14 +108,6 @@ class Group:
             dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def barrier(self) -> None:
-        if not self.active:
-            return
-        import torch.distributed as dist
-
-        with self._collective("waiting for the other ranks"):
-            dist.barrier()
-
 
 SINGLE = Group()
 

@@ -96,7 +96,9 @@ def model_importance(
     device = next(model.parameters()).device
     body = decoder_body(model)
     if group is not None and group.active:
-        calib = calib[group.rank :: group.world_size]
+        from .distributed import Shard
+
+        calib = Shard(group, len(calib)).rows(calib)
     with ImportanceHooks(linears) as hooks:
         for i in tqdm(range(0, len(calib), batch_size), desc="calibration statistics", leave=False):
             body(input_ids=calib[i : i + batch_size].to(device), use_cache=False)

@@ -58,10 +58,7 @@ def masked_mse(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | Non
     if mask is None and not drop_outliers:
         return torch.nn.functional.mse_loss(out.float(), target.float())
     diff = (out.float() - target.float()).pow(2)
-    if mask is None:
-        m = torch.ones_like(diff)
-    else:
-        m = mask.to(diff.dtype).reshape(*mask.shape, *([1] * (diff.dim() - mask.dim()))).expand_as(diff)
+    m = _element_mask(mask, diff)
     if drop_outliers:
         counted = int(m.sum().item())
         k = max(1, int(counted * OUTLIER_SHARE))
@@ -72,6 +69,13 @@ def masked_mse(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | Non
             m[top] = 0
             m = m.reshape(diff.shape)
     return (diff * m).sum() / m.sum().clamp_min(1)
+
+
+def _element_mask(mask: torch.Tensor | None, diff: torch.Tensor) -> torch.Tensor:
+    """``mask`` ([batch, seq] bool, None: all) as a weight of 1 or 0 per element of ``diff``."""
+    if mask is None:
+        return torch.ones_like(diff)
+    return mask.to(diff.dtype).reshape(*mask.shape, *([1] * (diff.dim() - mask.dim()))).expand_as(diff)
 
 
 def _swap(block: nn.Module, name: str, new: nn.Module) -> None:
@@ -200,11 +204,7 @@ def _sharded_loss(block, forward, inputs, target_of, loss_mask, idx, shard, drop
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = forward(block, inputs[rows].to(device))
         diff = (out.float() - target_of(rows).to(device).float()).pow(2)
-        if loss_mask is None:
-            m = torch.ones_like(diff)
-        else:
-            mask = loss_mask[owned].to(device)
-            m = mask.to(diff.dtype).reshape(*mask.shape, *([1] * (diff.dim() - mask.dim()))).expand_as(diff).clone()
+        m = _element_mask(loss_mask[owned].to(device) if loss_mask is not None else None, diff)
     if filtered:  # the k largest errors of the whole batch count for nothing
         top = torch.full((k,), -1.0, device=device)
         if diff is not None:
