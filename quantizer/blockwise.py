@@ -18,6 +18,7 @@ from . import act_quant
 from .act_quant import needs_amax
 from .activations import ActivationCache, ActivationStore
 from .block_runner import BlockRunner, resolve_amp
+from .devices import SINGLE_DEVICE, Placement, placed, to_device
 from .distributed import SINGLE, Group, Shard
 from .formats import QuantizedLayer
 from .importance import ImportanceHooks
@@ -43,6 +44,7 @@ def signround_blocks(
     stream: Any = None,
     group: Group = SINGLE,
     store: ActivationStore | None = None,
+    placement: Placement = SINGLE_DEVICE,
 ) -> dict[str, QuantizedLayer]:
     """Tune every block; each block's weights become their fake-quantized values in place.
 
@@ -56,7 +58,9 @@ def signround_blocks(
     rank carries its share of the samples through the blocks and every tuning step is summed over the ranks
     (``signround.tune_block``'s ``shard``); the resume store is rank 0's, its blocks broadcast to the others.
     ``store``: where the cached activations live (default: ``ActivationStore()``, which offloads them to files when
-    they would not fit in memory).
+    they would not fit in memory).  ``placement`` (``devices.Placement``, a ``device_map`` naming several devices):
+    each block runs on its main device with its layers spread over the devices (``devices.placed``), and goes
+    back, with its quantized layers, where it was once done.
 
     With ``options.amp`` the tuning steps and the quantized path's forward run under bf16 autocast, as the
     reference does; the float targets stay in the model's dtype (``BlockRunner``).
@@ -72,13 +76,13 @@ def signround_blocks(
     store = store or ActivationStore()
     try:
         return _signround_blocks(model, blocks, schemes, calib, options, enable_quanted_input, loss_mask, resume,
-                                 cache_device, compile_forward, lm_head, stream, group, store, shard, bs)
+                                 cache_device, compile_forward, lm_head, stream, group, store, shard, bs, placement)
     finally:
         store.close()
 
 
 def _signround_blocks(model, blocks, schemes, calib, options, enable_quanted_input, loss_mask, resume, cache_device,
-                      compile_forward, lm_head, stream, group, store, shard, bs):
+                      compile_forward, lm_head, stream, group, store, shard, bs, placement):
     acts = ActivationCache(model, blocks[0][1], calib, bs, cache_device, shard, store)
     result: dict[str, QuantizedLayer] = {}
     start = time.time()
@@ -90,12 +94,8 @@ def _signround_blocks(model, blocks, schemes, calib, options, enable_quanted_inp
         acts.advance(fp_out, q_out)
 
     bar = tqdm(blocks, desc="SignRound blocks")
-    for block_name, block in bar:
-        if stream is not None:
-            stream.open(block_name, block)
-        layers = {
-            full[len(block_name) + 1 :]: s for full, s in schemes.items() if full.startswith(block_name + ".")
-        }
+
+    def tune_one(block_name: str, block: nn.Module, layers: dict[str, QuantScheme]) -> dict[str, QuantizedLayer]:
         # the float forward measures the input importance of the layers whose tuning starts from a searched range
         # (and the input amax of the layers whose activations take a static scale)
         hooked = [rel for rel, s in layers.items() if searches_range(s, options) or needs_amax(s)]
@@ -106,9 +106,7 @@ def _signround_blocks(model, blocks, schemes, calib, options, enable_quanted_inp
                 if needs_amax(s) and rel in hooks.amax}
         if not layers:
             next_inputs(block, fp_out)
-            if stream is not None:
-                stream.close(block_name, block, {})
-            continue
+            return {}
         if group.broadcast(resume is not None and resume.has(block_name)):
             weights, (loss_before, loss_best) = group.broadcast(resume.load_block(block_name) if group.is_main else None)
             logger.info("%s: loaded from the resume state (loss %.6g -> %.6g)", block_name, loss_before, loss_best)
@@ -121,6 +119,7 @@ def _signround_blocks(model, blocks, schemes, calib, options, enable_quanted_inp
                 importance=hooks.result(),
                 input_amax=amax,
                 shard=shard,
+                device=runner.device,
             )
             weights, loss_before, loss_best = tuned.weights, tuned.loss_before, tuned.loss_best
             logger.info(
@@ -138,13 +137,27 @@ def _signround_blocks(model, blocks, schemes, calib, options, enable_quanted_inp
             bias = module.bias.detach().clone() if module.bias is not None else None
             done[full] = QuantizedLayer(full, layers[rel], qw, bias, module.in_features, module.out_features,
                                         amax.get(rel))
-        result.update(done)
         next_inputs(block, fp_out)
-        fp_out = None
+        return done
+
+    for block_name, block in bar:
         if stream is not None:
-            runner.forget(block)
+            stream.open(block_name, block)
+        layers = {
+            full[len(block_name) + 1 :]: s for full, s in schemes.items() if full.startswith(block_name + ".")
+        }
+        home = next(block.parameters()).device
+        with placed(placement, block_name, block, layers):  # several devices: this block's layers spread over them
+            done = tune_one(block_name, block, layers)
+        if placement.several:  # the tuned layers' tensors follow the block home
+            done = to_device(done, home)
+        result.update(done)
+        if stream is not None:
+            if layers:
+                runner.forget(block)
             stream.close(block_name, block, done)
-        runner.block_done()
+        if layers:
+            runner.block_done()
     if lm_head is not None and lm_head[0] in schemes:
         result[lm_head[0]] = _tune_lm_head(lm_head, schemes[lm_head[0]], acts.fp, acts.q, options, loss_mask, bs,
                                            acts.device, shard)
@@ -208,24 +221,25 @@ def rtn_blocks(
     cache_device: torch.device | str | None = None,
     group: Group = SINGLE,
     store: ActivationStore | None = None,
+    placement: Placement = SINGLE_DEVICE,
 ) -> dict[str, QuantizedLayer]:
     """Round every block's planned layers to nearest, block by block on the float path: the block's float
     forward measures the input importance (``optimized``: optimized RTN's scale search) and the input amax of
     static activation scales, exactly as the whole model's forward would (``importance.model_importance``).
     What streamed tuning runs for iters 0; ``stream`` as in ``signround_blocks``.  ``calib`` None: plain RTN of
     layers that need no activation statistics, no forward at all.  ``group``: each rank runs its share of
-    the samples and the statistics are reduced over the ranks, so every rank rounds alike.  ``store``: as in
-    ``signround_blocks``."""
+    the samples and the statistics are reduced over the ranks, so every rank rounds alike.  ``store`` and ``placement``:
+    as in ``signround_blocks``."""
     store = store or ActivationStore()
     try:
         return _rtn_blocks(model, blocks, schemes, calib, batch_size, optimized, search_lowest, stream, cache_device,
-                           group, store)
+                           group, store, placement)
     finally:
         store.close()
 
 
 def _rtn_blocks(model, blocks, schemes, calib, batch_size, optimized, search_lowest, stream, cache_device, group,
-                store):
+                store, placement):
     from .plan import LayerPlan
     from .quantize import quantize_layers
 
@@ -247,15 +261,20 @@ def _rtn_blocks(model, blocks, schemes, calib, batch_size, optimized, search_low
             full[len(block_name) + 1 :]: s for full, s in schemes.items() if full.startswith(block_name + ".")
         }
         hooked = [rel for rel, s in layers.items() if optimized or needs_amax(s)]
-        with ImportanceHooks.of_block(block, hooked) as hooks:
-            fp_out = runner.run_float(block, acts.fp) if runner is not None else None
-        hooks.reduce(group)
-        importance = {f"{block_name}.{rel}": v for rel, v in hooks.result().items()} if optimized else None
-        amax = {f"{block_name}.{rel}": act_quant.calibrated_amax(hooks.amax[rel])
-                for rel, s in layers.items() if needs_amax(s) and rel in hooks.amax}
-        linears = {f"{block_name}.{rel}": block.get_submodule(rel) for rel in layers}
-        plan = LayerPlan(quantize={f"{block_name}.{rel}": s for rel, s in layers.items()})
-        done = quantize_layers(linears, plan, importance, search_lowest, amax) if layers else {}
+        home = next(block.parameters()).device
+        # several devices: the block runs, and its layers are rounded, where ``placement`` puts them
+        with placed(placement if runner is not None else SINGLE_DEVICE, block_name, block, layers):
+            with ImportanceHooks.of_block(block, hooked) as hooks:
+                fp_out = runner.run_float(block, acts.fp) if runner is not None else None
+            hooks.reduce(group)
+            importance = {f"{block_name}.{rel}": v for rel, v in hooks.result().items()} if optimized else None
+            amax = {f"{block_name}.{rel}": act_quant.calibrated_amax(hooks.amax[rel])
+                    for rel, s in layers.items() if needs_amax(s) and rel in hooks.amax}
+            linears = {f"{block_name}.{rel}": block.get_submodule(rel) for rel in layers}
+            plan = LayerPlan(quantize={f"{block_name}.{rel}": s for rel, s in layers.items()})
+            done = quantize_layers(linears, plan, importance, search_lowest, amax) if layers else {}
+        if placement.several:
+            done = to_device(done, home)
         result.update(done)
         if acts is not None:
             acts.advance(fp_out, fp_out)

@@ -116,10 +116,12 @@ def block_importance(
     forward: Callable[[nn.Module, torch.Tensor], torch.Tensor],
     batch_size: int,
     group: Any = None,
+    device: torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
     """Importance of each named linear layer of ``block`` over all ``inputs``, through ``forward`` (``group``:
-    each rank's ``inputs`` are its share, reduced over the ranks)."""
-    device = next(block.parameters()).device
+    each rank's ``inputs`` are its share, reduced over the ranks; ``device``: where the inputs go, by default
+    the block's first parameter's)."""
+    device = device or next(block.parameters()).device
     with ImportanceHooks.of_block(block, names) as hooks:
         for i in range(0, len(inputs), batch_size):
             forward(block, inputs[i : i + batch_size].to(device))

@@ -25,7 +25,7 @@ from torch import nn
 from . import act_quant, distributed, model_io
 from .autoscheme import AutoScheme, allocate, auto_candidates, bits_range, check_options, layer_groups
 from .data import calibration_batch, loss_mask
-from .devices import resolve_device_map
+from .devices import outside_blocks_on, resolve_placement
 from .dtypes import family_of
 from .errors import AutoRoundError, FormatError
 from .formats import QuantizedLayer, parse_formats
@@ -84,9 +84,17 @@ class Pipeline:
         self, options: RunOptions, source: Any, tokenizer: Any = None, transforms: list[Transform] | None = None
     ) -> None:
         self.options, self.source = options, source
-        self.device = resolve_device_map(options.runtime.device_map)  # a missing device fails here, before work
+        # a missing device fails here, before work; several devices: ``devices.Placement``
+        self.placement = resolve_placement(options.runtime.device_map)
+        self.device = self.placement.device
         # torchrun: the process group this run's ranks share (``distributed.py``); SINGLE for one process
         self.group = distributed.current()
+        if self.group.active and self.placement.several:
+            raise AutoRoundError(
+                f"device_map={options.runtime.device_map!r} spreads each block over {self.placement.describe()}, "
+                "but under torchrun every rank tunes on one device (its LOCAL_RANK): pass device_map='auto' or "
+                "one device, or run one process with the device map"
+            )
         if self.group.active and self.device.type == "cuda":  # one GPU per rank, as torchrun numbers them
             self.device = torch.device("cuda", envs.LOCAL_RANK or 0)
         self.transforms: list[Transform] = list(transforms or [])
@@ -96,6 +104,13 @@ class Pipeline:
             self.transforms.append(HadamardRotation(rotation) if rotation.mode == "online" else ResidualRotation(rotation))
         self._applied: list[Transform] = []
         self.auto_scheme: AutoScheme | None = p.scheme if isinstance(p.scheme, AutoScheme) else None
+        if self.placement.several and (self.auto_scheme is not None or self.transforms):
+            what = "scheme=AutoScheme(...) scores the options" if self.auto_scheme is not None else \
+                "rotation_config rotates the model"
+            raise AutoRoundError(
+                f"device_map={options.runtime.device_map!r} spreads the blocks over {self.placement.describe()}, but "
+                f"{what} on one device: pass one device (e.g. device_map={str(self.device)!r})"
+            )
         if self.auto_scheme is not None:
             given = [n for n in SCHEME_OVERRIDES if getattr(p, n) is not None]
             if given:
@@ -169,7 +184,8 @@ class Pipeline:
         """Load the model and find what to quantize in it."""
         self.model, self.tokenizer = model_io.load_model(
             self.source, self.__dict__.get("tokenizer"),
-            device_map=None if self.device.type == "cpu" else str(self.device),
+            # several devices: the model stays in host memory, each block goes to its devices in turn
+            device_map=None if self.device.type == "cpu" or self.placement.several else str(self.device),
         )
         self.deferred_folder = None
         self.source_tensors = model_io.uninstantiated_tensors(self.source, self.model)
@@ -302,8 +318,8 @@ class Pipeline:
             return "quant_nontext_module is set"
         if any(k == "lm_head" or k.endswith(".lm_head") for k in self.layer_config):
             return "layer_config names lm_head"
-        if self.device.type != "cpu":
-            return f"device_map={runtime.device_map!r} places the model on {self.device}"
+        if self.device.type != "cpu" or self.placement.several:
+            return f"device_map={runtime.device_map!r} places the model on {self.placement.describe()}"
         if self.transforms:
             return "transforms rewrite the loaded model"
         for fmt in fmts or []:
@@ -332,8 +348,8 @@ class Pipeline:
             return "the model is not a local folder"
         if self.options.plan.quant_nontext_module:
             return "quant_nontext_module is set"
-        if self.device.type != "cpu":
-            return f"device_map={runtime.device_map!r}: streamed tuning runs on the CPU"
+        if self.device.type != "cpu" or self.placement.several:
+            return f"device_map={runtime.device_map!r}: streamed tuning runs on the CPU alone"
         if self.transforms:
             return "transforms rewrite the whole loaded model"
         for fmt in fmts or []:
@@ -500,7 +516,7 @@ class Pipeline:
                 )
         if tuning.iters > 0:
             return Calibration(tokens, loss_mask=loss_mask(tokens, getattr(self.tokenizer, "pad_token_id", None)))
-        if self.stream is not None:  # the block loop measures them block by block (``blockwise.rtn_blocks``)
+        if self.stream is not None or self.placement.several:  # measured block by block (``blockwise.rtn_blocks``)
             return Calibration(tokens)
         logger.info("collecting activation statistics on %d x %d calibration tokens", *tokens.shape)
         amax: dict[str, torch.Tensor] = {}
@@ -542,6 +558,7 @@ class Pipeline:
         for t in self._applied:
             t.settle(self.model, set(self.plan.quantize))
         check_act_env(list(self.plan.quantize.values()))
+        self._check_placement()
         self._untie_lm_head()
         tuning = self.options.tuning
         torch.manual_seed(tuning.seed)
@@ -560,8 +577,8 @@ class Pipeline:
         if self.resume:
             logger.info("--resume has nothing to resume with iters 0 (round-to-nearest runs in one pass)")
         calibration = self.calibrate()
-        if self.stream is not None:
-            self._rtn_streamed(calibration, fmts)
+        if self.stream is not None or self.placement.several:
+            self._rtn_blockwise(calibration, fmts)
         else:
             importance = calibration.importance if calibration is not None else None
             self.layers = quantize_layers(self.linears, self.plan, importance, envs.AR_SEARCH_SCALE_RATIO,
@@ -573,6 +590,26 @@ class Pipeline:
             time.time() - start, len(self.layers), self.scheme.describe(), len(self.plan.keep_float),
         )
         return self.model, self.layer_config_out()
+
+    def _check_placement(self) -> None:
+        """A ``device_map`` dict whose keys match none of the planned layers inside the blocks is refused (before
+        any tuning minute); several devices are logged with where each block runs."""
+        placement = self.placement
+        if not placement.several:
+            return
+        inside = [n for n in self.plan.quantize if n.startswith(tuple(f"{b}." for b in self.block_names))]
+        unmatched = placement.unmatched(inside, self.block_names)
+        if unmatched:
+            example = inside[0] if inside else "model.layers.0.self_attn.q_proj"
+            raise AutoRoundError(
+                f"device_map key(s) {', '.join(map(repr, unmatched))} match no quantized layer inside the blocks "
+                f"(keys are layer names or regular expressions, full like {example!r} or relative to their block "
+                f"like {example.rsplit('.', 2)[-2] + '.' + example.rsplit('.', 1)[-1]!r} or 'mlp'); modules outside "
+                f"the blocks run on the main device, {self.device}"
+            )
+        how = "by the device_map's keys" if placement.rules else "in runs of about equal weight bytes"
+        logger.info("device_map: each block is tuned on %s with its quantized layers spread over %s %s; the model "
+                    "stays in host memory between blocks", self.device, placement.describe(), how)
 
     def _blocks(self) -> list[tuple[str, nn.Module]]:
         return [
@@ -593,18 +630,21 @@ class Pipeline:
         self.stager = Stager(fmts, job, self.stage_dir) if self.group.is_main else None
         return BlockStream(self.stream, self.stager)
 
-    def _rtn_streamed(self, calibration: Calibration | None, fmts: list) -> None:
-        """RTN / optimized RTN block by block on the streamed model, then the planned layers outside the blocks."""
+    def _rtn_blockwise(self, calibration: Calibration | None, fmts: list) -> None:
+        """RTN / optimized RTN block by block (on the streamed model, or on the blocks spread over several
+        devices), then the planned layers outside the blocks."""
         from .blockwise import rtn_blocks
 
         tuning = self.options.tuning
         optimized = not tuning.disable_opt_rtn
         schemes = {n: s for n, s in self.plan.quantize.items() if n != self.lm_head_name}
-        self.layers = rtn_blocks(
-            self.model, self._blocks(), schemes, calibration.tokens if calibration is not None else None,
-            tuning.batch_size, optimized,
-            envs.AR_SEARCH_SCALE_RATIO, stream=self._block_stream(fmts), group=self.group,
-        )
+        with outside_blocks_on(self.placement, self.model, self.block_names):
+            self.layers = rtn_blocks(
+                self.model, self._blocks(), schemes, calibration.tokens if calibration is not None else None,
+                tuning.batch_size, optimized, envs.AR_SEARCH_SCALE_RATIO,
+                stream=self._block_stream(fmts) if self.stream is not None else None, group=self.group,
+                placement=self.placement,
+            )
         self._quantize_outside_blocks()
 
     def _signround(self, options: SignRoundOptions, calibration: Calibration, fmts: list | None = None) -> None:
@@ -631,12 +671,14 @@ class Pipeline:
             lm_head = (self.lm_head_name, model_io.final_norm(self.model), self.linears[self.lm_head_name])
         cache_device = "cpu" if self.options.runtime.low_gpu_mem_usage else None
         start = time.time()
-        self.layers = signround_blocks(
-            self.model, blocks, self.plan.quantize, calibration.tokens, options, options.enable_quanted_input,
-            loss_mask=calibration.loss_mask, resume=store, cache_device=cache_device,
-            compile_forward=self.options.runtime.enable_torch_compile,
-            lm_head=lm_head, stream=self._block_stream(fmts) if self.stream is not None else None, group=self.group,
-        )
+        with outside_blocks_on(self.placement, self.model, self.block_names):
+            self.layers = signround_blocks(
+                self.model, blocks, self.plan.quantize, calibration.tokens, options, options.enable_quanted_input,
+                loss_mask=calibration.loss_mask, resume=store, cache_device=cache_device,
+                compile_forward=self.options.runtime.enable_torch_compile,
+                lm_head=lm_head, stream=self._block_stream(fmts) if self.stream is not None else None,
+                group=self.group, placement=self.placement,
+            )
         self.resume_store = store
         logger.info(
             "SignRound done in %.1fs: %d layers quantized (%s, iters %d), %d kept in float",

@@ -31,8 +31,9 @@ def shared_global_amax(linears: Mapping[str, nn.Module], schemes: Mapping[str, Q
     scaled = [n for n, s in schemes.items() if not s.is_float and family_of(s).has_global_scale]
     out: dict[str, dict] = {}
     for group in fused_siblings(scaled):
-        amax = torch.stack([linears[n].weight.detach().abs().amax().float() for n in group]).amax()
-        out.update({n: {"global_amax": amax} for n in group})
+        # (the layers may sit on different devices: ``devices.placed``)
+        amax = max(linears[n].weight.detach().abs().amax().float().cpu() for n in group)
+        out.update({n: {"global_amax": amax.to(linears[n].weight.device)} for n in group})
     return out
 
 
@@ -53,7 +54,7 @@ def quantize_layers(
     for name in tqdm(list(plan.quantize), desc="quantizing layers", leave=False):
         module, scheme = linears[name], plan.quantize[name]
         w = module.weight.data
-        imp = None if importance is None or name not in importance else importance[name]
+        imp = None if importance is None or name not in importance else importance[name].to(w.device)
         qw = family_of(scheme).quantize(w, scheme, imp, search_lowest, **shared.get(name, {}))
         module.weight.data.copy_(qw.dequantize().to(w.dtype))
         bias = module.bias.data.clone() if module.bias is not None else None

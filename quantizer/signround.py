@@ -21,6 +21,7 @@ from torch import nn
 
 from .act_quant import ActQuantizer, quantizes_acts
 from .transforms.rotation import RotatedInput, rotation_of
+from .devices import carry_placement
 from .dtypes import family_of
 from .importance import block_importance
 from .quantize import shared_global_amax
@@ -80,6 +81,7 @@ def _element_mask(mask: torch.Tensor | None, diff: torch.Tensor) -> torch.Tensor
 
 def _swap(block: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
+    carry_placement(block.get_submodule(name), new)  # a layer placed on another device: its wrapper runs there
     setattr(block.get_submodule(parent_name) if parent_name else block, child, new)
 
 
@@ -102,6 +104,7 @@ def tune_block(
     importance: Mapping[str, torch.Tensor] | None = None,
     input_amax: Mapping[str, torch.Tensor] | None = None,
     shard: Any = None,
+    device: torch.device | None = None,
 ) -> TuneResult:
     """Tune ``layers`` (names relative to ``block``) so that ``forward(block, inputs[i])`` matches ``targets[i]``.
 
@@ -120,6 +123,9 @@ def tune_block(
     computes its rows' part of the batch loss, and the gradients and losses are summed over the ranks before
     every step, so every rank takes the step one process holding every sample would.
 
+    ``device``: where the block's inputs go and the loss is computed (default: the first tuned layer's device);
+    layers placed on other devices (``devices.placed``) keep their wrappers there.
+
     Each layer's weight family makes its tunable fake-quantizer (``WeightFamily.tuner``).  A family that asks for
     an importance (``tuning_importance``: integer layers starting from optimized RTN's searched range, GGUF block
     types starting from the importance-weighted iters-0 blocks) gets ``importance[name]`` (layer name ->
@@ -133,18 +139,21 @@ def tune_block(
     missing = [n for n in sorted(need) if importance is None or n not in importance]
     if missing:  # measured on the block's tuning inputs
         importance = {**(importance or {}), **block_importance(block, missing, inputs, forward, options.batch_size,
-                                                               shard.group if shard is not None else None)}
+                                                               shard.group if shard is not None else None, device)}
     fixed: dict[str, Any] = {}
     wrappers: dict[str, nn.Module] = {}
     shared = shared_global_amax({n: block.get_submodule(n) for n in layers}, layers)
     for name, scheme in layers.items():
         linear = block.get_submodule(name)
         family = family_of(scheme)
+        # statistics measured on the block's device go where the layer is (``devices.placed``)
         imp = importance.get(name) if importance and name in need else None
+        imp = imp.to(linear.weight.device) if imp is not None else None
         wrapper = family.tuner(linear, scheme, options, imp, **shared.get(name, {}))
         if wrapper is not None:
             if quantizes_acts(scheme):
-                wrapper.act = ActQuantizer(scheme, (input_amax or {}).get(name))
+                amax = (input_amax or {}).get(name)
+                wrapper.act = ActQuantizer(scheme, amax.to(linear.weight.device) if amax is not None else None)
             wrappers[name] = wrapper
         else:  # a type SignRound does not tune: its family's importance-weighted iters-0 quantizer
             fixed[name] = family.quantize(linear.weight, scheme, imp, **shared.get(name, {}))
@@ -169,10 +178,10 @@ def tune_block(
             if loss_mask is not None:  # a shard's local rows 0.. are its first global samples
                 mask = loss_mask[idx if shard is None else shard.owned(torch.arange(shard.n))[: len(idx)]]
             with torch.no_grad():
-                out = forward(block, inputs[idx].to(next(block.parameters()).device))
+                out = forward(block, inputs[idx].to(device or next(block.parameters()).device))
                 loss = masked_mse(out, target.to(out.device), mask.to(out.device) if mask is not None else None).item()
             return TuneResult(dict(fixed), loss, loss)
-        result = _tune(block, wrappers, inputs, targets, options, forward, progress, loss_mask, shard)
+        result = _tune(block, wrappers, inputs, targets, options, forward, progress, loss_mask, shard, device)
         result.weights.update(fixed)
         return result
     finally:
@@ -222,7 +231,8 @@ def _sharded_loss(block, forward, inputs, target_of, loss_mask, idx, shard, drop
     return loss.item()
 
 
-def _tune(block, wrappers, inputs, targets, options, forward, progress, loss_mask, shard=None) -> TuneResult:
+def _tune(block, wrappers, inputs, targets, options, forward, progress, loss_mask, shard=None,
+          device=None) -> TuneResult:
     gen = torch.Generator().manual_seed(options.seed)
     frozen = [p for p in block.parameters() if p.requires_grad]
     for p in frozen:
@@ -246,7 +256,7 @@ def _tune(block, wrappers, inputs, targets, options, forward, progress, loss_mas
     steps = options.gradient_accumulate_steps
     sampler = IndexSampler(n, bs * steps, gen)
     target_of = targets if callable(targets) else (lambda idx: targets[idx])
-    device = next(iter(wrappers.values())).v.device
+    device = device or next(iter(wrappers.values())).v.device
     # SignRoundV2 below 4 bits: the block loss leaves out its largest elementwise errors
     drop_outliers = options.enable_alg_ext and min(w.scheme.bits for w in wrappers.values()) < 4
     if shard is not None:  # elements of one sample's target per loss-mask position, and positions per sample
