@@ -29,6 +29,10 @@ class Element:
     emin: int  # exponent of the smallest normal (float); unused for int
     max: float
     kind: str = "float"
+    # SignRound's rounding offset ``v`` (kept in [-0.5, 0.5]) is in this many element units; None: in units of the
+    # local grid step.  E2M1 takes 1.0, the reference tool's unit for FP4: the elements below 2, most of a
+    # group's, have a step of 0.5 and so get a full step's reach, where step units would give them half of one.
+    offset_unit: float | None = None
 
     @property
     def emax(self) -> int:
@@ -36,7 +40,7 @@ class Element:
         return int(math.floor(math.log2(self.max)))
 
 
-E2M1 = Element("e2m1", 4, 1, 0, 6.0)
+E2M1 = Element("e2m1", 4, 1, 0, 6.0, offset_unit=1.0)
 E4M3 = Element("e4m3", 8, 3, -6, 448.0)
 # MX integers, symmetric as the reference tool and its checkpoints hold them (no -2: codes are sign-magnitude)
 INT4_MX = Element("int4", 4, 2, 0, 1.75, kind="int")  # k/4, k in -7..7
@@ -231,11 +235,13 @@ ScaleRule = Callable[[torch.Tensor, "torch.Tensor | None"], "tuple[torch.Tensor,
 def qdq_tiles(tiles: torch.Tensor, eff: torch.Tensor, elem: Element, v: torch.Tensor | None = None,
               ste: bool = False) -> torch.Tensor:
     """Grid values of ``tiles`` [R, C, n] for effective scales ``eff`` [R, C] (the elements, not times scale);
-    ``v``: rounding offsets in units of the local grid step."""
+    ``v``: rounding offsets, in ``elem.offset_unit`` (or, where it has none, in units of the local grid step)."""
     x = tiles / eff.unsqueeze(-1)
     if v is not None:
-        step = grid_step(x.detach().abs().clamp(max=elem.max), elem)
-        x = x + v * step
+        if elem.offset_unit is not None:
+            x = x + v * elem.offset_unit
+        else:
+            x = x + v * grid_step(x.detach().abs().clamp(max=elem.max), elem)
     return round_grid_ste(x, elem) if ste else round_to_grid(x, elem)
 
 
@@ -283,9 +289,10 @@ def weighted_search(w: torch.Tensor, layout: Layout, elem: Element, rule: ScaleR
 
 
 class TunedFloatLinear(nn.Module):
-    """SignRound's tunable linear for a float family: per-weight rounding offsets ``v`` (in units of the local
-    grid step, kept in [-0.5, 0.5]) and, with min/max tuning, one clip factor ``alpha`` per scale tile on the
-    tile's amax before the family's scale rule takes its scale (straight through the rule's rounding)."""
+    """SignRound's tunable linear for a float family: per-weight rounding offsets ``v`` (kept in [-0.5, 0.5], in
+    the element's ``offset_unit`` or units of the local grid step) and, with min/max tuning, one clip factor
+    ``alpha`` per scale tile on the tile's amax before the family's scale rule takes its scale (straight through the
+    rule's rounding)."""
 
     default_factor_lr_scale = 1.0
 

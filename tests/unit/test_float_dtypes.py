@@ -53,6 +53,24 @@ def test_e4m3_grid_equals_torch_float8_cast():
     assert encode(torch.tensor([1.0, -448.0, 2.0 ** -9]), E4M3).tolist() == [0x38, 0xFE, 0x01]
 
 
+def test_signround_offset_units():
+    """The rounding offset ``v`` moves an E2M1 element by ``v`` itself (the reference tool's FP4 unit: up to a full
+    step for the elements below 2, whose step is 0.5) and every other element by ``v`` local grid steps."""
+    from autoround.quantizer.dtypes.minifloat import qdq_tiles
+
+    one = torch.ones(1, 1)
+    x = torch.tensor([[[1.05, 1.05, 5.0, 0.3]]])
+    v = torch.tensor([[[0.3, -0.1, -0.45, -0.06]]])
+    # 1.35 -> 1.5, 0.95 -> 1.0, 4.55 -> 4.0, 0.24 -> 0.0 (in step units the first and last would give 1.2 -> 1.0
+    # and 0.27 -> 0.5)
+    assert qdq_tiles(x, one, E2M1, v).flatten().tolist() == [1.5, 1.0, 4.0, 0.0]
+    assert qdq_tiles(x[..., :1], one, E2M1, v[..., :1] / 2).item() == 1.0  # 1.2 -> 1.0: the unit is 1, not 0.5
+    # E4M3 near 1 (step 0.125): 1.05 + 0.3 * 0.125 = 1.0875 -> 1.125, not 1.35 -> 1.375
+    assert qdq_tiles(x[..., :1], one, E4M3, v[..., :1]).item() == 1.125
+    # MXINT4 (uniform step 0.25): 1.05 + 0.3 * 0.25 = 1.125 -> 1.0 (ties to even: 4.5 -> 4 quarters)
+    assert qdq_tiles(x[..., :1], one, INT4_MX, v[..., :1]).item() == 1.0
+
+
 def test_mxint4_grid_symmetric_and_sign_magnitude_codes():
     x = torch.tensor([-2.5, -2.0, -0.125, 0.125, 0.375, 1.7, 1.9])
     q = round_to_grid(x, INT4_MX)
