@@ -192,6 +192,31 @@ def set_config(**values: Any) -> None:
 
     ``None`` unsets a variable (back to its default).  All values are checked before any is set.
     """
+    staged = _staged(values)
+    for name, raw in staged.items():
+        if raw is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = raw
+    if "AR_LOG_LEVEL" in staged:
+        from .log import apply_level
+
+        apply_level()
+
+
+def child_environment(**values: Any) -> dict[str, str]:
+    """This process's environment with ``values`` set (checked as ``set_config`` checks them; ``None`` unsets),
+    for a subprocess; this process's own environment is left alone."""
+    env = dict(os.environ)
+    for name, raw in _staged(values).items():
+        if raw is None:
+            env.pop(name, None)
+        else:
+            env[name] = raw
+    return env
+
+
+def _staged(values: dict[str, Any]) -> dict[str, str | None]:
     staged: dict[str, str | None] = {}
     for name, value in values.items():
         _check_name(name)
@@ -204,15 +229,7 @@ def set_config(**values: Any) -> None:
         except ValueError:
             raise ValueError(f"{name}={value!r} is invalid: it must be {_describe(name)}") from None
         staged[name] = raw
-    for name, raw in staged.items():
-        if raw is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = raw
-    if "AR_LOG_LEVEL" in staged:
-        from .log import apply_level
-
-        apply_level()
+    return staged
 
 
 def check_unsupported() -> None:

@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import functools
 import mmap
+from pathlib import Path
 
 _MADV_PAGEOUT = 21  # Linux 5.4+: reclaim the range now; clean file pages are dropped, data is never lost
 
@@ -94,8 +95,74 @@ def peak_rss_gib() -> float:
 
 
 def available_bytes() -> int | None:
-    """Memory the kernel says can be had without swapping (``MemAvailable``), or None where it does not say."""
-    return _proc_bytes("/proc/meminfo", "MemAvailable:")
+    """Memory that can be had without swapping: the kernel's ``MemAvailable``, or less where this process's memory
+    cgroup (a container's limit) leaves less (``cgroup_headroom``); None where neither says."""
+    avail, room = _proc_bytes("/proc/meminfo", "MemAvailable:"), cgroup_headroom()
+    if avail is None or room is None:
+        return avail if room is None else room
+    return min(avail, room)
+
+
+_NO_LIMIT = 2**60  # cgroup v1 writes "no limit" as a number near 2**63
+
+
+def cgroup_headroom(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """What this process's memory cgroup still allows: its limit (the tightest of its ancestors') less what the
+    group holds, counting its inactive file cache as free (the kernel drops that first); None without a limit.
+    Reads cgroup v1 (the ``memory`` controller's hierarchy) or v2 (the unified one)."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    entries = [line.split(":", 2) for line in lines if line.count(":") >= 2]
+    v1 = [path for _, ctl, path in entries if "memory" in ctl.split(",")]
+    if v1:
+        folder = _cgroup_folder(Path(root) / "memory", v1[0])
+        if folder is None:
+            return None
+        stat = _stat(folder / "memory.stat")
+        limit = stat.get("hierarchical_memory_limit", _int(folder / "memory.limit_in_bytes"))
+        used, cache = _int(folder / "memory.usage_in_bytes"), stat.get("total_inactive_file", 0)
+    else:
+        v2 = [path for hid, ctl, path in entries if hid == "0" and ctl == ""]
+        folder = _cgroup_folder(Path(root), v2[0]) if v2 and (Path(root) / "cgroup.controllers").exists() else None
+        if folder is None:
+            return None
+        limits, level = [], folder
+        while True:  # memory.max of the group and of every ancestor up to the mount
+            limits.append(_int(level / "memory.max"))
+            if level == Path(root) or level.parent == level:
+                break
+            level = level.parent
+        known = [x for x in limits if x is not None]
+        limit = min(known) if known else None
+        used, cache = _int(folder / "memory.current"), _stat(folder / "memory.stat").get("inactive_file", 0)
+    if limit is None or limit >= _NO_LIMIT or used is None:
+        return None
+    return max(0, limit - used + cache)
+
+
+def _cgroup_folder(mount: Path, path: str) -> Path | None:
+    """The group's folder under ``mount``; inside a container the group is the mount itself."""
+    for folder in (mount / path.lstrip("/"), mount):
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def _int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return None if text == "max" or not text.isdigit() else int(text)
+
+
+def _stat(path: Path) -> dict[str, int]:
+    try:
+        return {k: int(v) for k, v in (line.split() for line in path.read_text().splitlines()) if v.isdigit()}
+    except (OSError, ValueError):
+        return {}
 
 
 def _proc_bytes(path: str, key: str) -> int | None:

@@ -108,7 +108,8 @@ def _signround_blocks(model, blocks, schemes, calib, options, enable_quanted_inp
             next_inputs(block, fp_out)
             return {}
         if group.broadcast(resume is not None and resume.has(block_name)):
-            weights, (loss_before, loss_best) = group.broadcast(resume.load_block(block_name) if group.is_main else None)
+            saved = resume.load_block(block_name) if group.is_main else None
+            weights, (loss_before, loss_best) = group.broadcast(saved)
             logger.info("%s: loaded from the resume state (loss %.6g -> %.6g)", block_name, loss_before, loss_best)
         else:
             tuned = tune_block(

@@ -70,3 +70,14 @@ def test_no_other_module_reads_the_environment():
             if re.search(r"os\.environ|os\.getenv|getenv\(", f.read_text()):
                 offenders.append(str(f))
     assert offenders == []
+
+
+def test_child_environment_sets_checked_values_for_a_subprocess_only(monkeypatch):
+    from autoround import envs
+
+    monkeypatch.setenv("AR_DISABLE_OFFLOAD", "1")
+    env = envs.child_environment(AR_WORK_SPACE="/tmp/ws", AR_DISABLE_OFFLOAD=None, AR_LOG_LEVEL="DEBUG")
+    assert env["AR_WORK_SPACE"] == "/tmp/ws" and env["AR_LOG_LEVEL"] == "DEBUG" and "AR_DISABLE_OFFLOAD" not in env
+    assert envs.AR_DISABLE_OFFLOAD and not envs.is_set("AR_WORK_SPACE")  # this process's environment is unchanged
+    with pytest.raises(ValueError, match="AR_DIST_TIMEOUT"):
+        envs.child_environment(AR_DIST_TIMEOUT="soon")
