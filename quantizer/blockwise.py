@@ -18,6 +18,7 @@ from . import act_quant
 from .act_quant import needs_amax
 from .activations import ActivationCache, ActivationStore
 from .block_runner import BlockRunner, resolve_amp
+from .data import whole_batches
 from .devices import SINGLE_DEVICE, Placement, placed, to_device
 from .distributed import SINGLE, Group, Shard
 from .formats import QuantizedLayer
@@ -65,8 +66,7 @@ def signround_blocks(
     With ``options.amp`` the tuning steps and the quantized path's forward run under bf16 autocast, as the
     reference does; the float targets stay in the model's dtype (``BlockRunner``).
     """
-    bs = min(options.batch_size, len(calib))
-    n = (len(calib) // bs) * bs
+    bs, n = whole_batches(len(calib), options.batch_size)
     if n < len(calib):
         logger.warning("using %d of %d calibration samples (a multiple of batch_size %d)", n, len(calib), bs)
     calib = calib[:n]
@@ -246,8 +246,7 @@ def _rtn_blocks(model, blocks, schemes, calib, batch_size, optimized, search_low
 
     acts = runner = None
     if calib is not None:
-        bs = min(batch_size, len(calib))
-        n = (len(calib) // bs) * bs
+        bs, n = whole_batches(len(calib), batch_size)
         if n < len(calib):  # the blocks run with the keyword arguments (masks) of one whole batch
             logger.warning("using %d of %d calibration samples (a multiple of batch_size %d)", n, len(calib), bs)
         acts = ActivationCache(model, blocks[0][1], calib[:n], bs, cache_device,

@@ -36,6 +36,13 @@ class DatasetSpec:
     system_prompt: str | None = None
 
 
+def whole_batches(n_samples: int, batch_size: int) -> tuple[int, int]:
+    """(batch size, usable samples): ``batch_size`` capped at the sample count, and the largest multiple of it not
+    above ``n_samples``: the samples the block loops run (a block's keyword arguments are one whole batch's)."""
+    bs = min(batch_size, n_samples)
+    return bs, (n_samples // bs) * bs
+
+
 def _split_outside_quotes(text: str, sep: str) -> list[str]:
     parts, cur, quote = [], [], None
     for ch in text:

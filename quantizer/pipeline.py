@@ -24,7 +24,7 @@ from torch import nn
 
 from . import act_quant, distributed, model_io
 from .autoscheme import AutoScheme, allocate, auto_candidates, bits_range, check_options, layer_groups
-from .data import calibration_batch, loss_mask
+from .data import calibration_batch, loss_mask, whole_batches
 from .devices import outside_blocks_on, resolve_placement
 from .dtypes import family_of
 from .errors import AutoRoundError, FormatError
@@ -508,7 +508,7 @@ class Pipeline:
         tokens = calibration_batch(c.dataset, self.tokenizer, c.nsamples, c.seqlen, tuning.seed)
         if self.group.active:  # every rank splits the same samples: rank 0's
             tokens = self.group.broadcast(tokens)
-            usable = len(tokens) // min(tuning.batch_size, len(tokens)) * min(tuning.batch_size, len(tokens))
+            _, usable = whole_batches(len(tokens), tuning.batch_size)  # the samples the block loops will run
             if usable < self.group.world_size:
                 raise AutoRoundError(
                     f"{usable} calibration samples cannot be split across {self.group.world_size} ranks: raise "

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .activations import capture_block_inputs
 from .block_runner import first_output
+from .data import whole_batches
 from .dtypes import family_of
 from .errors import AutoRoundError
 from .schemes import QuantScheme
@@ -88,8 +89,7 @@ def delta_loss_scores(
     over batches, so the result is one process's up to the order of that sum."""
     names = sorted({n for o in option_schemes for n in o})
     scores = {n: [0.0] * len(option_schemes) for n in names}
-    bs = min(batch_size, len(tokens))
-    n = (len(tokens) // bs) * bs
+    bs, n = whole_batches(len(tokens), batch_size)
     tokens, mask = tokens[:n], mask[:n]
     if group is not None and group.active:
         mine = [b for b in range(n // bs) if b % group.world_size == group.rank]
