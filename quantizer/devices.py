@@ -248,19 +248,31 @@ def placed(placement: Placement, block_name: str, block: nn.Module, layers: Iter
 
     home = next(block.parameters()).device
     where = placement.assign(block_name, block, layers)
-    block.to(placement.device)
     hooked = []
     try:
-        for rel, device in where.items():
+        for rel, device in where.items():  # each layer straight to its device: the block is never whole on one
             module = block.get_submodule(rel)
             module.to(device)
             add_hook_to_module(module, AlignDevicesHook(execution_device=device, io_same_device=True))
             hooked.append(module)
+        _rest_to(block, list(where), placement.device)
         yield where
     finally:
         for module in hooked:
             remove_hook_from_module(module)
         block.to(home)
+
+
+def _rest_to(block: nn.Module, layers: list[str], device: torch.device) -> None:
+    """Every parameter and buffer of ``block`` outside ``layers`` (names relative to it) to ``device``, each
+    parameter keeping its identity."""
+    for name, module in block.named_modules():
+        if any(name == rel or name.startswith(rel + ".") for rel in layers):
+            continue
+        for p in module.parameters(recurse=False):
+            p.data = p.data.to(device)
+        for key, b in list(module.named_buffers(recurse=False)):
+            setattr(module, key, b.to(device))
 
 
 def carry_placement(old: nn.Module, new: nn.Module) -> None:
