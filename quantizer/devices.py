@@ -214,12 +214,17 @@ def resolve_device_map(device_map: Any) -> torch.device:
 
 def place_outside_blocks(model: nn.Module, block_names: Iterable[str], device: torch.device) -> None:
     """Move every parameter and buffer of ``model`` that lies outside the blocks to ``device``."""
-    from accelerate.utils import set_module_tensor_to_device
+    blocks = list(block_names)
+    prefixes = tuple(f"{b}." for b in blocks)
+    for name, module in model.named_modules():
+        if name not in blocks and not name.startswith(prefixes):
+            _move_own(module, device)
 
-    prefixes = tuple(f"{b}." for b in block_names)
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if not name.startswith(prefixes) and tensor.device != device:
-            set_module_tensor_to_device(model, name, device)
+
+def _move_own(module: nn.Module, device: torch.device) -> None:
+    """``module``'s own parameters and buffers (not its children's) to ``device``, as ``nn.Module.to`` moves them:
+    a parameter keeps its identity where the devices allow it, so weights tied across modules stay tied."""
+    module._apply(lambda t: t.to(device), recurse=False)
 
 
 @contextmanager
@@ -264,15 +269,10 @@ def placed(placement: Placement, block_name: str, block: nn.Module, layers: Iter
 
 
 def _rest_to(block: nn.Module, layers: list[str], device: torch.device) -> None:
-    """Every parameter and buffer of ``block`` outside ``layers`` (names relative to it) to ``device``, each
-    parameter keeping its identity."""
+    """Every parameter and buffer of ``block`` outside ``layers`` (names relative to it) to ``device``."""
     for name, module in block.named_modules():
-        if any(name == rel or name.startswith(rel + ".") for rel in layers):
-            continue
-        for p in module.parameters(recurse=False):
-            p.data = p.data.to(device)
-        for key, b in list(module.named_buffers(recurse=False)):
-            setattr(module, key, b.to(device))
+        if not any(name == rel or name.startswith(rel + ".") for rel in layers):
+            _move_own(module, device)
 
 
 def carry_placement(old: nn.Module, new: nn.Module) -> None:
