@@ -180,8 +180,7 @@ def _pattern_ok(pattern: str, original: Any) -> str:
 def resolve_placement(device_map: Any) -> Placement:
     """Where the run's blocks are tuned, checked before any work (see the module's docstring)."""
     if device_map is None or device_map == "" or (isinstance(device_map, dict) and not device_map):
-        cpu = torch.device("cpu")
-        return Placement(cpu, (cpu,))
+        return SINGLE_DEVICE
     rules: list[tuple[str, torch.device]] = []
     if isinstance(device_map, dict):
         for key, value in device_map.items():
@@ -214,17 +213,16 @@ def resolve_device_map(device_map: Any) -> torch.device:
 
 def place_outside_blocks(model: nn.Module, block_names: Iterable[str], device: torch.device) -> None:
     """Move every parameter and buffer of ``model`` that lies outside the blocks to ``device``."""
-    blocks = list(block_names)
-    prefixes = tuple(f"{b}." for b in blocks)
-    for name, module in model.named_modules():
-        if name not in blocks and not name.startswith(prefixes):
-            _move_own(module, device)
+    _move_except(model, list(block_names), device)
 
 
-def _move_own(module: nn.Module, device: torch.device) -> None:
-    """``module``'s own parameters and buffers (not its children's) to ``device``, as ``nn.Module.to`` moves them:
-    a parameter keeps its identity where the devices allow it, so weights tied across modules stay tied."""
-    module._apply(lambda t: t.to(device), recurse=False)
+def _move_except(root: nn.Module, skipped: list[str], device: torch.device) -> None:
+    """Every parameter and buffer of ``root`` outside the submodules ``skipped`` (names relative to ``root``) to
+    ``device``, as ``nn.Module.to`` moves them: a parameter keeps its identity where the devices allow it, so
+    weights tied across modules stay tied."""
+    for name, module in root.named_modules():
+        if not any(name == s or name.startswith(s + ".") for s in skipped):
+            module._apply(lambda t: t.to(device), recurse=False)
 
 
 @contextmanager
@@ -260,19 +258,12 @@ def placed(placement: Placement, block_name: str, block: nn.Module, layers: Iter
             module.to(device)
             add_hook_to_module(module, AlignDevicesHook(execution_device=device, io_same_device=True))
             hooked.append(module)
-        _rest_to(block, list(where), placement.device)
+        _move_except(block, list(where), placement.device)
         yield where
     finally:
         for module in hooked:
             remove_hook_from_module(module)
         block.to(home)
-
-
-def _rest_to(block: nn.Module, layers: list[str], device: torch.device) -> None:
-    """Every parameter and buffer of ``block`` outside ``layers`` (names relative to it) to ``device``."""
-    for name, module in block.named_modules():
-        if not any(name == rel or name.startswith(rel + ".") for rel in layers):
-            _move_own(module, device)
 
 
 def carry_placement(old: nn.Module, new: nn.Module) -> None:
