@@ -20,6 +20,7 @@ from .activations import ActivationCache, ActivationStore
 from .block_runner import BlockRunner, resolve_amp
 from .data import whole_batches
 from .devices import SINGLE_DEVICE, Placement, placed, to_device
+from .qmath import ROUND_WITH_COMPUTED
 from .distributed import SINGLE, Group, Shard
 from .formats import QuantizedLayer
 from .importance import ImportanceHooks
@@ -223,6 +224,7 @@ def rtn_blocks(
     group: Group = SINGLE,
     store: ActivationStore | None = None,
     placement: Placement = SINGLE_DEVICE,
+    rtn_rounding: str = ROUND_WITH_COMPUTED,
 ) -> dict[str, QuantizedLayer]:
     """Round every block's planned layers to nearest, block by block on the float path: the block's float
     forward measures the input importance (``optimized``: optimized RTN's scale search) and the input amax of
@@ -230,17 +232,17 @@ def rtn_blocks(
     What streamed tuning runs for iters 0; ``stream`` as in ``signround_blocks``.  ``calib`` None: plain RTN of
     layers that need no activation statistics, no forward at all.  ``group``: each rank runs its share of
     the samples and the statistics are reduced over the ranks, so every rank rounds alike.  ``store`` and ``placement``:
-    as in ``signround_blocks``."""
+    as in ``signround_blocks``.  ``rtn_rounding``: ``LayerPlan.rtn_rounding``."""
     store = store or ActivationStore()
     try:
         return _rtn_blocks(model, blocks, schemes, calib, batch_size, optimized, search_lowest, stream, cache_device,
-                           group, store, placement)
+                           group, store, placement, rtn_rounding)
     finally:
         store.close()
 
 
 def _rtn_blocks(model, blocks, schemes, calib, batch_size, optimized, search_lowest, stream, cache_device, group,
-                store, placement):
+                store, placement, rtn_rounding):
     from .plan import LayerPlan
     from .quantize import quantize_layers
 
@@ -271,7 +273,8 @@ def _rtn_blocks(model, blocks, schemes, calib, batch_size, optimized, search_low
             amax = {f"{block_name}.{rel}": act_quant.calibrated_amax(hooks.amax[rel])
                     for rel, s in layers.items() if needs_amax(s) and rel in hooks.amax}
             linears = {f"{block_name}.{rel}": block.get_submodule(rel) for rel in layers}
-            plan = LayerPlan(quantize={f"{block_name}.{rel}": s for rel, s in layers.items()})
+            plan = LayerPlan(quantize={f"{block_name}.{rel}": s for rel, s in layers.items()},
+                             rtn_rounding=rtn_rounding)
             done = quantize_layers(linears, plan, importance, search_lowest, amax) if layers else {}
         if placement.several:
             done = to_device(done, home)

@@ -35,6 +35,7 @@ from .errors import ModelLoadError
 from .formats.writer import FileSlice
 from .model_io import find_block_names, linear_dims
 from .qmath import QuantizedWeight
+from .qmath import ROUND_WITH_COMPUTED
 from .rtn import rtn_quantize
 from .schemes import QuantScheme
 from ..log import logger
@@ -201,13 +202,15 @@ class FolderTokenizer:
 class StreamedLayer:
     """A planned layer on the model-free route: the fields of ``formats.QuantizedLayer``, with ``weight`` read
     from the source and rounded to nearest each time it is asked for (never kept: one layer in memory at a time),
-    exactly as ``quantize.quantize_layers`` rounds the loaded weight for plain RTN."""
+    exactly as ``quantize.quantize_layers`` rounds the loaded weight for plain RTN (``rounding``: the format's
+    ``rtn_rounding``)."""
 
     input_amax = None
     rotation = None  # the model-free route runs no transform
 
-    def __init__(self, name: str, scheme: QuantScheme, module: nn.Linear, tensors: SourceTensors, transposed: bool):
-        self.name, self.scheme = name, scheme
+    def __init__(self, name: str, scheme: QuantScheme, module: nn.Linear, tensors: SourceTensors, transposed: bool,
+                 rounding: str = ROUND_WITH_COMPUTED):
+        self.name, self.scheme, self._rounding = name, scheme, rounding
         self.in_features, self.out_features = module.in_features, module.out_features
         self._has_bias = module.bias is not None
         self._tensors, self._transposed = tensors, transposed
@@ -218,7 +221,7 @@ class StreamedLayer:
         if self._transposed:  # GPT-2 Conv1D stores [in, out]; the in-memory route quantizes its nn.Linear copy
             w = w.t().contiguous()
         s = self.scheme
-        return rtn_quantize(w, s.bits, s.group_size, s.sym)
+        return rtn_quantize(w, s.bits, s.group_size, s.sym, self._rounding)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -396,7 +399,7 @@ def export(
     from .formats import export as export_job
 
     layers = {
-        name: StreamedLayer(name, s, src.linears[name], src.tensors, name in src.transposed)
+        name: StreamedLayer(name, s, src.linears[name], src.tensors, name in src.transposed, fmt.rtn_rounding)
         for name, s in plan.quantize.items()
     }
     start = time.time()

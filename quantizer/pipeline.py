@@ -643,7 +643,7 @@ class Pipeline:
                 self.model, self._blocks(), schemes, calibration.tokens if calibration is not None else None,
                 tuning.batch_size, optimized, envs.AR_SEARCH_SCALE_RATIO,
                 stream=self._block_stream(fmts) if self.stream is not None else None, group=self.group,
-                placement=self.placement,
+                placement=self.placement, rtn_rounding=self.plan.rtn_rounding,
             )
         self._quantize_outside_blocks()
 
@@ -689,7 +689,7 @@ class Pipeline:
         """SignRound tunes the blocks; planned layers outside them (lm_head) are rounded to nearest."""
         rest = [n for n in self.plan.quantize if n not in self.layers]
         if rest:
-            sub = LayerPlan(quantize={n: self.plan.quantize[n] for n in rest})
+            sub = LayerPlan(quantize={n: self.plan.quantize[n] for n in rest}, rtn_rounding=self.plan.rtn_rounding)
             self.layers.update(quantize_layers(self.linears, sub, None, envs.AR_SEARCH_SCALE_RATIO))
 
     def _finish(self) -> None:

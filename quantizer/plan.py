@@ -12,6 +12,7 @@ from torch import nn
 from .errors import AutoRoundError, FormatError, SchemeError
 from .formats import ExportFormat, formats_supporting, list_formats
 from .dtypes import family_of
+from .qmath import ROUND_WITH_COMPUTED
 from .schemes import QuantScheme, resolve_scheme
 from ..log import logger
 
@@ -64,6 +65,8 @@ def scheme_for_layer(
 class LayerPlan:
     quantize: dict[str, QuantScheme] = field(default_factory=dict)
     keep_float: list[str] = field(default_factory=list)
+    # the scale plain RTN rounds integers with: the (first) format's ``rtn_rounding``
+    rtn_rounding: str = ROUND_WITH_COMPUTED
 
 
 def plan_layers(
@@ -79,7 +82,11 @@ def plan_layers(
 
     ``lm_head``: the name of the output projection when it is to be quantized (it is in ``linears``);
     ``lm_head_tied``: whether the model ties it to the input embedding."""
-    plan = LayerPlan()
+    plan = LayerPlan(rtn_rounding=formats[0].rtn_rounding if formats else ROUND_WITH_COMPUTED)
+    rules = {f.rtn_rounding for f in formats}
+    if len(rules) > 1:
+        logger.info("plain RTN rounds with the %s scale, as %s is written (formats differ: %s)", plan.rtn_rounding,
+                    formats[0].name, ", ".join(f"{f.name}: {f.rtn_rounding}" for f in formats))
     bases = layer_bases(linears, default)
     for name, module in linears.items():
         scheme = scheme_for_layer(name, bases.get(name, default), layer_config)

@@ -55,7 +55,8 @@ def quantize_layers(
         module, scheme = linears[name], plan.quantize[name]
         w = module.weight.data
         imp = None if importance is None or name not in importance else importance[name].to(w.device)
-        qw = family_of(scheme).quantize(w, scheme, imp, search_lowest, **shared.get(name, {}))
+        qw = family_of(scheme).quantize(w, scheme, imp, search_lowest, rtn_rounding=plan.rtn_rounding,
+                                        **shared.get(name, {}))
         module.weight.data.copy_(qw.dequantize().to(w.dtype))
         bias = module.bias.data.clone() if module.bias is not None else None
         amax = (input_amax or {}).get(name)

@@ -32,10 +32,13 @@ def range_grid(bits: int, lowest: float = 0.7, highest: float = 1.5, steps: int 
     return torch.unique(grid)
 
 
-def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> QuantizedWeight:
-    """Plain RTN: each group's min/max range, integers rounded with the float32 scale (``ROUND_WITH_COMPUTED``:
-    the reference's default RTN checkpoints, bit for bit); the stored scale is its fp16 rounding."""
-    return quantize_weight(w, bits, group_size, sym, rounding_scale=ROUND_WITH_COMPUTED)
+def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool,
+                 rounding: str = ROUND_WITH_COMPUTED) -> QuantizedWeight:
+    """Plain RTN: each group's min/max range; the stored scale is its fp16 rounding.  ``rounding``: the scale the
+    integers are rounded with, by default the float32 one (``ROUND_WITH_COMPUTED``: the reference's default RTN
+    auto_round checkpoints, bit for bit); ``ROUND_WITH_STORED`` as its llm_compressor export (the format's
+    ``rtn_rounding``)."""
+    return quantize_weight(w, bits, group_size, sym, rounding_scale=rounding)
 
 
 def _importance_groups(imp: torch.Tensor, shape: tuple[int, int], group_size: int) -> torch.Tensor:

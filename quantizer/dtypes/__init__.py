@@ -27,6 +27,8 @@ import importlib
 import sys
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
+from ..qmath import ROUND_WITH_COMPUTED
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
@@ -80,11 +82,14 @@ class WeightFamily:
         raise NotImplementedError(f"weight family {self.name!r} does not say how many bits its weights take")
 
     def quantize(self, weight: "torch.Tensor", scheme: "QuantScheme", importance: "torch.Tensor | None",
-                 search_lowest: float = 0.7, global_amax: "torch.Tensor | None" = None) -> Any:
+                 search_lowest: float = 0.7, global_amax: "torch.Tensor | None" = None,
+                 rtn_rounding: str = ROUND_WITH_COMPUTED) -> Any:
         """RTN (``importance`` None) or optimized RTN of a ``[out, in]`` weight; returns the packed weight.
         ``search_lowest``: the lowest clip ratio / range the importance-weighted search tries.  ``global_amax``:
         the |weight| maximum a per-tensor global scale is taken from, when it is shared with fused siblings
-        (NVFP4); types without a global scale ignore it."""
+        (NVFP4); types without a global scale ignore it.  ``rtn_rounding``: the scale plain RTN rounds integers
+        with (``qmath.ROUNDING_SCALES``, the format's ``rtn_rounding``); types whose rounding does not depend on it
+        ignore it."""
         raise NotImplementedError
 
     def tuning_importance(self, scheme: "QuantScheme", options: "TuningOptions") -> bool:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import SchemeError
+from ..qmath import ROUND_WITH_COMPUTED
 from . import WeightFamily, register_family
 from .minifloat import (
     E2M1, E4M3, INT4_MX, Element, FloatQuantizedWeight, Layout, TunedFloatLinear, fp8_e4m3, pow2_ceil_ste,
@@ -82,7 +83,8 @@ class _FloatFamily(WeightFamily):
     scale_bits = 8
 
     def quantize(self, weight: torch.Tensor, scheme, importance: torch.Tensor | None,
-                 search_lowest: float = 0.7, global_amax: torch.Tensor | None = None) -> FloatQuantizedWeight:
+                 search_lowest: float = 0.7, global_amax: torch.Tensor | None = None,
+                 rtn_rounding: str = ROUND_WITH_COMPUTED) -> FloatQuantizedWeight:
         w = weight.detach().to(torch.float32)
         layout, elem = self.layout(scheme, tuple(w.shape)), self.element(scheme)
         g = self.global_scale(w, scheme, global_amax)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..qmath import (
-    QuantizedWeight, fake_quantize, from_groups, group_layout, group_minmax, quantize_weight, to_groups,
+    ROUND_WITH_COMPUTED, QuantizedWeight, fake_quantize, from_groups, group_layout, group_minmax, quantize_weight, to_groups,
 )
 from ..rtn import optimized_rtn_quantize, rtn_quantize, searched_range
 from . import WeightFamily, register_family
@@ -129,9 +129,10 @@ class IntegerFamily(WeightFamily):
         return weights + groups * (16 + scheme.bits)
 
     def quantize(self, weight: torch.Tensor, scheme: QuantScheme, importance: torch.Tensor | None,
-                 search_lowest: float = 0.7, global_amax: torch.Tensor | None = None) -> QuantizedWeight:
+                 search_lowest: float = 0.7, global_amax: torch.Tensor | None = None,
+                 rtn_rounding: str = ROUND_WITH_COMPUTED) -> QuantizedWeight:
         if importance is None:
-            return rtn_quantize(weight, scheme.bits, scheme.group_size, scheme.sym)
+            return rtn_quantize(weight, scheme.bits, scheme.group_size, scheme.sym, rtn_rounding)
         return optimized_rtn_quantize(weight, scheme.bits, scheme.group_size, scheme.sym, importance, search_lowest)
 
     def tuning_importance(self, scheme: QuantScheme, options) -> bool:

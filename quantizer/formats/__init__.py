@@ -12,7 +12,7 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 
 from ..errors import FormatError
-from ..qmath import QuantizedWeight
+from ..qmath import ROUND_WITH_COMPUTED, QuantizedWeight
 from ..schemes import QuantScheme
 
 
@@ -80,6 +80,10 @@ class ExportFormat:
     # True: the format's tensors are ``tensor_writer(job)(layer)`` per layer and its config reads only the layers'
     # schemes and shapes, so streamed tuning can pack each block's layers as soon as the block is tuned
     streams: ClassVar[bool] = False
+    # which scale plain RTN rounds integer weights with (``qmath.ROUNDING_SCALES``): the float32 one, as the
+    # reference's default plain-RTN route writes auto_round / GPTQ / AWQ packings (its model-free route under
+    # torch.compile), or the stored fp16 one, the nearest integer for the scale the checkpoint keeps
+    rtn_rounding: ClassVar[str] = ROUND_WITH_COMPUTED
 
     def adapt_scheme(self, scheme: QuantScheme, switch: bool = True) -> QuantScheme:
         """The scheme this format needs instead of ``scheme`` (``switch`` False: raise ``FormatError`` rather

@@ -100,7 +100,7 @@ class ToyFamily(dtypes.WeightFamily):
     def presets(self) -> dict[str, QuantScheme]:
         return {"TOY4": QuantScheme(bits=4, group_size=-1, sym=True, data_type="toy_pow2")}
 
-    def quantize(self, weight, scheme, importance, search_lowest=0.7) -> ToyWeight:
+    def quantize(self, weight, scheme, importance, search_lowest=0.7, rtn_rounding="computed") -> ToyWeight:
         return _toy_quantize(weight, scheme.bits)
 
     def tuner(self, linear, scheme, options, importance) -> ToyTuned:

@@ -366,3 +366,53 @@ def test_layer_config_naming_lm_head_quantizes_it(tmp_path):
     # a pattern that happens to match lm_head does not pull it in
     ar, (out,) = run(tmp_path / "p", "auto_round", model=tiny_llama(), group_size=32, layer_config={"head": {"bits": 8}})
     assert "lm_head" not in json.load(open(os.path.join(out, "config.json")))["quantization_config"].get("extra_config", {})
+
+
+# --- plain RTN's rounding rule follows the format (``ExportFormat.rtn_rounding``) --------------------------------
+
+
+def _int8_rows(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The int8 integers of ``w`` [out, in] for a per-row scale [out, 1] (full range, scale may be negative)."""
+    return torch.clamp(torch.round(w / scale), -128, 127)
+
+
+@pytest.mark.parametrize("route", ["in_memory", "model_free"])
+def test_llm_compressor_rounds_plain_rtn_with_the_stored_scale(tmp_path, route):
+    """INT8_W8A8 to llm_compressor: every int8 weight is the nearest integer for the fp16 scale the checkpoint
+    stores, as the reference's export (compressed-tensors re-quantizes with it); the float32 scale's rule
+    differs on some of them, so the test can tell the two apart."""
+    from autoround.quantizer.qmath import ROUND_WITH_COMPUTED
+    from autoround.quantizer.rtn import rtn_quantize
+
+    model = tiny_llama(hidden=256, inter=512, layers=1)
+    weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.startswith("model.layers.0.")
+               and isinstance(m, torch.nn.Linear)}
+    if route == "model_free":
+        model.save_pretrained(tmp_path / "src")
+        model = str(tmp_path / "src")
+    _, (out,) = run(tmp_path, "llm_compressor", model=model, scheme="INT8_W8A8")
+    t = tensors(out)
+    moved = 0
+    for name, w in weights.items():
+        scale = t[f"{name}.weight_scale"].float()
+        assert torch.equal(t[f"{name}.weight"].float(), _int8_rows(w, scale)), name
+        computed = rtn_quantize(w, 8, -1, True, ROUND_WITH_COMPUTED)
+        moved += int((computed.qweight.float() - 128 != t[f"{name}.weight"].float()).sum())
+    assert moved > 0  # the two rules differ here, so the equality above tells them apart
+
+
+def test_auto_round_keeps_the_float32_rounding_and_plan_names_the_rule(tmp_path):
+    """auto_round keeps the float32-scale rule (the reference's default plain-RTN auto_round checkpoints);
+    the plan carries the first format's rule."""
+    from autoround.quantizer.qmath import ROUND_WITH_COMPUTED, ROUND_WITH_STORED
+    from autoround.quantizer.rtn import rtn_quantize
+
+    model = tiny_llama(hidden=256, inter=512, layers=1)
+    name = "model.layers.0.mlp.down_proj"
+    w = model.get_submodule(name).weight.detach().clone()
+    ar, _ = run(tmp_path, "auto_round", model=model, scheme="W8A16", group_size=-1)
+    assert ar.plan.rtn_rounding == ROUND_WITH_COMPUTED
+    got = ar.layers[name].weight.qweight
+    assert torch.equal(got, rtn_quantize(w, 8, -1, True, ROUND_WITH_COMPUTED).qweight)
+    assert not torch.equal(got, rtn_quantize(w, 8, -1, True, ROUND_WITH_STORED).qweight)
+    assert get_format("llm_compressor").rtn_rounding == ROUND_WITH_STORED

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ...errors import SchemeError
+from ...qmath import ROUND_WITH_COMPUTED
 from ....log import logger
 from ... import schemes as _schemes  # a module object: schemes imports this registry while it loads
 from .. import WeightFamily, register_family
@@ -132,7 +133,8 @@ class GGUFFamily(WeightFamily):
         return out_features * -(-in_features // t.block_size) * t.type_size * 8
 
     def quantize(self, weight: torch.Tensor, scheme: QuantScheme, importance: torch.Tensor | None,
-                 search_lowest: float = 0.7, global_amax: torch.Tensor | None = None) -> GGUFWeight:
+                 search_lowest: float = 0.7, global_amax: torch.Tensor | None = None,
+                 rtn_rounding: str = ROUND_WITH_COMPUTED) -> GGUFWeight:
         qtype = gguf_type_of(scheme)
         return GGUFWeight(quantize_tensor(weight, qtype, importance), qtype, tuple(weight.shape))
 
