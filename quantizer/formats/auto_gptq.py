@@ -14,7 +14,7 @@ from typing import Any
 
 from . import ExportFormat, ExportJob, QuantizedLayer, autoround_version, group_size_of, register_format
 from .auto_round import AutoRoundFormat, float_packing
-from .packing import gptq_layer_tensors
+from .packing import gptq_layer_tensors, unpack_gptq_qzeros
 from .writer import save_format
 from ..schemes import QuantScheme
 from ...log import logger
@@ -22,6 +22,24 @@ from ...log import logger
 
 def _exact(name: str) -> str:
     return "^" + re.escape(name) + "$"
+
+
+def wrapped_zero_points(job: ExportJob) -> int:
+    """How many asymmetric groups have zero point 0, which GPTQ v1 stores as -1 (all ones): read from the packed
+    ``qzeros`` of a layer streamed tuning staged already, else from the layer's zero points."""
+    staged = job.staged or {}
+    count = 0
+    for name, layer in job.layers.items():
+        if layer.scheme.sym:
+            continue
+        packed = staged.get(name)
+        if packed is None:
+            count += int((layer.weight.zero == 0).sum())
+            continue
+        bits = layer.scheme.bits
+        zeros = unpack_gptq_qzeros(packed["qzeros"].load(), bits, layer.out_features)
+        count += int((zeros == (1 << bits) - 1).sum())
+    return count
 
 
 @register_format
@@ -32,6 +50,7 @@ class AutoGPTQFormat(ExportFormat):
     tied_lm_head = False
     uniform = False
     model_free = True
+    streams = True
 
     def weights_error(self, scheme: QuantScheme) -> str | None:
         if not scheme.is_float and float_packing(scheme) is not None:
@@ -85,7 +104,7 @@ class AutoGPTQFormat(ExportFormat):
         return config
 
     def save(self, job: ExportJob, output_dir: str) -> str:
-        wrapped = sum(int((layer.weight.zero == 0).sum()) for layer in job.layers.values() if not layer.scheme.sym)
+        wrapped = wrapped_zero_points(job)
         if wrapped:
             logger.warning(
                 "auto_gptq: %d asymmetric groups have zero point 0, which the GPTQ v1 layout (zp - 1) stores as -1: "

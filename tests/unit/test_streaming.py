@@ -195,3 +195,38 @@ def test_an_offloaded_activation_tensor_lives_in_an_unlinked_file(tmp_path, monk
     assert [list(p.iterdir()) for p in tmp_path.iterdir()] == [[]]  # mapped, then unlinked: nothing left on disk
     store.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_streamed_auto_gptq_writes_the_in_memory_checkpoint(folder, tmp_path, caplog):
+    a, b, _, _ = both(folder, tmp_path, "auto_gptq", caplog, iters=2, scheme="W4A16", group_size=32, sym=False)
+    assert_same_checkpoint(a, b)
+
+
+def test_auto_gptq_counts_wrapped_zero_points_of_staged_layers_as_of_held_ones(tmp_path):
+    """GPTQ v1 stores zero point 0 as -1: the warning's count is the same whether a layer's weight is held or
+    streamed tuning staged its packed tensors (then read back from the staging file)."""
+    from autoround.quantizer.formats import ExportJob, QuantizedLayer
+    from autoround.quantizer.formats.auto_gptq import wrapped_zero_points
+    from autoround.quantizer.formats.packing import gptq_layer_tensors
+    from autoround.quantizer.formats.writer import FileSlice
+    from autoround.quantizer.qmath import QuantizedWeight
+    from autoround.quantizer.schemes import QuantScheme
+
+    for bits in (2, 3, 4, 8):
+        scheme = QuantScheme(bits=bits, group_size=32, sym=False)
+        zero = torch.randint(0, 2**bits, (64, 4), generator=torch.Generator().manual_seed(bits), dtype=torch.int32)
+        zero[0, :3] = 0
+        qw = QuantizedWeight(torch.zeros(64, 128, dtype=torch.uint8), torch.ones(64, 4), zero, bits, 32, False)
+        held = QuantizedLayer("l", scheme, qw, None, 128, 64)
+        expected = int((zero == 0).sum())
+        assert expected >= 3 and wrapped_zero_points(ExportJob(None, {"l": held}, scheme, [])) == expected
+        path = tmp_path / f"staged-{bits}.bin"
+        entry = {}
+        with open(path, "wb") as f:
+            for suffix, t in gptq_layer_tensors(qw, zero_offset=1).items():
+                offset = f.tell()
+                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                entry[suffix] = FileSlice(path, offset, t.numel() * t.element_size(), t.dtype, tuple(t.shape))
+        staged = QuantizedLayer("l", scheme, None, None, 128, 64)
+        job = ExportJob(None, {"l": staged}, scheme, [], staged={"l": entry})
+        assert wrapped_zero_points(job) == expected, bits
