@@ -18,7 +18,7 @@ where transformers 5 writes ``rope_parameters``: both are written.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -99,6 +99,7 @@ class _MlxLayout(ExportFormat):
     tied_lm_head = True
     uniform = False
     model_free = False
+    streams = True
 
     def weights_error(self, scheme: QuantScheme) -> str | None:
         return mlx_scheme_error(scheme, self.name)
@@ -109,11 +110,13 @@ class _MlxLayout(ExportFormat):
     def layer_tensors(self, layer: QuantizedLayer, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
         return mlx_layer_tensors(layer.weight, dtype)
 
+    def tensor_writer(self, job: ExportJob) -> Callable[[QuantizedLayer], dict[str, torch.Tensor]]:
+        dtype = scale_dtype(job)  # the checkpoint's float dtype, so streamed tuning packs as ``save`` does
+        return lambda layer: self.layer_tensors(layer, dtype)
+
     def _save(self, job: ExportJob, output_dir: str, qconfig: dict[str, Any], extra: dict | None = None) -> str:
-        dtype = scale_dtype(job)
         return save_format(
-            self, job, output_dir, lambda layer: self.layer_tensors(layer, dtype), qconfig, extra,
-            config_updates=mlx_config_updates(job),
+            self, job, output_dir, self.tensor_writer(job), qconfig, extra, config_updates=mlx_config_updates(job),
         )
 
 

@@ -230,3 +230,9 @@ def test_auto_gptq_counts_wrapped_zero_points_of_staged_layers_as_of_held_ones(t
         staged = QuantizedLayer("l", scheme, None, None, 128, 64)
         job = ExportJob(None, {"l": staged}, scheme, [], staged={"l": entry})
         assert wrapped_zero_points(job) == expected, bits
+
+
+@pytest.mark.parametrize("fmt", ["mlx", "auto_round:mlx"])
+def test_streamed_mlx_writes_the_in_memory_checkpoint(folder, tmp_path, caplog, fmt):
+    a, b, _, _ = both(folder, tmp_path, fmt, caplog, iters=2, scheme="W4A16", group_size=32, sym=False)
+    assert_same_checkpoint(a, b)
