@@ -337,8 +337,6 @@ class Pipeline:
         tuning = self.options.tuning
         if runtime.disable_model_free and tuning.iters == 0 and tuning.disable_opt_rtn:
             return "disable_model_free=True"  # plain RTN: it loads the model
-        if self.auto_scheme is not None:
-            return "AutoScheme scores the options on the loaded model"
         if not isinstance(self.source, (str, os.PathLike)):
             return "the model was passed already loaded"
         path = Path(str(self.source)).expanduser()
@@ -427,7 +425,7 @@ class Pipeline:
         """AutoScheme: score every option on the calibration data and choose a scheme per layer under the
         budget, then plan with those choices."""
         from .model_io import final_norm
-        from .sensitivity import delta_loss_scores
+        from .sensitivity import delta_loss_scores, streamed_importance
 
         auto = self.auto_scheme
         free, fixed = auto_candidates(auto, self.linears, self.layer_config, self.ignore_layers, fmts)
@@ -464,16 +462,18 @@ class Pipeline:
         if tuning.iters > 0 or not tuning.disable_opt_rtn:
             # the run ends with importance-weighted quantizers (optimized RTN, or SignRound from its searched
             # start): score the options with them, not with plain RTN's larger low-bit errors
-            importance = model_importance(
-                self.model, {n: self.linears[n] for n in free if n != self.lm_head_name}, tokens,
-                batch_size, group=self.group,
-            )
+            scored = {n: self.linears[n] for n in free if n != self.lm_head_name}
+            if self.stream is not None:  # the blocks' weights are read in one block at a time
+                importance = streamed_importance(self.model, blocks, scored, tokens, batch_size, self.stream,
+                                                 group=self.group)
+            else:
+                importance = model_importance(self.model, scored, tokens, batch_size, group=self.group)
         scores = delta_loss_scores(
             self.model, blocks, self.linears,
             [{n: (s[k] if not s[k].is_float else None) for n, s in free.items()} for k in range(len(auto.schemes))],
             fixed, tokens, mask, batch_size, (final_norm(self.model), proj, head_name),
             cache_device="cpu" if self.options.runtime.low_gpu_mem_usage else None, importance=importance,
-            group=self.group,
+            group=self.group, stream=self.stream,
         )
         result = allocate(auto, shapes, free, fixed, groups, scores)
         logger.info(

@@ -8,12 +8,15 @@ quantizing it costs, accumulated batch by batch.
 
 Memory stays near one block: the forward runs block by block keeping only each block's inputs (on
 ``cache_device``), and the backward goes from the loss back through the blocks one at a time, recomputing a
-block's forward with its quantized weights as leaves that collect gradients.
+block's forward with its quantized weights as leaves that collect gradients.  Under streamed tuning
+(``stream``: ``streaming.StreamedModel``) a block's weights are read from the checkpoint files each time it is
+used and dropped after, so only one block's float weights are ever in memory.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -24,7 +27,49 @@ from .block_runner import first_output
 from .data import whole_batches
 from .dtypes import family_of
 from .errors import AutoRoundError
+from .importance import ImportanceHooks
 from .schemes import QuantScheme
+
+
+@contextmanager
+def _weights_of(stream: Any, name: str, block: nn.Module) -> Iterator[None]:
+    """``block``'s weights for the body of the ``with``: read from the files and dropped after when streamed."""
+    if stream is None:
+        yield
+        return
+    stream.open_block(name, block)
+    try:
+        yield
+    finally:
+        stream.drop_block(block)
+
+
+@torch.no_grad()
+def streamed_importance(
+    model: nn.Module,
+    blocks: Sequence[tuple[str, nn.Module]],
+    linears: Mapping[str, nn.Linear],
+    tokens: torch.Tensor,
+    batch_size: int,
+    stream: Any,
+    group: Any = None,
+) -> dict[str, torch.Tensor]:
+    """``importance.model_importance`` for a streamed model: the float forward runs block by block from the
+    captured inputs of the first block, each block's weights read in for its turn."""
+    if group is not None and group.active:
+        from .distributed import Shard
+
+        tokens = Shard(group, len(tokens)).rows(tokens)
+    x, kwargs = capture_block_inputs(model, blocks[0][1], tokens, batch_size)
+    device = x.device
+    result: dict[str, torch.Tensor] = {}
+    for block_name, block in tqdm(blocks, desc="calibration statistics", leave=False):
+        names = [n[len(block_name) + 1:] for n in linears if n.startswith(block_name + ".")]
+        with _weights_of(stream, block_name, block), ImportanceHooks.of_block(block, names) as hooks:
+            x = torch.cat([first_output(block(x[i : i + batch_size].to(device), **kwargs))
+                           for i in range(0, len(x), batch_size)])
+        result.update({f"{block_name}.{n}": v for n, v in hooks.reduce(group).result().items()})
+    return result
 
 
 def _rtn(weight: torch.Tensor, scheme: QuantScheme, importance: torch.Tensor | None) -> torch.Tensor:
@@ -79,6 +124,7 @@ def delta_loss_scores(
     progress: Callable[[str], None] | None = None,
     importance: Mapping[str, torch.Tensor] | None = None,
     group: Any = None,
+    stream: Any = None,
 ) -> dict[str, list[float]]:
     """``scores[layer][k]`` for every layer named in ``option_schemes[k]`` (its scheme under option ``k``;
     None = kept float, score 0).  ``fixed``: quantized with these schemes under every option.  ``head``:
@@ -86,7 +132,8 @@ def delta_loss_scores(
     ``importance``: per-layer input importance; the layers it names get the importance-weighted RTN (the
     quantizer the run ends with under optimized RTN) instead of plain RTN.  ``group`` (``distributed.Group``,
     torchrun): rank r scores batches r, r + N, ... and the scores are summed over the ranks; every score is a sum
-    over batches, so the result is one process's up to the order of that sum."""
+    over batches, so the result is one process's up to the order of that sum.  ``stream``: the streamed model
+    whose blocks are read in when used (``streaming.StreamedModel``), or None when the model is in memory."""
     names = sorted({n for o in option_schemes for n in o})
     scores = {n: [0.0] * len(option_schemes) for n in names}
     bs, n = whole_batches(len(tokens), batch_size)
@@ -116,7 +163,7 @@ def delta_loss_scores(
             schemes = {**{n: s for n, s in fixed.items() if not s.is_float}, **quantized}
             per = {n: 0.0 for n in quantized}
             _option_pass(blocks, linears, schemes, list(quantized), per, x0, kwargs, tokens, mask, bs, device, store,
-                         norm, proj, head_name, dict(importance or {}),
+                         norm, proj, head_name, dict(importance or {}), stream,
                          desc=f"sensitivity {k + 1}/{len(option_schemes)}")
             for n, v in per.items():
                 scores[n][k] = v
@@ -137,7 +184,7 @@ def _block_layers(block_name: str, schemes: Mapping[str, QuantScheme]) -> dict[s
 
 
 def _option_pass(blocks, linears, schemes, scored, per, x0, kwargs, tokens, mask, bs, device, store, norm, proj,
-                 head_name, importance, desc):
+                 head_name, importance, stream, desc):
     """One option: the quantized forward, the loss, and the backward block by block."""
     inputs: list[torch.Tensor] = []
     x = x0
@@ -145,7 +192,7 @@ def _option_pass(blocks, linears, schemes, scored, per, x0, kwargs, tokens, mask
     with torch.no_grad():
         for block_name, block in blocks:
             inputs.append(x)
-            with _Swap(linears, _block_layers(block_name, schemes), importance):
+            with _weights_of(stream, block_name, block), _Swap(linears, _block_layers(block_name, schemes), importance):
                 x = torch.cat([
                     first_output(block(x[i : i + bs].to(device), **kwargs)).to(store) for i in range(0, len(x), bs)
                 ])
@@ -173,7 +220,7 @@ def _option_pass(blocks, linears, schemes, scored, per, x0, kwargs, tokens, mask
         layers = _block_layers(block_name, schemes)
         mine = [n for n in scored if n in layers]
         new_grads = []
-        with _Swap(linears, layers, importance) as swap:
+        with _weights_of(stream, block_name, block), _Swap(linears, layers, importance) as swap:
             for j, i in enumerate(range(0, len(x), bs)):
                 xi = x[i : i + bs].to(device).requires_grad_(True)
                 out = first_output(block(xi, **kwargs))

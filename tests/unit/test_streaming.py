@@ -96,6 +96,13 @@ def test_one_block_in_memory_at_a_time(folder, tmp_path, monkeypatch):
     monkeypatch.setattr(StreamedModel, "open_block", spy)
     AutoRound(folder, iters=1, **RUN).quantize_and_save(str(tmp_path / "out"))
     assert seen == [0, 0, 0]  # every earlier block was dropped before the next one was read
+    # AutoScheme too: its importance pass, then per option a forward and a backward over the 3 blocks
+    from autoround import AutoScheme
+
+    seen.clear()
+    auto = AutoScheme(avg_bits=3.0, options="W2A16G32,W4A16", nsamples=8, seqlen=32, batch_size=4)
+    AutoRound(folder, iters=0, scheme=auto, **RUN).quantize_and_save(str(tmp_path / "auto"))
+    assert seen == [0] * (3 + 2 * 2 * 3 + 3)  # importance, 2 options x (forward + backward), then quantizing
 
 
 def test_a_failure_leaves_no_checkpoint_and_no_scratch(folder, tmp_path, monkeypatch):
@@ -236,3 +243,16 @@ def test_auto_gptq_counts_wrapped_zero_points_of_staged_layers_as_of_held_ones(t
 def test_streamed_mlx_writes_the_in_memory_checkpoint(folder, tmp_path, caplog, fmt):
     a, b, _, _ = both(folder, tmp_path, fmt, caplog, iters=2, scheme="W4A16", group_size=32, sym=False)
     assert_same_checkpoint(a, b)
+
+
+@pytest.mark.parametrize("iters", [0, 2])
+def test_streamed_autoscheme_scores_and_writes_as_in_memory(folder, tmp_path, caplog, iters):
+    """AutoScheme streams: the option scores (and optimized RTN's importance for them) are computed with each
+    block read in for its turn, the choices and the checkpoint equal the in-memory run's."""
+    from autoround import AutoScheme
+
+    auto = AutoScheme(avg_bits=3.0, options="W2A16G32,W4A16", nsamples=8, seqlen=32, batch_size=4)
+    a, b, ar, _ = both(folder, tmp_path, "auto_round", caplog, iters=iters, scheme=auto)
+    assert_same_checkpoint(a, b)
+    assert "AutoScheme: target 3.0000 bits" in caplog.text
+    assert {s.bits for s in ar.pipeline.auto_result.schemes.values()} == {2, 4}  # a real mix was chosen
