@@ -60,9 +60,9 @@ def signround_blocks(
     rank carries its share of the samples through the blocks and every tuning step is summed over the ranks
     (``signround.tune_block``'s ``shard``); the resume store is rank 0's, its blocks broadcast to the others.
     ``store``: where the cached activations live (default: ``ActivationStore()``, which offloads them to files when
-    they would not fit in memory).  ``placement`` (``devices.Placement``, a ``device_map`` naming several devices):
-    each block runs on its main device with its layers spread over the devices (``devices.placed``), and goes
-    back, with its quantized layers, where it was once done.
+    they would not fit in memory).  ``placement`` (``devices.Placement``, a ``device_map`` naming several devices,
+    or one accelerator under streamed tuning): each block runs on its main device with its layers spread over the
+    devices (``devices.placed``), and goes back, with its quantized layers, where it was once done.
 
     With ``options.amp`` the tuning steps and the quantized path's forward run under bf16 autocast, as the
     reference does; the float targets stay in the model's dtype (``BlockRunner``).
@@ -151,7 +151,7 @@ def _signround_blocks(model, blocks, schemes, calib, options, enable_quanted_inp
         home = next(block.parameters()).device
         with placed(placement, block_name, block, layers):  # several devices: this block's layers spread over them
             done = tune_one(block_name, block, layers)
-        if placement.several:  # the tuned layers' tensors follow the block home
+        if placement.in_host:  # the tuned layers' tensors follow the block home
             done = to_device(done, home)
         result.update(done)
         if stream is not None:
@@ -163,6 +163,8 @@ def _signround_blocks(model, blocks, schemes, calib, options, enable_quanted_inp
     if lm_head is not None and lm_head[0] in schemes:
         result[lm_head[0]] = _tune_lm_head(lm_head, schemes[lm_head[0]], acts.fp, acts.q, options, loss_mask, bs,
                                            acts.device, shard)
+        if placement.in_host:  # lm_head goes back to host memory with the modules outside the blocks
+            result[lm_head[0]] = to_device(result[lm_head[0]], torch.device("cpu"))
     fp_out = None
     acts.clear()  # the cached activations are no longer needed
     runner.restore_held()
@@ -276,7 +278,7 @@ def _rtn_blocks(model, blocks, schemes, calib, batch_size, optimized, search_low
             plan = LayerPlan(quantize={f"{block_name}.{rel}": s for rel, s in layers.items()},
                              rtn_rounding=rtn_rounding)
             done = quantize_layers(linears, plan, importance, search_lowest, amax) if layers else {}
-        if placement.several:
+        if placement.in_host:
             done = to_device(done, home)
         result.update(done)
         if acts is not None:

@@ -5,7 +5,9 @@ Accepted: ``None``/``"cpu"``; ``"auto"`` (every accelerator of the first kind pr
 CUDA devices, XPU where there is no CUDA); a dict of layer name (or regular expression) -> device.  Every device
 named must exist here, else one error says which do not and what this machine has.
 
-One device: the whole model goes there.  Several (``Placement.several``): the model stays in host memory, the
+One device: the whole model goes there, except under streamed tuning on an accelerator (``Placement.host``), where the
+model stays in host memory and each block visits the device for its turn as below.  Several
+(``Placement.several``): the model stays in host memory, the
 modules outside the blocks (embeddings, final norm, lm_head) go to the main device, and each block, when the loop
 reaches it, goes to the main device with its quantized layers spread over the devices (``placed``): a list or
 ``"auto"`` splits a block's layers in order into runs of about equal weight bytes, one per device; a dict sends
@@ -116,10 +118,19 @@ class Placement:
     devices: tuple[torch.device, ...]
     rules: tuple[tuple[str, torch.device], ...] = ()
     spread: bool = False
+    # the model stays in host memory and each block goes to ``device`` for its turn (streamed tuning on an
+    # accelerator); implied by several devices
+    host: bool = False
 
     @property
     def several(self) -> bool:
         return len(self.devices) > 1
+
+    @property
+    def in_host(self) -> bool:
+        """Whether the model stays in host memory and the blocks (and the modules outside them) visit the
+        device(s) for the block loop."""
+        return self.several or self.host
 
     def describe(self) -> str:
         return ", ".join(str(d) for d in self.devices)
@@ -227,9 +238,10 @@ def _move_except(root: nn.Module, skipped: list[str], device: torch.device) -> N
 
 @contextmanager
 def outside_blocks_on(placement: Placement, model: nn.Module, block_names: Iterable[str]) -> Iterator[None]:
-    """With several devices: the modules outside the blocks on the main device for the duration (the block loop
-    runs the embeddings there, and tunes lm_head there), then back in host memory.  Nothing with one device."""
-    if not placement.several:
+    """With the model in host memory (``Placement.in_host``): the modules outside the blocks on the main device for
+    the duration (the block loop runs the embeddings there, and tunes lm_head there), then back in host memory.
+    Nothing when the whole model is on its device already."""
+    if not placement.in_host:
         yield
         return
     block_names = list(block_names)
@@ -243,9 +255,18 @@ def outside_blocks_on(placement: Placement, model: nn.Module, block_names: Itera
 @contextmanager
 def placed(placement: Placement, block_name: str, block: nn.Module, layers: Iterable[str]) -> Iterator[dict]:
     """``block`` on the main device with ``layers`` on their devices (``Placement.assign``) for the duration;
-    then back where it was.  Nothing happens with one device.  Yields the assignment."""
-    if not placement.several:
+    then back where it was.  One device in host mode (``Placement.host``): the block goes there whole.  Nothing
+    happens when the whole model is on its device already.  Yields the assignment."""
+    if not placement.in_host:
         yield {}
+        return
+    if not placement.several:
+        home = next(block.parameters()).device
+        block.to(placement.device)
+        try:
+            yield {rel: placement.device for rel in layers}
+        finally:
+            block.to(home)
         return
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
 

@@ -213,6 +213,8 @@ class Pipeline:
             return False
         self.stream = StreamedModel(src)
         self.model = src.skeleton
+        if self.device.type != "cpu":  # the model stays in host memory; each block visits the device in its turn
+            self.placement = dataclasses.replace(self.placement, host=True)
         if self.__dict__.get("tokenizer") is None:
             self.tokenizer = model_io.load_tokenizer(folder)
         self.deferred_folder = None
@@ -346,8 +348,8 @@ class Pipeline:
             return "the model is not a local folder"
         if self.options.plan.quant_nontext_module:
             return "quant_nontext_module is set"
-        if self.device.type != "cpu" or self.placement.several:
-            return f"device_map={runtime.device_map!r}: streamed tuning runs on the CPU alone"
+        if self.placement.several:
+            return f"device_map={runtime.device_map!r}: streamed tuning runs on one device"
         if self.transforms:
             return "transforms rewrite the whole loaded model"
         for fmt in fmts or []:
@@ -458,23 +460,25 @@ class Pipeline:
         head_name = self.lm_head_name if self.lm_head_name in {**free, **fixed} else None
         start = time.time()
         logger.info("AutoScheme: scoring %d options on %d x %d calibration tokens", len(auto.schemes), *tokens.shape)
-        importance = None
-        if tuning.iters > 0 or not tuning.disable_opt_rtn:
-            # the run ends with importance-weighted quantizers (optimized RTN, or SignRound from its searched
-            # start): score the options with them, not with plain RTN's larger low-bit errors
-            scored = {n: self.linears[n] for n in free if n != self.lm_head_name}
-            if self.stream is not None:  # the blocks' weights are read in one block at a time
-                importance = streamed_importance(self.model, blocks, scored, tokens, batch_size, self.stream,
-                                                 group=self.group)
-            else:
-                importance = model_importance(self.model, scored, tokens, batch_size, group=self.group)
-        scores = delta_loss_scores(
-            self.model, blocks, self.linears,
-            [{n: (s[k] if not s[k].is_float else None) for n, s in free.items()} for k in range(len(auto.schemes))],
-            fixed, tokens, mask, batch_size, (final_norm(self.model), proj, head_name),
-            cache_device="cpu" if self.options.runtime.low_gpu_mem_usage else None, importance=importance,
-            group=self.group, stream=self.stream,
-        )
+        # the model in host memory (streamed on an accelerator): the blocks visit the device as they are scored
+        with outside_blocks_on(self.placement, self.model, self.block_names):
+            importance = None
+            if tuning.iters > 0 or not tuning.disable_opt_rtn:
+                # the run ends with importance-weighted quantizers (optimized RTN, or SignRound from its searched
+                # start): score the options with them, not with plain RTN's larger low-bit errors
+                scored = {n: self.linears[n] for n in free if n != self.lm_head_name}
+                if self.stream is not None:  # the blocks' weights are read in one block at a time
+                    importance = streamed_importance(self.model, blocks, scored, tokens, batch_size, self.stream,
+                                                     group=self.group)
+                else:
+                    importance = model_importance(self.model, scored, tokens, batch_size, group=self.group)
+            scores = delta_loss_scores(
+                self.model, blocks, self.linears,
+                [{n: (s[k] if not s[k].is_float else None) for n, s in free.items()} for k in range(len(auto.schemes))],
+                fixed, tokens, mask, batch_size, (final_norm(self.model), proj, head_name),
+                cache_device="cpu" if self.options.runtime.low_gpu_mem_usage else None, importance=importance,
+                group=self.group, stream=self.stream,
+            )
         result = allocate(auto, shapes, free, fixed, groups, scores)
         logger.info(
             "AutoScheme: target %.4f bits, achieved %.4f (%s) in %.1fs; layers per option: %s",
@@ -657,7 +661,8 @@ class Pipeline:
         if self.resume_dir is not None and self.group.is_main:  # rank 0's store, its blocks broadcast to the others
             # amp as this run resolves it (off where bf16 is slow here): blocks tuned under another amp policy
             # must not be mixed into this checkpoint
-            options = resolve_amp(options, next(self.model.parameters()).device)
+            options = resolve_amp(options, self.placement.device if self.placement.in_host
+                                  else next(self.model.parameters()).device)
             fingerprint = {
                 "model": model_digest(self.model, self.stream.read if self.stream is not None else None),
                 "calibration": tensor_digest(calibration.tokens),

@@ -32,13 +32,15 @@ from .schemes import QuantScheme
 
 
 @contextmanager
-def _weights_of(stream: Any, name: str, block: nn.Module) -> Iterator[None]:
-    """``block``'s weights for the body of the ``with``: read from the files and dropped after when streamed."""
+def _weights_of(stream: Any, name: str, block: nn.Module, device: torch.device) -> Iterator[None]:
+    """``block``'s weights for the body of the ``with``: when streamed, read from the files, moved to ``device``
+    (where the activations are: an accelerator when the model stays in host memory) and dropped after."""
     if stream is None:
         yield
         return
     stream.open_block(name, block)
     try:
+        block.to(device)
         yield
     finally:
         stream.drop_block(block)
@@ -65,7 +67,7 @@ def streamed_importance(
     result: dict[str, torch.Tensor] = {}
     for block_name, block in tqdm(blocks, desc="calibration statistics", leave=False):
         names = [n[len(block_name) + 1:] for n in linears if n.startswith(block_name + ".")]
-        with _weights_of(stream, block_name, block), ImportanceHooks.of_block(block, names) as hooks:
+        with _weights_of(stream, block_name, block, device), ImportanceHooks.of_block(block, names) as hooks:
             x = torch.cat([first_output(block(x[i : i + batch_size].to(device), **kwargs))
                            for i in range(0, len(x), batch_size)])
         result.update({f"{block_name}.{n}": v for n, v in hooks.reduce(group).result().items()})
@@ -192,7 +194,8 @@ def _option_pass(blocks, linears, schemes, scored, per, x0, kwargs, tokens, mask
     with torch.no_grad():
         for block_name, block in blocks:
             inputs.append(x)
-            with _weights_of(stream, block_name, block), _Swap(linears, _block_layers(block_name, schemes), importance):
+            with _weights_of(stream, block_name, block, device), \
+                    _Swap(linears, _block_layers(block_name, schemes), importance):
                 x = torch.cat([
                     first_output(block(x[i : i + bs].to(device), **kwargs)).to(store) for i in range(0, len(x), bs)
                 ])
@@ -220,7 +223,7 @@ def _option_pass(blocks, linears, schemes, scored, per, x0, kwargs, tokens, mask
         layers = _block_layers(block_name, schemes)
         mine = [n for n in scored if n in layers]
         new_grads = []
-        with _weights_of(stream, block_name, block), _Swap(linears, layers, importance) as swap:
+        with _weights_of(stream, block_name, block, device), _Swap(linears, layers, importance) as swap:
             for j, i in enumerate(range(0, len(x), bs)):
                 xi = x[i : i + bs].to(device).requires_grad_(True)
                 out = first_output(block(xi, **kwargs))

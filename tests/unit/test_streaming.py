@@ -256,3 +256,51 @@ def test_streamed_autoscheme_scores_and_writes_as_in_memory(folder, tmp_path, ca
     assert_same_checkpoint(a, b)
     assert "AutoScheme: target 3.0000 bits" in caplog.text
     assert {s.bits for s in ar.pipeline.auto_result.schemes.values()} == {2, 4}  # a real mix was chosen
+
+
+# --- streamed tuning on an accelerator: the model stays in host memory, each block visits the device -------------
+
+
+@pytest.mark.parametrize("kw", [dict(iters=2), dict(iters=0),
+                                dict(iters=0, scheme=None)], ids=["signround", "opt-rtn", "autoscheme"])
+def test_host_placement_takes_the_device_path_and_writes_the_same_checkpoint(folder, tmp_path, monkeypatch, kw):
+    """A placement in host mode whose device is the CPU takes every step of the accelerator path (the modules
+    outside the blocks sent to the device and back, each block sent there whole for its turn and back, the
+    tuned tensors brought home) with numbers one can compare: the checkpoint is the plain streamed one's."""
+    import autoround.quantizer.devices as devices
+    from autoround import AutoScheme
+    from autoround.quantizer.devices import Placement
+
+    if kw.get("scheme", "x") is None:
+        kw = dict(kw, scheme=AutoScheme(avg_bits=3.0, options="W2A16G32,W4A16", nsamples=8, seqlen=32, batch_size=4))
+    moved: list[str] = []
+    real = devices.place_outside_blocks
+    monkeypatch.setattr(devices, "place_outside_blocks", lambda m, b, d: (moved.append(str(d)), real(m, b, d)))
+    outs = []
+    for host in (False, True):
+        ar = AutoRound(folder, **{**RUN, "iters": 2, **kw})
+        if host:
+            ar.pipeline.placement = Placement(torch.device("cpu"), (torch.device("cpu"),), host=True)
+        ar.quantize_and_save(str(tmp_path / f"host{host}"), format="auto_round")
+        outs.append(tmp_path / f"host{host}")
+        assert bool(moved) is host  # only the host placement sends the modules outside the blocks over
+    assert_same_checkpoint(*outs)
+
+
+def test_streaming_on_an_accelerator_keeps_the_model_in_host_memory(folder, monkeypatch):
+    """device_map naming one accelerator no longer turns streaming off: the folder is opened streamed and the
+    placement keeps the model in host memory (checked with a CUDA device the resolver is told exists; nothing
+    runs on it).  Several devices still load the model."""
+    import autoround.quantizer.devices as devices
+
+    real = devices._count
+    monkeypatch.setattr(devices, "_count", lambda kind: 2 if kind == "cuda" else real(kind))
+    ar = AutoRound(folder, device_map="cuda:0", **RUN)
+    pipe = ar.pipeline
+    assert pipe.stream_reason([]) is None
+    assert pipe.load_streamed()
+    assert pipe.placement.host and pipe.placement.in_host and pipe.placement.device == torch.device("cuda", 0)
+    assert all(p.device.type in ("cpu", "meta") for p in pipe.model.parameters())
+    two = AutoRound(folder, device_map="0,1", **RUN).pipeline
+    why = two.stream_reason([])
+    assert "streamed tuning runs on one device" in why
