@@ -348,8 +348,6 @@ class Pipeline:
             return "the model is not a local folder"
         if self.options.plan.quant_nontext_module:
             return "quant_nontext_module is set"
-        if self.placement.several:
-            return f"device_map={runtime.device_map!r}: streamed tuning runs on one device"
         if self.transforms:
             return "transforms rewrite the whole loaded model"
         for fmt in fmts or []:

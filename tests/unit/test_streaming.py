@@ -290,7 +290,7 @@ def test_host_placement_takes_the_device_path_and_writes_the_same_checkpoint(fol
 def test_streaming_on_an_accelerator_keeps_the_model_in_host_memory(folder, monkeypatch):
     """device_map naming one accelerator no longer turns streaming off: the folder is opened streamed and the
     placement keeps the model in host memory (checked with a CUDA device the resolver is told exists; nothing
-    runs on it).  Several devices still load the model."""
+    runs on it)."""
     import autoround.quantizer.devices as devices
 
     real = devices._count
@@ -301,6 +301,33 @@ def test_streaming_on_an_accelerator_keeps_the_model_in_host_memory(folder, monk
     assert pipe.load_streamed()
     assert pipe.placement.host and pipe.placement.in_host and pipe.placement.device == torch.device("cuda", 0)
     assert all(p.device.type in ("cpu", "meta") for p in pipe.model.parameters())
-    two = AutoRound(folder, device_map="0,1", **RUN).pipeline
-    why = two.stream_reason([])
-    assert "streamed tuning runs on one device" in why
+    two = AutoRound(folder, device_map="0,1", **RUN).pipeline  # several devices stream as well
+    assert two.stream_reason([]) is None
+
+
+@pytest.mark.parametrize("kw", [dict(iters=2), dict(iters=0)], ids=["signround", "opt-rtn"])
+def test_several_devices_stream_too(folder, tmp_path, monkeypatch, caplog, kw):
+    """Several devices (here two that are both the CPU, so the numbers compare): each streamed block is read in,
+    its layers spread over the devices behind accelerate's hooks, and dropped; the checkpoint is the plain
+    streamed one's."""
+    from accelerate.hooks import AlignDevicesHook
+
+    from autoround.quantizer.devices import Placement
+
+    ran: list[str] = []
+    real = AlignDevicesHook.pre_forward
+    monkeypatch.setattr(AlignDevicesHook, "pre_forward",
+                        lambda self, module, *a, **k: (ran.append(type(module).__name__), real(self, module, *a, **k))[1])
+    cpu = torch.device("cpu")
+    outs = []
+    for several in (False, True):
+        ar = AutoRound(folder, **{**RUN, **kw})
+        if several:
+            ar.pipeline.placement = Placement(cpu, (cpu, cpu), spread=True)
+        with caplog.at_level(logging.INFO, logger="autoround"):
+            caplog.clear()
+            ar.quantize_and_save(str(tmp_path / f"several{several}"), format="auto_round")
+        assert "streamed route (low_cpu_mem_usage)" in caplog.text
+        outs.append(tmp_path / f"several{several}")
+    assert "Linear" in ran  # the layers ran behind their placement hooks
+    assert_same_checkpoint(*outs)
