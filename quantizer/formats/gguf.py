@@ -205,6 +205,7 @@ class GGUFFormat(ExportFormat):
     description = "llama.cpp GGUF file"
     ftype = "q4_0"
     model_free = False  # written from the loaded model (token embedding and output projection are quantized too)
+    streams = True  # a streamed run's file: block layers from their stage files, the rest read from the source
     lm_head = True  # the output tensor takes the quantized lm_head's own type (else llama.cpp's rule for the file)
 
     @property
@@ -258,8 +259,8 @@ class GGUFFormat(ExportFormat):
 
     def quantization_config(self, job: ExportJob) -> dict[str, Any]:
         types: dict[str, int] = {}
-        for layer in job.layers.values():
-            qt = layer.weight.qtype if isinstance(layer.weight, gq.GGUFWeight) else "f16"
+        for layer in job.layers.values():  # a layer streamed tuning staged has no weight left, its scheme says
+            qt = layer.weight.qtype if isinstance(layer.weight, gq.GGUFWeight) else (gguf_type_of(layer.scheme) or "f16")
             types[qt] = types.get(qt, 0) + 1
         return {"format": self.name, "file_type": self.ftype, "tensor_types": types, "autoround_version": _version()}
 
@@ -285,13 +286,31 @@ class GGUFFormat(ExportFormat):
         n_head = int(config.num_attention_heads)
         n_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
         name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layers)
-        state = float_state_dict(model)
-        tied = not any(k.startswith("lm_head.") for k in state) or bool(getattr(config, "tie_word_embeddings", False))
+        # the float tensors: the model's, or read from the source files one at a time (streamed tuning), whose
+        # skeleton still knows every shape; a block layer streamed tuning packed already comes from its stage file
+        floats = job.float_tensors if job.float_tensors is not None else float_state_dict(model)
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        staged = job.staged or {}
+        tied = not any(k.startswith("lm_head.") for k in floats) or bool(getattr(config, "tie_word_embeddings", False))
         ftype = gq.GGUF_FILE_TYPES[self.ftype]
 
-        tensors: list[tuple[str, np.ndarray, str, tuple[int, ...]]] = []  # gguf name, raw bytes, type, shape
+        def layer_data(name: str, layer: QuantizedLayer) -> torch.Tensor:
+            packed = staged.get(name)
+            return packed["weight"].load() if packed is not None else layer.weight.data
+
+        def float_data(hf_name: str, module_name: str, qtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+            t = floats[hf_name].detach().to(torch.float32)
+            if arch in GEMMA_NORM_PLUS_ONE and hf_name.endswith("norm.weight"):
+                t = t + 1
+            if qtype == "f32":
+                return t.contiguous().view(torch.uint8).reshape(-1)
+            return gq.quantize_tensor(t, qtype)
+
+        # (gguf name, type, shape, the tensor's bytes when asked): every tensor's type and size are known before
+        # any is read, so the file is written one tensor at a time
+        tensors: list[tuple[str, str, tuple[int, ...], Any]] = []
         counts: dict[str, int] = {}
-        for hf_name, tensor in state.items():
+        for hf_name in floats:
             module_name, _, suffix = hf_name.rpartition(".")
             gname = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if gname is None:
@@ -300,22 +319,19 @@ class GGUFFormat(ExportFormat):
                 raise FormatError(f"no GGUF tensor name for {hf_name!r} in architecture {arch}")
             layer = job.layers.get(module_name) if suffix == "weight" else None
             if layer is not None:
-                w = layer.weight
-                if not isinstance(w, gq.GGUFWeight):
+                qtype = gguf_type_of(layer.scheme)
+                if qtype is None or layer.scheme.is_float:
                     raise FormatError(f"layer {module_name} was not quantized to a GGUF type; use a GGUF:* scheme")
-                data, qtype, shape = w.data, w.qtype, w.shape
+                shape = (layer.out_features, layer.in_features)
+                produce = lambda n=module_name, ly=layer: layer_data(n, ly)  # noqa: E731
             else:
-                t = tensor.detach().to(torch.float32)
-                if arch in GEMMA_NORM_PLUS_ONE and hf_name.endswith("norm.weight"):
-                    t = t + 1
-                if t.dim() != 2:
-                    data, qtype, shape = t.contiguous().view(torch.uint8).reshape(-1), "f32", tuple(t.shape)
-                else:
-                    qtype = self._other_type(module_name, t, tied, n_head, n_kv, job)
-                    data, shape = gq.quantize_tensor(t, qtype), tuple(t.shape)
-            if arch in PERMUTE_QK and data.dim() == 2 and module_name.endswith(("q_proj", "k_proj")):
-                data = permute_qk(data, n_head if module_name.endswith("q_proj") else n_kv)
-            tensors.append((gname, data.contiguous().numpy(), qtype, shape))
+                shape = shapes[hf_name]
+                qtype = "f32" if len(shape) != 2 else self._other_type(module_name, shape, tied, job)
+                produce = lambda h=hf_name, m=module_name, q=qtype, sh=shape: float_data(h, m, q, sh)  # noqa: E731
+            if arch in PERMUTE_QK and len(shape) == 2 and module_name.endswith(("q_proj", "k_proj")):
+                heads = n_head if module_name.endswith("q_proj") else n_kv
+                produce = lambda f=produce, h=heads: permute_qk(f(), h)  # noqa: E731
+            tensors.append((gname, qtype, shape, produce))
             counts[qtype] = counts.get(qtype, 0) + 1
 
         folder_name = Path(str(getattr(config, "_name_or_path", "") or "model")).name or "model"
@@ -330,15 +346,23 @@ class GGUFFormat(ExportFormat):
                 write_tokenizer(writer, job.tokenizer, arch, int(config.vocab_size))
             else:
                 logger.warning("no tokenizer given: the GGUF file has no tokenizer and llama.cpp will not load it")
-            for gname, data, qtype, shape in tensors:
-                gtype = gguf.GGMLQuantizationType(gq.GGML_TYPES[qtype].ggml_id)
+            for gname, qtype, shape, _ in tensors:
+                nbytes = _nbytes(shape, qtype)
                 if qtype == "f32":
-                    writer.add_tensor(gname, data.view(np.float32).reshape(shape))
+                    writer.add_tensor_info(gname, shape, np.dtype(np.float32), nbytes)
                 else:
-                    writer.add_tensor(gname, data, raw_shape=_byte_shape(shape, qtype), raw_dtype=gtype)
+                    gtype = gguf.GGMLQuantizationType(gq.GGML_TYPES[qtype].ggml_id)
+                    writer.add_tensor_info(gname, _byte_shape(shape, qtype), np.dtype(np.uint8), nbytes,
+                                           raw_dtype=gtype)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
+            writer.write_ti_data_to_file()
+            for gname, qtype, shape, produce in tensors:  # in the order of their infos, one in memory at a time
+                data = produce().contiguous().numpy()
+                if data.nbytes != _nbytes(shape, qtype):
+                    raise FormatError(f"GGUF tensor {gname}: {data.nbytes} bytes where {qtype} {shape} takes "
+                                      f"{_nbytes(shape, qtype)}")
+                writer.write_tensor_data(data.view(np.float32).reshape(shape) if qtype == "f32" else data)
             writer.close()
         logger.info(
             "GGUF %s written to %s (%s)", self.ftype.upper(), output_dir,
@@ -346,15 +370,24 @@ class GGUFFormat(ExportFormat):
         )
         return str(Path(output_dir).absolute())
 
-    def _other_type(self, module_name: str, t: torch.Tensor, tied: bool, n_head: int, n_kv: int, job: ExportJob) -> str:
+    def _other_type(self, module_name: str, shape: tuple[int, ...], tied: bool, job: ExportJob) -> str:
         """Type of a 2-D tensor that was not quantized (embedding, lm_head, layers kept float)."""
         if self.ftype in ("bf16", "f16"):
             return self.ftype
         if module_name.endswith("embed_tokens"):
-            return gq.tensor_type(self.ftype, "token_embd", t.shape[1], tied_output=tied)
+            return gq.tensor_type(self.ftype, "token_embd", shape[1], tied_output=tied)
         if module_name == "lm_head" or module_name.endswith(".lm_head"):
-            return gq.tensor_type(self.ftype, "output", t.shape[1])
+            return gq.tensor_type(self.ftype, "output", shape[1])
         return self.float_type(job)  # a linear layer deliberately kept in float
+
+
+def _nbytes(shape: tuple[int, ...], qtype: str) -> int:
+    """Bytes of a ``shape`` tensor of ``qtype`` (rows of whole blocks)."""
+    t = gq.GGML_TYPES[qtype]
+    rows = 1
+    for d in shape[:-1]:
+        rows *= d
+    return rows * (shape[-1] // t.block_size) * t.type_size
 
 
 def _byte_shape(shape: tuple[int, ...], qtype: str) -> tuple[int, ...]:

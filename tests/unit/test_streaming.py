@@ -135,7 +135,6 @@ def test_after_a_streamed_run(folder, tmp_path):
 
 @pytest.mark.parametrize("kw, why", [
     (dict(low_cpu_mem_usage=False), "low_cpu_mem_usage=False"),
-    (dict(format="gguf:q4_0"), "format 'gguf:q4_0' is written from the whole model"),
     (dict(rotation_config="default", scheme="MXFP4"), "transforms rewrite the whole loaded model"),
 ])
 def test_what_cannot_stream_says_why(folder, tmp_path, caplog, kw, why):
@@ -331,3 +330,13 @@ def test_several_devices_stream_too(folder, tmp_path, monkeypatch, caplog, kw):
         outs.append(tmp_path / f"several{several}")
     assert "Linear" in ran  # the layers ran behind their placement hooks
     assert_same_checkpoint(*outs)
+
+
+@pytest.mark.parametrize("iters", [2, 0])
+def test_streamed_gguf_writes_the_in_memory_file(folder, tmp_path, caplog, iters):
+    """GGUF streams: its file is written one tensor at a time, the block layers from their stage files and the
+    rest read from the source; the file is the in-memory run's byte for byte."""
+    a, b, _, _ = both(folder, tmp_path, "gguf:q4_0", caplog, iters=iters, scheme="GGUF:Q4_0")
+    fa, fb = sorted(Path(a).glob("*.gguf")), sorted(Path(b).glob("*.gguf"))
+    assert len(fa) == len(fb) == 1 and fa[0].name == fb[0].name
+    assert fa[0].read_bytes() == fb[0].read_bytes()
