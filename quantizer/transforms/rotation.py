@@ -107,10 +107,10 @@ class RotationSpec:
         kind = {"inplace_hadamard": "hadamard", "inplace_random": "random_hadamard"}.get(kind, kind)
         if value.get("fuse_online_to_weight"):
             raise AutoRoundError("rotation_config fuse_online_to_weight is not built; leave it unset")
-        if value.get("allow_online_rotation") is False:
+        if value.get("allow_online_rotation") is False and mode != "residual":
             raise AutoRoundError(
                 "rotation_config allow_online_rotation=False: this rotation is applied online by the loader; "
-                "leave it unset"
+                "leave it unset, or use backend 'inplace' (the residual-stream rotation, folded into the weights)"
             )
         if value.get("layerwise"):
             raise AutoRoundError("rotation_config layerwise=True is not built; leave it unset")
@@ -444,4 +444,7 @@ class ResidualRotation(Transform):
         if not fold_vo:
             logger.info("residual rotation: head_dim %d is not a multiple of block_size %d; o_proj's input is not "
                         "rotated", head_dim, self.spec.block_size)
+        logger.info("residual rotation folded into the weights; no online rotation is added (the reference's inplace "
+                    "backend, where allow_online_rotation is left True, also rotates down_proj's input online: not "
+                    "built here, so its checkpoint stays an ordinary one)")
         return linears

@@ -67,6 +67,10 @@ def test_parse_spellings():
     # a checkpoint's record (the reference's keys) parses back to the same rotation
     spec = RotationSpec("random_hadamard", 64, 3)
     assert RotationSpec.parse(spec.record()) == spec
+    # the residual fold adds no online rotation, so refusing online ones is what it does already
+    assert RotationSpec.parse({"backend": "inplace", "allow_online_rotation": False}).mode == "residual"
+    with pytest.raises(AutoRoundError, match="allow_online_rotation=False"):
+        RotationSpec.parse({"allow_online_rotation": False})
     for bad, what in [("quarot", "not known"), ({"hadamard_type": "quarot_hadamard"}, "not built"),
                       ({"block_size": 32, "colour": 1}, "not known"), ({"backend": "spin"}, "inplace"),
                       ({"block_size": 0}, ">= 2")]:
