@@ -34,8 +34,7 @@ from tqdm.auto import tqdm
 from .errors import ModelLoadError
 from .formats.writer import FileSlice
 from .model_io import find_block_names, linear_dims
-from .qmath import QuantizedWeight
-from .qmath import ROUND_WITH_COMPUTED
+from .qmath import ROUND_WITH_COMPUTED, QuantizedWeight
 from .rtn import rtn_quantize
 from .schemes import QuantScheme
 from ..log import logger
