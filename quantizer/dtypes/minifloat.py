@@ -73,15 +73,18 @@ def round_to_grid(x: torch.Tensor, elem: Element) -> torch.Tensor:
 
 
 class _RoundGrid(torch.autograd.Function):
-    """Round to the grid with a straight-through gradient."""
+    """Round to the grid with a straight-through gradient inside the grid's range; a value past ±max saturates,
+    so its gradient is 0 (a clamp's), and a clip factor that makes elements saturate sees what that costs."""
 
     @staticmethod
     def forward(ctx, x, elem):  # type: ignore[override]
+        ctx.save_for_backward(x.abs() <= elem.max)
         return round_to_grid(x, elem)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        return grad, None
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None
 
 
 def round_grid_ste(x: torch.Tensor, elem: Element) -> torch.Tensor:
