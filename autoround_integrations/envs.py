@@ -101,9 +101,9 @@ _VARS: dict[str, _Var] = {
                          "multiplier on the calibrated activation ranges (static scales such as FP8_STATIC's, "
                          "NVFP4's activation global scale); a run whose activation scales are all dynamic refuses it"),
     "AR_ENABLE_ACT_MINMAX_TUNING": _Var(
-        _bool, False, "tune activation min/max as well",
-        unsupported="activation ranges are not tuned here: static ones are the calibrated max times AR_ACT_SCALE, "
-                    "dynamic ones are taken at every call as the serving kernels take them"),
+        _bool, False, "SignRound also tunes a clip ratio on dynamic activation scales (static ones are tuned by "
+                      "default), and on the min of asymmetric ones; research only: the ratios act in memory, and no "
+                      "checkpoint format can carry them, so an export refuses them"),
     "AR_NVFP4_FUSED_LAYER_GLOBAL_SCALE": _Var(
         _bool, True, "NVFP4: layers that engines fuse (q/k/v, gate/up) share one weight global scale, from their "
                      "largest |weight|, as vLLM's fused NVFP4 layers need"),

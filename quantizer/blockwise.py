@@ -110,7 +110,7 @@ def _signround_blocks(model, blocks, schemes, calib, options, enable_quanted_inp
             return {}
         if group.broadcast(resume is not None and resume.has(block_name)):
             saved = resume.load_block(block_name) if group.is_main else None
-            weights, (loss_before, loss_best) = group.broadcast(saved)
+            weights, (loss_before, loss_best), ratios = group.broadcast(saved)
             logger.info("%s: loaded from the resume state (loss %.6g -> %.6g)", block_name, loss_before, loss_best)
         else:
             tuned = tune_block(
@@ -123,22 +123,34 @@ def _signround_blocks(model, blocks, schemes, calib, options, enable_quanted_inp
                 shard=shard,
                 device=runner.device,
             )
-            weights, loss_before, loss_best = tuned.weights, tuned.loss_before, tuned.loss_best
+            weights, loss_before, loss_best, ratios = tuned.weights, tuned.loss_before, tuned.loss_best, tuned.act_ratios
             logger.info(
                 "%s: loss %.6g (start) -> %.6g (tuned, best of %d iterations)",
                 block_name, loss_before, loss_best, options.iters,
             )
             if resume is not None and group.is_main:
-                resume.save_block(block_name, weights, (loss_before, loss_best))
+                resume.save_block(block_name, weights, (loss_before, loss_best), ratios)
+        # tuned activation clip ratios: a static scale's is taken into its amax (what the checkpoint stores), a
+        # dynamic one's stays with the layer (applied in memory; no format can carry it)
+        dynamic = {}
+        for rel, ratio in ratios.items():
+            if layers[rel].act_dynamic:
+                dynamic[rel] = ratio
+            else:
+                amax[rel] = amax[rel] * ratio[0]
+        if ratios:
+            logger.debug("%s: activation clip ratios %s", block_name,
+                         ", ".join(f"{r}={m:.3f}" for r, (m, _) in ratios.items()))
         done: dict[str, QuantizedLayer] = {}
         for rel, qw in weights.items():
             module = block.get_submodule(rel)
             runner.commit(module, qw)
-            act_quant.install(module, layers[rel], amax.get(rel))  # the quantized path sees W4A4-style inputs
+            # the quantized path sees W4A4-style inputs
+            act_quant.install(module, layers[rel], amax.get(rel), dynamic.get(rel))
             full = f"{block_name}.{rel}"
             bias = module.bias.detach().clone() if module.bias is not None else None
             done[full] = QuantizedLayer(full, layers[rel], qw, bias, module.in_features, module.out_features,
-                                        amax.get(rel))
+                                        amax.get(rel), act_ratio=dynamic.get(rel))
         next_inputs(block, fp_out)
         return done
 
@@ -201,16 +213,27 @@ def _tune_lm_head(
         return nn.functional.linear(fp_x[idx].to(device), weight, bias)
 
     holder = nn.ModuleDict({"head": head})
+    amax = None
+    if needs_amax(scheme):  # a static activation scale: the largest float input, as the blocks' layers take it
+        amax = fp_x.abs().amax().to(torch.float32)
+        if shard is not None:
+            amax = torch.stack(shard.group.gather(amax.reshape(1))).amax()
+        amax = act_quant.calibrated_amax(amax)
     tuned = tune_block(
         holder, {"head": scheme}, q_x, targets, options,
         forward=lambda b, x: b["head"](x), loss_mask=loss_mask, shard=shard,
+        input_amax={"head": amax} if amax is not None else None,
     )
     logger.info("%s: loss %.6g (start) -> %.6g (tuned)", name, tuned.loss_before, tuned.loss_best)
     qw = tuned.weights["head"]
     with torch.no_grad():
         head.weight.copy_(qw.dequantize().to(head.weight.dtype))
     b = head.bias.detach().clone() if head.bias is not None else None
-    return QuantizedLayer(name, scheme, qw, b, head.in_features, head.out_features)
+    ratio = tuned.act_ratios.get("head")  # the tuned activation clip ratios
+    if ratio is not None and not scheme.act_dynamic:  # a static scale's goes into its amax
+        amax, ratio = amax * ratio[0], None
+    act_quant.install(head, scheme, amax, ratio)  # the model in memory quantizes its inputs as tuned
+    return QuantizedLayer(name, scheme, qw, b, head.in_features, head.out_features, amax, act_ratio=ratio)
 
 
 def rtn_blocks(

@@ -206,6 +206,7 @@ class StreamedLayer:
 
     input_amax = None
     rotation = None  # the model-free route runs no transform
+    act_ratio = None
 
     def __init__(self, name: str, scheme: QuantScheme, module: nn.Linear, tensors: SourceTensors, transposed: bool,
                  rounding: str = ROUND_WITH_COMPUTED):

@@ -329,6 +329,8 @@ class Pipeline:
                 return f"format {fmt.name!r} is written from the loaded model"
         if fmts is not None and (self.scheme.is_float or not family_of(self.scheme).model_free):
             return f"scheme {self.scheme.describe()} is not plain integer RTN"
+        if needs_amax(self.scheme):
+            return "static activation scales come from calibration data"
         return None
 
     def stream_reason(self, fmts: list | None = None) -> str | None:
@@ -536,9 +538,10 @@ class Pipeline:
                            input_amax={n: calibrated_amax(amax[n]) for n in static if n in amax})
 
     # -- quantize -------------------------------------------------------------------------------------
-    def quantize(self, formats: "str | list | None" = None) -> tuple[Any, dict[str, Any]]:
+    def quantize(self, formats: "str | list | None" = None, exporting: bool = False) -> tuple[Any, dict[str, Any]]:
         """load -> transform -> plan -> calibrate -> quantize, in memory (weights become their fake-quantized
-        values); returns (model, layer_config)."""
+        values); returns (model, layer_config).  ``exporting``: ``formats`` will be written after (what cannot be
+        written is refused before any tuning)."""
         if self.options.runtime.model_free:
             raise AutoRoundError("model_free=True writes the checkpoint straight from the model's files: call "
                                  "quantize_and_save(output_dir, format=...) instead of quantize()")
@@ -559,7 +562,9 @@ class Pipeline:
         self.plan = self.auto_plan(fmts) if self.auto_scheme is not None else self.make_plan(fmts)
         for t in self._applied:
             t.settle(self.model, set(self.plan.quantize))
-        check_act_env(list(self.plan.quantize.values()))
+        check_act_env(list(self.plan.quantize.values()), self.options.tuning.iters,
+                      self.options.tuning.enable_minmax_tuning, exporting)
+        self._check_static_head(self.plan, self.lm_head_name, self.options.tuning.iters)
         self._check_placement()
         self._untie_lm_head()
         tuning = self.options.tuning
@@ -592,6 +597,19 @@ class Pipeline:
             time.time() - start, len(self.layers), self.scheme.describe(), len(self.plan.keep_float),
         )
         return self.model, self.layer_config_out()
+
+    @staticmethod
+    def _check_static_head(plan: LayerPlan, head_name: str | None, iters: int) -> None:
+        """A static activation scale on the lm_head needs its calibrated input range, which only SignRound
+        measures (RTN's calibration runs the decoder body, not the head): refused before work otherwise."""
+        head = plan.quantize.get(head_name) if head_name else None
+        if head is not None and needs_amax(head) and iters <= 0:
+            raise AutoRoundError(
+                f"{head_name} is planned as {head.describe()}, whose activation scale comes from the calibrated "
+                "input range, which only SignRound (iters > 0) measures for the lm_head; use iters > 0, or keep the "
+                "lm_head out (quant_lm_head=False) or give it a dynamic-activation or weight-only scheme in "
+                "layer_config"
+            )
 
     def _check_placement(self) -> None:
         """A ``device_map`` dict whose keys match none of the planned layers inside the blocks is refused (before
@@ -667,6 +685,8 @@ class Pipeline:
                 "schemes": {n: s.to_dict() for n, s in self.plan.quantize.items()},
                 # every tuning option but the one that only concerns iters 0
                 "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "disable_opt_rtn"},
+                # what decides which activation clip ratios are tuned
+                "act_env": [envs.AR_ACT_SCALE, envs.AR_ENABLE_ACT_MINMAX_TUNING],
             }
             store = ResumeStore.open(resume_dir_for(self.resume_dir), fingerprint, self.resume, logger)
         lm_head = None
@@ -707,7 +727,8 @@ class Pipeline:
             if rot is not None:
                 install_input_rotation(module, rot.r)
             if name in self.layers:
-                act_quant.install(module, self.layers[name].scheme, self.layers[name].input_amax)
+                layer = self.layers[name]
+                act_quant.install(module, layer.scheme, layer.input_amax, layer.act_ratio)
         self.conv1d_names = []
         self.quantized = True
 
@@ -749,6 +770,14 @@ class Pipeline:
             )
         if not self.quantized:
             raise AutoRoundError("call quantize() before save_quantized(), or use quantize_and_save()")
+        ratios = [n for n, layer in self.layers.items() if layer.act_ratio is not None]
+        if ratios:
+            raise AutoRoundError(
+                f"{len(ratios)} layers (e.g. {ratios[0]}) carry dynamic-activation clip ratios tuned under "
+                "AR_ENABLE_ACT_MINMAX_TUNING, which no checkpoint format can hold (a serving kernel takes a dynamic "
+                "scale from each input); evaluate this model in memory, or quantize again without the variable to "
+                "export"
+            )
         self.check_transforms(fmts)
         for fmt in fmts:  # formats chosen after quantize() must still hold the schemes and shapes used
             if self.auto_scheme is not None:
@@ -801,6 +830,7 @@ class Pipeline:
         )
         self.adapt_scheme(fmts)
         plan = plan_layers(src.linears, self.scheme, self.layer_config, fmts, self.ignore_layers)
+        check_act_env(list(plan.quantize.values()), 0, self.options.tuning.enable_minmax_tuning, True)
         # a tokenizer the user did not pass is loaded only when it is written, after the tensors, so it is not in
         # memory while they stream (about 80 MB for SmolLM2's)
         tokenizer = self.__dict__.get("tokenizer") or model_free.FolderTokenizer(folder)
@@ -850,7 +880,7 @@ class Pipeline:
             logger.info("in-memory route (%s)", reason)
         self.resume_dir, self.resume = str(output_dir), resume
         self.resume_store = None
-        self.quantize(format)
+        self.quantize(format, exporting=True)
         paths = self.export(output_dir, format)
         if self.resume_store is not None:
             self.resume_store.discard()
@@ -867,7 +897,7 @@ class Pipeline:
         self.stage_dir = staging_dir(output_dir) if self.group.is_main else None
         folder = str(self.stream.src.folder)
         try:
-            self.quantize(format)
+            self.quantize(format, exporting=True)
             paths = self.export(output_dir, format)
         finally:
             self.stream.close()

@@ -23,7 +23,7 @@ from . import dtypes
 from .errors import AutoRoundError
 
 STATE_FILE = "state.json"
-_VERSION = 2  # 2: every packed weight stored through its weight family
+_VERSION = 3  # 2: every packed weight stored through its weight family; 3: and the activation clip ratios
 
 
 def resume_dir_for(output_dir: str | os.PathLike) -> Path:
@@ -114,8 +114,10 @@ class ResumeStore:
     def has(self, block_name: str) -> bool:
         return block_name in self.finished
 
-    def save_block(self, block_name: str, weights: Mapping[str, Any], losses: tuple[float, float]) -> None:
-        """Store a finished block's packed weights (``rel name -> packed weight`` of any weight family)."""
+    def save_block(self, block_name: str, weights: Mapping[str, Any], losses: tuple[float, float],
+                   act_ratios: Mapping[str, tuple[float, float]] | None = None) -> None:
+        """Store a finished block's packed weights (``rel name -> packed weight`` of any weight family) and its
+        layers' tuned activation clip ratios."""
         tensors: dict[str, torch.Tensor] = {}
         meta: dict[str, str] = {}
         for rel, qw in weights.items():
@@ -124,6 +126,7 @@ class ResumeStore:
             tensors.update({f"{rel}.{k}": t for k, t in parts.items()})
             meta[f"{rel}.meta"] = json.dumps({"family": family.name, "tensors": sorted(parts), "fields": fields})
         meta["losses"] = json.dumps(list(losses))
+        meta["act_ratios"] = json.dumps({k: list(v) for k, v in (act_ratios or {}).items()})
         target = self.path / _block_file(block_name)
         tmp = target.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata=meta)
@@ -131,7 +134,9 @@ class ResumeStore:
         self.finished.append(block_name)
         self._write_state()
 
-    def load_block(self, block_name: str) -> tuple[dict[str, Any], tuple[float, float]]:
+    def load_block(
+        self, block_name: str
+    ) -> tuple[dict[str, Any], tuple[float, float], dict[str, tuple[float, float]]]:
         from safetensors import safe_open
 
         file = self.path / _block_file(block_name)
@@ -153,7 +158,8 @@ class ResumeStore:
             parts = {k: tensors[f"{rel}.{k}"] for k in entry["tensors"]}
             out[rel] = family.weight_from_state(parts, entry["fields"])
         a, b = json.loads(meta["losses"])
-        return out, (a, b)
+        ratios = {k: (float(v[0]), float(v[1])) for k, v in json.loads(meta["act_ratios"]).items()}
+        return out, (a, b), ratios
 
     def _write_state(self) -> None:
         state = {"version": _VERSION, "fingerprint": self.fingerprint, "finished": self.finished}

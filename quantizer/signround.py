@@ -13,13 +13,13 @@ the targets; the learning rate decays linearly to 0; the best iteration's parame
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
-from .act_quant import ActQuantizer, quantizes_acts
+from .act_quant import ActQuantizer, quantizes_acts, tunes_max, tunes_min
 from .transforms.rotation import RotatedInput, rotation_of
 from .devices import carry_placement
 from .dtypes import family_of
@@ -90,6 +90,9 @@ class TuneResult:
     weights: dict[str, Any]  # layer name -> the family's packed weight (QuantizedWeight, GGUFWeight, ...)
     loss_before: float  # MSE of plain RTN (v = 0, alpha = beta = 1) on the first batch
     loss_best: float
+    # layer name -> its tuned activation clip ratios (max, min) (``act_quant.ActQuantizer``), for the layers that
+    # tune them
+    act_ratios: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def tune_block(
@@ -116,7 +119,9 @@ def tune_block(
     The block's weights are left unchanged; the result holds the quantized weights.
 
     Layers whose scheme quantizes activations (act_bits < 16) quantize their inputs in the tuned forward too
-    (``act_quant``; ``input_amax``: layer name -> calibrated input amax, for static activation scales).
+    (``act_quant``; ``input_amax``: layer name -> calibrated input amax, for static activation scales), and
+    tune their activation clip ratios with the min/max factors where ``act_quant.tunes_max`` says so
+    (``TuneResult.act_ratios``).
 
     ``shard`` (``distributed.Shard``, torchrun): ``inputs`` and ``targets`` hold this rank's rows of
     ``shard.n`` samples and ``loss_mask`` all of them; the batches are drawn from the global indices, each rank
@@ -153,7 +158,10 @@ def tune_block(
         if wrapper is not None:
             if quantizes_acts(scheme):
                 amax = (input_amax or {}).get(name)
-                wrapper.act = ActQuantizer(scheme, amax.to(linear.weight.device) if amax is not None else None)
+                minmax = options.enable_minmax_tuning
+                wrapper.act = ActQuantizer(scheme, amax.to(linear.weight.device) if amax is not None else None,
+                                           tune_max=tunes_max(scheme, minmax), tune_min=tunes_min(scheme, minmax),
+                                           device=linear.weight.device)
             wrappers[name] = wrapper
         else:  # a type SignRound does not tune: its family's importance-weighted iters-0 quantizer
             fixed[name] = family.quantize(linear.weight, scheme, imp, **shared.get(name, {}))
@@ -238,14 +246,19 @@ def _tune(block, wrappers, inputs, targets, options, forward, progress, loss_mas
     for p in frozen:
         p.requires_grad_(False)
     rounding = [w.v for w in wrappers.values()]
-    minmax = [p for w in wrappers.values() for p in w.factors()]
+    acts = {k: a for k, w in wrappers.items() if (a := getattr(w, "act", None)) is not None and a.params()}
+    act_params = [p for a in acts.values() for p in a.params()]
+    minmax = [p for w in wrappers.values() for p in w.factors()] + act_params
     lr = options.learning_rate
-    # (parameters, base learning rate): the rounding offsets, then the min/max factors of each kind of layer
+    # (parameters, base learning rate): the rounding offsets, then the min/max factors of each kind of layer,
+    # then the activation clip ratios (at the min/max learning rate, as the reference moves them)
     groups: list[tuple[list[nn.Parameter], float]] = [(rounding, lr)]
     for scale in sorted({w.default_factor_lr_scale for w in wrappers.values()}):
         params = [p for w in wrappers.values() if w.default_factor_lr_scale == scale for p in w.factors()]
         if params:
             groups.append((params, options.minmax_lr if options.minmax_lr is not None else lr * scale))
+    if act_params:
+        groups.append((act_params, options.minmax_lr if options.minmax_lr is not None else lr))
     for p in rounding + minmax:
         p.requires_grad_(True)
     adam = None
@@ -293,6 +306,7 @@ def _tune(block, wrappers, inputs, targets, options, forward, progress, loss_mas
                 best_loss, best_iter = value, it
                 if not options.not_use_best_mse:
                     best_state = {k: w.state() for k, w in wrappers.items()}
+                    best_state.update({("act", k): a.state() for k, a in acts.items()})
             elif 0 < options.dynamic_max_gap <= it - best_iter and not options.not_use_best_mse:
                 break
             decay = 1.0 - it / options.iters  # linear decay to 0
@@ -310,12 +324,17 @@ def _tune(block, wrappers, inputs, targets, options, forward, progress, loss_mas
                                 p.grad = None
                 for w in wrappers.values():
                     w.clamp_()
+                for a in acts.values():
+                    a.clamp_()
             if progress is not None:
                 progress(it, value, best_loss)
         if best_state is not None:
             for k, w in wrappers.items():
                 w.load(best_state[k])
-        return TuneResult({k: w.quantized() for k, w in wrappers.items()}, first_loss or 0.0, best_loss)
+            for k, a in acts.items():
+                a.load(best_state[("act", k)])
+        return TuneResult({k: w.quantized() for k, w in wrappers.items()}, first_loss or 0.0, best_loss,
+                          {k: a.tuned() for k, a in acts.items()})
     finally:
         for p in rounding + minmax:
             p.requires_grad_(False)

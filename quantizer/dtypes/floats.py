@@ -113,18 +113,21 @@ class _FloatFamily(WeightFamily):
 
     # -- activations: the same element and scale rule on [tokens, features] ---------------------------------
     def act_quantize(self, x: torch.Tensor, scheme, static_amax: torch.Tensor | None,
-                     global_scale: torch.Tensor | None = None) -> torch.Tensor:
+                     global_scale: torch.Tensor | None = None, max_ratio: torch.Tensor | float = 1.0,
+                     min_ratio: torch.Tensor | float = 1.0) -> torch.Tensor:
         """Quantize-dequantize activations ``x`` [tokens, features] (float32) with a straight-through gradient;
         ``scheme`` is the act view (bits/group_size/data_type = the act_* fields); ``global_scale``: a stored
-        NVFP4 activation global scale (else one from ``static_amax``)."""
+        NVFP4 activation global scale (else one from ``static_amax``); ``max_ratio``: a clip ratio on each tile's
+        own amax (dynamic scales; gradients reach it through the scale rule's rounding); ``min_ratio`` is for
+        asymmetric types, which the float families are not."""
         layout, elem = Layout.of(tuple(x.shape), scheme.group_size), self.element(scheme)
         tiles = layout.tiles(x)
         g = global_scale.to(x.device) if global_scale is not None else self.act_global_scale(x, static_amax)
         if static_amax is not None and scheme.group_size == 0 and g is None:
             amax = static_amax.to(x.device, torch.float32).reshape(1, 1)
         else:
-            amax = tiles.detach().abs().amax(-1)
-        _, eff = self.scale_rule(scheme)(amax, g)
+            amax = tiles.detach().abs().amax(-1) * max_ratio
+        _, eff = self.scale_rule(scheme, ste=True)(amax, g)
         q = qdq_tiles(tiles, eff, elem, ste=True) * eff.unsqueeze(-1)
         return layout.untile(q, tuple(x.shape))
 

@@ -145,23 +145,28 @@ class IntegerFamily(WeightFamily):
         return self.tuning_importance(scheme, options)
 
     def act_quantize(self, x: torch.Tensor, scheme: QuantScheme, static_amax: torch.Tensor | None,
-                     global_scale: torch.Tensor | None = None) -> torch.Tensor:
+                     global_scale: torch.Tensor | None = None, max_ratio: torch.Tensor | float = 1.0,
+                     min_ratio: torch.Tensor | float = 1.0) -> torch.Tensor:
         """Quantize-dequantize activations ``x`` [tokens, features] (float32) with a straight-through gradient:
         symmetric ``amax / (2**(bits-1) - 1)`` or asymmetric min/max scales per token (-1), group or tensor (0);
-        ``static_amax``: the calibrated per-tensor amax of a static scheme (integers have no ``global_scale``)."""
+        ``static_amax``: the calibrated per-tensor amax of a static scheme (integers have no ``global_scale``);
+        ``max_ratio`` / ``min_ratio``: clip ratios on each input's own max / min (dynamic scales)."""
         xg = to_groups(x, scheme.group_size) if scheme.group_size != -1 else x.unsqueeze(1)
         xd = xg.detach()
         if scheme.sym:
-            amax = static_amax.to(x.device, torch.float32) if static_amax is not None else xd.abs().amax(-1, keepdim=True)
+            amax = (static_amax.to(x.device, torch.float32) if static_amax is not None
+                    else xd.abs().amax(-1, keepdim=True) * max_ratio)
             qmax = 2 ** (scheme.bits - 1) - 1
             s = (amax / qmax).clamp_min(1e-8)
             q = (xg / s).clamp(-qmax - 1, qmax)
             out = ((q.round() - q).detach() + q) * s
         else:
-            lo, hi = xd.amin(-1, keepdim=True).clamp(max=0), xd.amax(-1, keepdim=True).clamp(min=0)
+            lo = xd.amin(-1, keepdim=True).clamp(max=0) * min_ratio
+            hi = xd.amax(-1, keepdim=True).clamp(min=0) * max_ratio
             qmax = 2 ** scheme.bits - 1
             s = ((hi - lo) / qmax).clamp_min(1e-8)
-            zp = (-lo / s).round()
+            zp = -lo / s
+            zp = (zp.round() - zp).detach() + zp  # a tuned min reaches the zero point straight through
             q = (xg / s + zp).clamp(0, qmax)
             out = ((q.round() - q).detach() + q - zp) * s
         if scheme.group_size == -1:

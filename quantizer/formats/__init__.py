@@ -30,6 +30,9 @@ class QuantizedLayer:
     input_amax: torch.Tensor | None = None
     # the layer's input rotation (``transforms.rotation.RotationSpec``): ``weight`` is the rotated weight
     rotation: Any = None
+    # a dynamic activation scale's tuned (max, min) clip ratios (``AR_ENABLE_ACT_MINMAX_TUNING``): applied in memory,
+    # carried by no format
+    act_ratio: tuple[float, float] | None = None
 
 
 @dataclass

@@ -194,7 +194,7 @@ def test_resume_store_keeps_the_family_packed_weight(toy_family, tmp_path):
     store = ResumeStore.open(tmp_path / "state", {"k": 1}, resume=False, log=logging.getLogger("t"))
     store.save_block("model.layers.0", {"mlp.down_proj": qw}, (1.0, 0.5))
     again = ResumeStore.open(tmp_path / "state", {"k": 1}, resume=True, log=logging.getLogger("t"))
-    weights, losses = again.load_block("model.layers.0")
+    weights, losses, _ = again.load_block("model.layers.0")
     back = weights["mlp.down_proj"]
     assert isinstance(back, ToyWeight) and back.bits == 4 and losses == (1.0, 0.5)
     assert torch.equal(back.codes, qw.codes) and torch.equal(back.exponent, qw.exponent)

@@ -420,9 +420,11 @@ def test_resume_store_keeps_float_weights(tmp_path, preset):
     s = PRESETS[preset]
     qw = family_of(s).quantize(torch.randn(256, 256, generator=torch.Generator().manual_seed(4)), s, None)
     store = ResumeStore.open(tmp_path / "state", {"k": 1}, resume=False, log=logging.getLogger("t"))
-    store.save_block("model.layers.0", {"mlp.down_proj": qw}, (1.0, 0.5))
+    store.save_block("model.layers.0", {"mlp.down_proj": qw}, (1.0, 0.5), {"mlp.down_proj": (0.75, 1.0)})
     again = ResumeStore.open(tmp_path / "state", {"k": 1}, resume=True, log=logging.getLogger("t"))
-    back = again.load_block("model.layers.0")[0]["mlp.down_proj"]
+    weights, _, ratios = again.load_block("model.layers.0")
+    back = weights["mlp.down_proj"]
+    assert ratios == {"mlp.down_proj": (0.75, 1.0)}  # the activation clip ratios come back with the weights
     assert back.block == qw.block and back.data_type == qw.data_type
     assert torch.equal(back.dequantize(), qw.dequantize())
 

@@ -166,8 +166,9 @@ def test_resume_store_keeps_gguf_blocks(tmp_path):
     w = gq.GGUFWeight(gq.quantize_tensor(torch.randn(4, 256), "q4_k"), "q4_k", (4, 256))
     store = ResumeStore.open(tmp_path / "state", {"x": 1}, False, logging.getLogger("autoround"))
     store.save_block("model.layers.0", {"mlp.up_proj": w}, (1.0, 0.5))
-    weights, losses = store.load_block("model.layers.0")
+    weights, losses, ratios = store.load_block("model.layers.0")
     back = weights["mlp.up_proj"]
+    assert ratios == {}
     assert back.qtype == "q4_k" and back.shape == (4, 256) and torch.equal(back.data, w.data)
     assert losses == (1.0, 0.5)
 

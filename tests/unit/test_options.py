@@ -77,9 +77,9 @@ def test_unsupported_environment_variables_are_refused(monkeypatch):
     monkeypatch.setenv("AR_USE_MODELSCOPE", "0")  # the default: accepted
     AutoRound(tiny_llama(), iters=0, disable_opt_rtn=True)
     monkeypatch.setenv("AR_USE_MODELSCOPE", "1")
-    monkeypatch.setenv("AR_ENABLE_ACT_MINMAX_TUNING", "1")
+    monkeypatch.setenv("AR_ENABLE_COMPILE_PACKING", "1")
     with pytest.raises(AutoRoundError,
-                       match=r"AR_USE_MODELSCOPE='1' \(only the Hugging Face.*AR_ENABLE_ACT_MINMAX_TUNING='1'"):
+                       match=r"AR_USE_MODELSCOPE='1' \(only the Hugging Face.*AR_ENABLE_COMPILE_PACKING='1'"):
         AutoRound(tiny_llama(), iters=0, disable_opt_rtn=True)
 
 
