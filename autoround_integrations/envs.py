@@ -104,6 +104,10 @@ _VARS: dict[str, _Var] = {
         _bool, False, "SignRound also tunes a clip ratio on dynamic activation scales (static ones are tuned by "
                       "default), and on the min of asymmetric ones; research only: the ratios act in memory, and no "
                       "checkpoint format can carry them, so an export refuses them"),
+    "AR_ENABLE_UNIFY_MOE_INPUT_SCALE": _Var(
+        _bool, False, "MoE: every expert's input projections (gate/up) with static activation scales take the "
+                      "largest calibrated amax of their MoE module, so an FP8 dispatch quantizes its input once (experts "
+                      "that saw no calibration token take it anyway); a run with no such layer refuses it"),
     "AR_NVFP4_FUSED_LAYER_GLOBAL_SCALE": _Var(
         _bool, True, "NVFP4: layers that engines fuse (q/k/v, gate/up) share one weight global scale, from their "
                      "largest |weight|, as vLLM's fused NVFP4 layers need"),

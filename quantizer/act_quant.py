@@ -17,15 +17,17 @@ are for evaluation in memory, and an export of them is refused.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from .dtypes import family_of
 from .errors import AutoRoundError
+from .moe import INPUT_PROJECTIONS, expert_layer_groups
 from .schemes import QuantScheme
 from .. import envs
+from ..log import logger
 
 _HOOK_ATTR = "_autoround_act_hook"
 
@@ -47,6 +49,42 @@ def calibrated_amax(raw: torch.Tensor) -> torch.Tensor:
     return raw * envs.AR_ACT_SCALE
 
 
+def static_amax(schemes: Mapping[str, QuantScheme], seen: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The amax each static-activation layer of ``schemes`` takes its scale from (``calibrated_amax``), from the
+    largest |input| ``seen`` by the calibration hooks (names as in ``schemes``, full or relative to a block).
+
+    An MoE expert that no calibration token was routed to takes the largest amax of the same layer in the other
+    experts of its MoE module, as the reference does; under ``AR_ENABLE_UNIFY_MOE_INPUT_SCALE`` every expert's
+    input projections (gate/up) take that largest one, so an FP8 dispatch quantizes the MoE input once.  Any other
+    static layer that saw nothing is refused with its name (it has no range to take a scale from)."""
+    static = [n for n, s in schemes.items() if needs_amax(s)]
+    raw = {n: seen[n] for n in static if n in seen}
+    filled = 0
+    for (_, layer), group in expert_layer_groups(static).items():
+        got = [raw[n] for n in group if n in raw]
+        if not got:
+            continue
+        top = max(float(t.float().max()) for t in got)
+        unify = envs.AR_ENABLE_UNIFY_MOE_INPUT_SCALE and layer.rsplit(".", 1)[-1] in INPUT_PROJECTIONS
+        for n in group:
+            if n not in raw:
+                filled += 1
+                raw[n] = got[0].new_tensor(top).reshape(got[0].shape)
+            elif unify:
+                raw[n] = raw[n].new_tensor(top).reshape(raw[n].shape)
+    if filled:
+        logger.info("%d MoE expert layers saw no calibration token: their static activation scales take the largest "
+                    "amax of the same layer in the other experts", filled)
+    missing = [n for n in static if n not in raw]
+    if missing:
+        raise AutoRoundError(
+            f"{len(missing)} layer(s) with a static activation scale saw no calibration token (e.g. {missing[0]}), so "
+            "there is no input range to take their scale from; give them a dynamic-activation or weight-only scheme "
+            "in layer_config, keep them float (ignore_layers), or calibrate with data that reaches them"
+        )
+    return {n: calibrated_amax(raw[n]) for n in static}
+
+
 def tunes_max(scheme: QuantScheme, minmax: bool) -> bool:
     """Whether SignRound tunes the layer's activation clip ratio on the max (``minmax``: the run's
     ``enable_minmax_tuning``): static scales by default (unless ``AR_ACT_SCALE`` fixes the ratio), dynamic ones
@@ -65,11 +103,22 @@ def tunes_min(scheme: QuantScheme, minmax: bool) -> bool:
             and family_of(scheme.act_scheme()).name == "int")
 
 
-def check_env(schemes: "list[QuantScheme]", iters: int = 0, minmax: bool = True, exporting: bool = False) -> None:
-    """The activation environment variables against the run (before any work): ``AR_ACT_SCALE`` scales
-    calibrated activation ranges, so a run with none refuses it; ``AR_ENABLE_ACT_MINMAX_TUNING`` tunes dynamic
-    activation ranges in SignRound (``iters`` > 0, with ``minmax``), and an ``exporting`` run refuses it, since no
-    checkpoint can carry the ratios."""
+def check_env(plan: Mapping[str, QuantScheme], iters: int = 0, minmax: bool = True, exporting: bool = False) -> None:
+    """The activation environment variables against the run's planned layers (before any work): ``AR_ACT_SCALE``
+    scales calibrated activation ranges, so a run with none refuses it; ``AR_ENABLE_ACT_MINMAX_TUNING`` tunes
+    dynamic activation ranges in SignRound (``iters`` > 0, with ``minmax``), and an ``exporting`` run refuses it,
+    since no checkpoint can carry the ratios; ``AR_ENABLE_UNIFY_MOE_INPUT_SCALE`` needs MoE experts' input
+    projections with static activation scales."""
+    schemes = list(plan.values())
+    if envs.AR_ENABLE_UNIFY_MOE_INPUT_SCALE:
+        inputs = [n for (_, layer), group in expert_layer_groups(n for n, s in plan.items() if needs_amax(s)).items()
+                  if layer.rsplit(".", 1)[-1] in INPUT_PROJECTIONS for n in group]
+        if not inputs:
+            raise AutoRoundError(
+                "AR_ENABLE_UNIFY_MOE_INPUT_SCALE is set, but no MoE expert input projection (gate_proj / up_proj) "
+                "has a static activation scale to unify; unset it, or use a static-activation scheme (FP8_STATIC, "
+                "NVFP4) on an MoE model"
+            )
     if envs.AR_ENABLE_ACT_MINMAX_TUNING:
         dynamic = [s for s in schemes if quantizes_acts(s) and s.act_dynamic]
         why = None

@@ -103,8 +103,7 @@ def _signround_blocks(model, blocks, schemes, calib, options, enable_quanted_inp
         with ImportanceHooks.of_block(block, hooked) as hooks:
             fp_out = runner.run_float(block, acts.fp)
         hooks.reduce(group)
-        amax = {rel: act_quant.calibrated_amax(hooks.amax[rel]) for rel, s in layers.items()
-                if needs_amax(s) and rel in hooks.amax}
+        amax = act_quant.static_amax(layers, hooks.amax)
         if not layers:
             next_inputs(block, fp_out)
             return {}
@@ -295,8 +294,7 @@ def _rtn_blocks(model, blocks, schemes, calib, batch_size, optimized, search_low
                 fp_out = runner.run_float(block, acts.fp) if runner is not None else None
             hooks.reduce(group)
             importance = {f"{block_name}.{rel}": v for rel, v in hooks.result().items()} if optimized else None
-            amax = {f"{block_name}.{rel}": act_quant.calibrated_amax(hooks.amax[rel])
-                    for rel, s in layers.items() if needs_amax(s) and rel in hooks.amax}
+            amax = {f"{block_name}.{rel}": a for rel, a in act_quant.static_amax(layers, hooks.amax).items()}
             linears = {f"{block_name}.{rel}": block.get_submodule(rel) for rel in layers}
             plan = LayerPlan(quantize={f"{block_name}.{rel}": s for rel, s in layers.items()},
                              rtn_rounding=rtn_rounding)

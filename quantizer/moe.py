@@ -10,17 +10,36 @@ Exports: ``auto_round`` writes each expert's packed layers under those names and
 the model it builds before loading them; ``fake`` fuses the dequantized experts back into the model's own 3-D
 parameters (an ordinary checkpoint).  Formats whose readers expect other expert layouts refuse MoE models before
 any work.  An expert that no calibration token is routed to is quantized without importance (plain RTN
-ranges; SignRound leaves its rounding untouched) and named in a log line.
+ranges; SignRound leaves its rounding untouched) and named in a log line; a static activation scale it needs is
+the largest of the same layer's in the other experts (``act_quant.static_amax``).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
 from .errors import AutoRoundError
+
+
+# an expert's linear layer by name, full or relative to its block: ``<moe>.experts.<index>.<layer>``
+_EXPERT_LAYER = re.compile(r"^(?P<moe>(?:.*\.)?experts)\.\d+\.(?P<layer>.+)$")
+# the expert layers that take the MoE module's input (FP8 dispatch quantizes it once for all experts)
+INPUT_PROJECTIONS = ("gate_proj", "up_proj")
+
+
+def expert_layer_groups(names: Iterable[str]) -> dict[tuple[str, str], list[str]]:
+    """The same layer of every expert of one MoE module, keyed by (experts module, layer): e.g.
+    ``("mlp.experts", "up_proj") -> ["mlp.experts.0.up_proj", "mlp.experts.1.up_proj", ...]``."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for n in names:
+        m = _EXPERT_LAYER.match(n)
+        if m:
+            groups.setdefault((m["moe"], m["layer"]), []).append(n)
+    return groups
 
 
 class ExpertMLP(nn.Module):

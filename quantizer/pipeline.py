@@ -31,7 +31,7 @@ from .errors import AutoRoundError, FormatError
 from .formats import QuantizedLayer, parse_formats
 from .formats import export as export_checkpoint
 from .formats.writer import check_output_dir
-from .act_quant import calibrated_amax, check_env as check_act_env, needs_amax
+from .act_quant import check_env as check_act_env, needs_amax, static_amax
 from .importance import model_importance
 from .options import CalibrationOptions, PlanOptions, RuntimeOptions, SignRoundOptions, TuningOptions
 from .plan import LayerPlan, plan_layers, scheme_for_layer
@@ -535,7 +535,8 @@ class Pipeline:
                         "tower); they are "
                         "quantized with plain RTN ranges", len(unseen), unseen[0])
         return Calibration(tokens, importance=None if tuning.disable_opt_rtn else importance,
-                           input_amax={n: calibrated_amax(amax[n]) for n in static if n in amax})
+                           input_amax=static_amax({n: self.plan.quantize[n] for n in static
+                                                   if n != self.lm_head_name}, amax))
 
     # -- quantize -------------------------------------------------------------------------------------
     def quantize(self, formats: "str | list | None" = None, exporting: bool = False) -> tuple[Any, dict[str, Any]]:
@@ -562,7 +563,7 @@ class Pipeline:
         self.plan = self.auto_plan(fmts) if self.auto_scheme is not None else self.make_plan(fmts)
         for t in self._applied:
             t.settle(self.model, set(self.plan.quantize))
-        check_act_env(list(self.plan.quantize.values()), self.options.tuning.iters,
+        check_act_env(self.plan.quantize, self.options.tuning.iters,
                       self.options.tuning.enable_minmax_tuning, exporting)
         self._check_static_head(self.plan, self.lm_head_name, self.options.tuning.iters)
         self._check_placement()
@@ -830,7 +831,7 @@ class Pipeline:
         )
         self.adapt_scheme(fmts)
         plan = plan_layers(src.linears, self.scheme, self.layer_config, fmts, self.ignore_layers)
-        check_act_env(list(plan.quantize.values()), 0, self.options.tuning.enable_minmax_tuning, True)
+        check_act_env(plan.quantize, 0, self.options.tuning.enable_minmax_tuning, True)
         # a tokenizer the user did not pass is loaded only when it is written, after the tensors, so it is not in
         # memory while they stream (about 80 MB for SmolLM2's)
         tokenizer = self.__dict__.get("tokenizer") or model_free.FolderTokenizer(folder)

@@ -50,7 +50,8 @@ def test_set_config_and_is_set(monkeypatch):
 def test_all_reference_variables_exist():
     for name in ("AR_LOG_LEVEL", "AR_WORK_SPACE", "AR_USE_MODELSCOPE", "AR_DISABLE_OFFLOAD",
                  "AR_DISABLE_DATASET_SUBPROCESS", "AR_ACT_SCALE", "AR_ENABLE_ACT_MINMAX_TUNING",
-                 "AR_SEARCH_SCALE_RATIO", "AR_ENABLE_COMPILE_PACKING", "AR_DYNAMO_CACHE_SIZE_LIMIT"):
+                 "AR_ENABLE_UNIFY_MOE_INPUT_SCALE", "AR_SEARCH_SCALE_RATIO", "AR_ENABLE_COMPILE_PACKING",
+                 "AR_DYNAMO_CACHE_SIZE_LIMIT"):
         getattr(envs, name)
 
 

@@ -119,6 +119,77 @@ def test_experts_no_token_reaches_get_plain_rtn_ranges(caplog):
     assert len(hits) >= 3 * 10  # at least 10 of 16 experts per block untouched by calibration: plain RTN
 
 
+def _routed(model, ids):
+    """Block index -> the experts the float model routes ``ids``' tokens to."""
+    seen, hooks = {}, []
+    for i, layer in enumerate(model.model.layers):
+        def pre(mod, args, kwargs, i=i):
+            idx = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            seen.setdefault(i, set()).update(idx.flatten().tolist())
+        hooks.append(layer.mlp.experts.register_forward_pre_hook(pre, with_kwargs=True))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("iters", [0, 2])
+def test_static_activation_experts_no_token_reaches_take_their_siblings_largest_amax(tmp_path, iters, caplog):
+    """FP8_STATIC on 16 experts, top-1, 4 calibration tokens: the unseen experts' input scales come from the largest
+    amax of the same layer in the experts that saw tokens (the reference's rule); it exports and loads back."""
+    from autoround import AutoRoundConfig  # noqa: F401  (registers the loader)
+
+    tokens = CALIB[0][:4]
+    routed = _routed(mixtral(experts=16, top_k=1), tokens[None])
+    data = dict(dataset=[tokens], nsamples=1, seqlen=4, batch_size=1)
+    ar = AutoRound(mixtral(experts=16, top_k=1), scheme="FP8_STATIC", iters=iters, **data)
+    with caplog.at_level(logging.INFO, logger="autoround"):
+        _, (out,) = ar.quantize_and_save(str(tmp_path / "ckpt"), format="auto_round")
+    assert "MoE expert layers saw no calibration token" in caplog.text
+    for block, seen in routed.items():
+        assert 0 < len(seen) < 16
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            amax = [float(ar.layers[f"model.layers.{block}.mlp.experts.{e}.{proj}"].input_amax) for e in range(16)]
+            top = max(amax[e] for e in seen)
+            assert all(amax[e] == top for e in range(16) if e not in seen)
+            if proj == "down_proj" and len(seen) > 1:  # each seen expert keeps its own range
+                assert len({amax[e] for e in seen}) > 1
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert torch.equal(_logits(loaded), _logits(ar.model))
+
+
+def test_unify_moe_input_scale_gives_every_experts_input_projections_one_amax(monkeypatch):
+    monkeypatch.setenv("AR_ENABLE_UNIFY_MOE_INPUT_SCALE", "1")
+    ar = AutoRound(mixtral(experts=8, top_k=2), scheme="FP8_STATIC", iters=0, **DATA)
+    ar.quantize()
+    for block in (0, 1):
+        amax = {p: {float(ar.layers[f"model.layers.{block}.mlp.experts.{e}.{p}"].input_amax) for e in range(8)}
+                for p in ("gate_proj", "up_proj", "down_proj")}
+        assert len(amax["gate_proj"]) == len(amax["up_proj"]) == 1
+        assert len(amax["down_proj"]) > 1  # the down projections' inputs differ per expert: not unified
+
+
+def test_unify_moe_input_scale_without_static_expert_inputs_is_refused(monkeypatch):
+    monkeypatch.setenv("AR_ENABLE_UNIFY_MOE_INPUT_SCALE", "1")
+    ar = AutoRound(mixtral(), scheme="W4A16", group_size=32, iters=2, **DATA)
+    with pytest.raises(AutoRoundError, match="AR_ENABLE_UNIFY_MOE_INPUT_SCALE is set, but no MoE expert input"):
+        ar.quantize()
+    assert not ar.layers
+
+
+def test_a_static_layer_that_saw_nothing_outside_the_experts_is_refused_by_name():
+    from autoround.quantizer.act_quant import static_amax
+    from autoround.quantizer.schemes import resolve_scheme
+
+    fp8 = resolve_scheme("FP8_STATIC")
+    schemes = {"mlp.experts.0.up_proj": fp8, "mlp.experts.1.up_proj": fp8, "visual.proj": fp8}
+    with pytest.raises(AutoRoundError, match=r"1 layer\(s\) with a static activation scale saw no .*visual.proj"):
+        static_amax(schemes, {"mlp.experts.0.up_proj": torch.tensor(2.0)})
+    got = static_amax({k: v for k, v in schemes.items() if k != "visual.proj"}, {"mlp.experts.0.up_proj": torch.tensor(2.0)})
+    assert float(got["mlp.experts.1.up_proj"]) == 2.0
+
+
 @pytest.mark.parametrize("fmt", ["auto_gptq", "llm_compressor", "gguf:q4_0", "auto_awq"])
 def test_formats_that_cannot_write_unfused_experts_refuse_before_work(tmp_path, fmt):
     ar = AutoRound(mixtral(), scheme="W4A16", group_size=32, iters=2, **DATA)
