@@ -6,7 +6,7 @@
 
 Installs nothing.  Both tools get identical calibration tokens (consecutive 512-token chunks of the first 60%
 of gensim's shortened English Wikipedia dump) and the same settings (nsamples 32, seqlen 512, batch_size 4,
-seed 42, symmetric); perplexity is measured on 40 non-overlapping 512-token windows of the last 30%.  Every
+seed 42 unless ``--seed``, symmetric); perplexity is measured on 40 non-overlapping 512-token windows of the last 30%.  Every
 quantization runs in its own subprocess (one after the other, never in parallel) so its wall time and peak RSS
 are its own.  Our checkpoints are always loaded back from disk through transformers; the reference's group-64
 checkpoints too (by default through our loader in float32: the reference's own loader forces float16 on a CPU,
@@ -136,7 +136,7 @@ def worker_ours(a: argparse.Namespace) -> None:
     ar = AutoRound(
         a.model, **{"dataset": list(calib), **_scheme_kwargs(a.scheme, AutoScheme, a.workdir)}, iters=iters, lr=lr,
         nsamples=SETTINGS["nsamples"], seqlen=SETTINGS["seqlen"], batch_size=SETTINGS["batch_size"],
-        seed=SETTINGS["seed"], disable_opt_rtn=plain, enable_alg_ext=ext,
+        seed=a.seed, disable_opt_rtn=plain, enable_alg_ext=ext,
         **({"amp": False} if a.disable_amp else {}),
     )
     ar.quantize_and_save(a.out, format=_format(a.scheme))
@@ -167,7 +167,7 @@ def worker_ref(a: argparse.Namespace) -> None:
     kwargs = dict(
         **{"dataset": [row.unsqueeze(0) for row in calib], **_scheme_kwargs(a.scheme, AutoScheme, a.workdir)},
         iters=iters, nsamples=SETTINGS["nsamples"], seqlen=SETTINGS["seqlen"], batch_size=SETTINGS["batch_size"],
-        seed=SETTINGS["seed"], device_map="cpu",
+        seed=a.seed, device_map="cpu",
     )
     if ext:
         kwargs["enable_alg_ext"] = True
@@ -296,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(default) or the reference's own, which forces float16 on CPU (about 40x slower here)")
     p.add_argument("--disable-amp", action="store_true",
                    help="both tools tune in float32 (amp=False) instead of under their default bf16 autocast")
+    p.add_argument("--seed", type=int, default=SETTINGS["seed"],
+                   help="both tools' seed (it draws SignRound's batches); another one than 42 shows how much a row "
+                        "moves with the random stream alone")
     p.add_argument("--worker", choices=["ours", "ours-eval", "ref", "ref-eval"], help=argparse.SUPPRESS)
     p.add_argument("--scheme", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
@@ -322,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     ref_version = _ref_version(a.ref_python) if a.ref_python else None
     cache_path = Path(a.ref_cache) if a.ref_cache else None
     cache = json.loads(cache_path.read_text()) if cache_path and cache_path.exists() else {}
-    amp_flag = ["--disable-amp"] if a.disable_amp else []
+    worker_flags = (["--disable-amp"] if a.disable_amp else []) + ["--seed", str(a.seed)]
     rows = []
     for scheme in schemes:
         for method in methods:
@@ -330,11 +333,11 @@ def main(argv: list[str] | None = None) -> int:
             if not a.skip_ours:
                 out = workdir / f"ours-{scheme}-{method}"
                 q = _run([sys.executable, here, "--worker", "ours", "--scheme", scheme, "--method", method,
-                          "--model", model, "--out", str(out), "--workdir", str(workdir)] + amp_flag, log)
+                          "--model", model, "--out", str(out), "--workdir", str(workdir)] + worker_flags, log)
                 e = _run([sys.executable, here, "--worker", "ours-eval", "--out", str(out), "--workdir", str(workdir)], log)
                 row["ours"] = {**q, **e}
             if ref_version:
-                settings = {**SETTINGS, "amp": False} if a.disable_amp else SETTINGS
+                settings = {**SETTINGS, "seed": a.seed, **({"amp": False} if a.disable_amp else {})}
                 key = json.dumps([ref_version, scheme, method, settings], sort_keys=True)
                 if key in cache:
                     row["ref"] = {**cache[key], "cached": True}
@@ -343,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                     # it cannot load its own group-128 SmolLM2 layers (AutoScheme rows hold W4A16 g128 ones)
                     in_mem = SCHEMES[scheme][1] == 128 or SCHEMES[scheme][0] == "auto"
                     cmd = [a.ref_python, here, "--worker", "ref", "--scheme", scheme, "--method", method,
-                           "--model", model, "--out", str(out), "--workdir", str(workdir)] + amp_flag
+                           "--model", model, "--out", str(out), "--workdir", str(workdir)] + worker_flags
                     r = _run(cmd + (["--in-memory-eval"] if in_mem else []), log)
                     if not in_mem:
                         if a.ref_loader == "reference":
