@@ -795,6 +795,8 @@ class Pipeline:
                     f"(e.g. {lost[0]}: see the warning above); pass every format to quantize() or "
                     "quantize_and_save(format='a,b') so those layers are planned before quantization"
                 )
+        for fmt in fmts:
+            self._warn_rounding(fmt)
         paths = []
         streamed: dict[str, Any] = {}
         if self.stream is not None:  # the float tensors from the source files, the block layers as staged
@@ -811,6 +813,22 @@ class Pipeline:
                 )
             )
         return self.group.broadcast(paths)
+
+    def _warn_rounding(self, fmt: Any) -> None:
+        """Plain RTN rounded integers with the rule of the format planned for (``LayerPlan.rtn_rounding``); a
+        format written after quantize() whose readers' rule differs gets integers that are not the nearest for the
+        scale it stores, on a fraction of the weights: said once per format, with the way to avoid it."""
+        t = self.options.tuning
+        if self.plan is None or t.iters > 0 or not t.disable_opt_rtn or fmt.rtn_rounding == self.plan.rtn_rounding:
+            return
+        hit = [n for n, layer in self.layers.items() if family_of(layer.scheme).rounds_by_format]
+        if hit:
+            logger.warning(
+                "plain RTN rounded %d integer layers (e.g. %s) with the %s scale, as the format planned in quantize() "
+                "is written; %s rounds with the %s scale, so some of its integers are one step from the nearest "
+                "for the scale it stores. Pass format=%r to quantize() (or quantize_and_save) to round for it",
+                len(hit), hit[0], self.plan.rtn_rounding, fmt.name, fmt.rtn_rounding, fmt.name,
+            )
 
     def _export_model_free(self, output_dir: str | os.PathLike, fmts: list) -> list[str] | None:
         """load + plan + quantize + export as one stream from the model folder (``model_free.py``), or None

@@ -47,6 +47,8 @@ class WeightFamily:
     model_free: ClassVar[bool] = False
     # weights carry a per-tensor global scale (NVFP4), which layers fused by the engines share (``global_amax``)
     has_global_scale: ClassVar[bool] = False
+    # plain RTN's integers depend on the scale they are rounded with (``rtn_rounding``: the format's rule)
+    rounds_by_format: ClassVar[bool] = False
 
     def data_types(self) -> tuple[str, ...]:
         """The ``data_type`` strings this family owns."""

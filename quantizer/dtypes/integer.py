@@ -113,6 +113,7 @@ class IntegerFamily(WeightFamily):
     name = "int"
     weight_type = QuantizedWeight
     model_free = True
+    rounds_by_format = True
 
     def data_types(self) -> tuple[str, ...]:
         return ("int",)

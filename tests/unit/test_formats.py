@@ -401,6 +401,30 @@ def test_llm_compressor_rounds_plain_rtn_with_the_stored_scale(tmp_path, route):
     assert moved > 0  # the two rules differ here, so the equality above tells them apart
 
 
+def test_a_format_written_after_quantize_with_another_rounding_rule_is_warned_about(tmp_path, caplog):
+    """quantize() plans for the default format (auto_round: float32-scale rounding); writing llm_compressor after
+    it warns, naming both rules and the fix; quantize(formats=...) for it does not warn."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="autoround"):
+        ar = AutoRound(tiny_llama(), scheme="W8A16", group_size=-1, iters=0, disable_opt_rtn=True)
+        ar.quantize()
+        ar.save_quantized(str(tmp_path / "a"), format="llm_compressor")
+    assert "with the computed scale" in caplog.text and "llm_compressor rounds with the stored scale" in caplog.text
+    assert "Pass format='llm_compressor' to quantize()" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="autoround"):
+        ar = AutoRound(tiny_llama(), scheme="W8A16", group_size=-1, iters=0, disable_opt_rtn=True)
+        ar.quantize("llm_compressor")
+        ar.save_quantized(str(tmp_path / "b"), format="llm_compressor")
+        calib = [torch.randint(0, 256, (16,), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+        ar2 = AutoRound(tiny_llama(), scheme="W8A16", group_size=-1, iters=0,  # optimized RTN: no rule involved
+                        dataset=calib, nsamples=4, seqlen=16, batch_size=2)
+        ar2.quantize()
+        ar2.save_quantized(str(tmp_path / "c"), format="llm_compressor")
+    assert "plain RTN rounded" not in caplog.text
+
+
 def test_auto_round_keeps_the_float32_rounding_and_plan_names_the_rule(tmp_path):
     """auto_round keeps the float32-scale rule (the reference's default plain-RTN auto_round checkpoints);
     the plan carries the first format's rule."""
