@@ -565,7 +565,7 @@ class Pipeline:
             t.settle(self.model, set(self.plan.quantize))
         check_act_env(self.plan.quantize, self.options.tuning.iters,
                       self.options.tuning.enable_minmax_tuning, exporting)
-        self._check_static_head(self.plan, self.lm_head_name, self.options.tuning.iters)
+        self._check_static_outside()
         self._check_placement()
         self._untie_lm_head()
         tuning = self.options.tuning
@@ -599,18 +599,32 @@ class Pipeline:
         )
         return self.model, self.layer_config_out()
 
-    @staticmethod
-    def _check_static_head(plan: LayerPlan, head_name: str | None, iters: int) -> None:
-        """A static activation scale on the lm_head needs its calibrated input range, which only SignRound
-        measures (RTN's calibration runs the decoder body, not the head): refused before work otherwise."""
-        head = plan.quantize.get(head_name) if head_name else None
-        if head is not None and needs_amax(head) and iters <= 0:
-            raise AutoRoundError(
-                f"{head_name} is planned as {head.describe()}, whose activation scale comes from the calibrated "
-                "input range, which only SignRound (iters > 0) measures for the lm_head; use iters > 0, or keep the "
-                "lm_head out (quant_lm_head=False) or give it a dynamic-activation or weight-only scheme in "
-                "layer_config"
-            )
+    def _check_static_outside(self) -> None:
+        """A static activation scale needs the layer's calibrated input range: SignRound measures it for the layers
+        inside the blocks and for the lm_head, RTN in memory for every layer but the lm_head (its calibration runs
+        the decoder body), block-by-block RTN (streamed, several devices) for the layers inside the blocks.  A
+        planned layer outside what the run measures is refused before work."""
+        iters = self.options.tuning.iters
+        blockwise = iters > 0 or self.stream is not None or self.placement.several
+        prefixes = tuple(f"{b}." for b in self.block_names)
+        for name, scheme in self.plan.quantize.items():
+            if not needs_amax(scheme) or name.startswith(prefixes):
+                continue
+            if name == self.lm_head_name and iters <= 0:
+                raise AutoRoundError(
+                    f"{name} is planned as {scheme.describe()}, whose activation scale comes from the calibrated "
+                    "input range, which only SignRound (iters > 0) measures for the lm_head; use iters > 0, or keep "
+                    "the lm_head out (quant_lm_head=False) or give it a dynamic-activation or weight-only scheme in "
+                    "layer_config"
+                )
+            if name != self.lm_head_name and blockwise:
+                how = "SignRound" if iters > 0 else "block-by-block RTN (streamed or on several devices)"
+                raise AutoRoundError(
+                    f"{name} is planned as {scheme.describe()}, whose activation scale comes from the calibrated "
+                    f"input range, but it sits outside the blocks {how} calibrates ({', '.join(self.block_names)}); "
+                    "give it a dynamic-activation or weight-only scheme in layer_config, or keep it float "
+                    "(ignore_layers)"
+                )
 
     def _check_placement(self) -> None:
         """A ``device_map`` dict whose keys match none of the planned layers inside the blocks is refused (before

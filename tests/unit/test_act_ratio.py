@@ -171,3 +171,4 @@ def test_static_lm_head_is_calibrated_by_signround_and_refused_by_rtn():
     with pytest.raises(AutoRoundError, match="only SignRound .iters > 0. measures for the lm_head"):
         ar.quantize()
     assert not ar.quantized
+

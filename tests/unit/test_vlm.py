@@ -80,6 +80,19 @@ def test_quant_nontext_module_quantizes_the_tower_too(tmp_path, build):
     assert torch.allclose(_logits(loaded), _logits(ar.model), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("iters", [0, 2])
+def test_static_activation_tower_layers_that_no_text_reaches_are_refused_by_name_before_work(iters):
+    """FP8_STATIC with quant_nontext_module: text calibration never reaches the vision tower, so its layers have
+    no input range for a static scale: refused naming one (SignRound before tuning, RTN after calibrating)."""
+    m, tower = llava()
+    ar = AutoRound(m, scheme="FP8_STATIC", iters=iters, quant_nontext_module=True, **DATA)
+    why = (rf"{tower}\.\d+\.\S+ is planned as .* outside the blocks SignRound calibrates" if iters else
+           rf"12 layer\(s\) with a static activation scale saw no calibration token \(e.g. {tower}\.0\.")
+    with pytest.raises(AutoRoundError, match=why):
+        ar.quantize()
+    assert not ar.quantized and not ar.layers
+
+
 def test_quant_nontext_module_on_a_text_model_is_refused():
     from arhelpers import tiny_llama
 
