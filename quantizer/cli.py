@@ -63,6 +63,12 @@ def build_parser(prog: str = "auto-round", recipe: str = "default") -> argparse.
     g.add_argument("--rotation_block_size", type=int, default=None,
                    help="Hadamard rotation block size (default 32; must divide every rotated layer's input features)")
     g.add_argument("--rotation_seed", type=int, default=None, help="seed of random_hadamard's signs (default 0)")
+    g.add_argument("--rotation_backend", default=None, choices=["auto", "transform", "inplace"],
+                   help="auto / transform: each quantized layer's input rotated online (default); inplace: the "
+                        "residual stream rotated and folded into the weights (QuaRot)")
+    g.add_argument("--allow_online_rotation", default=None, action=argparse.BooleanOptionalAction,
+                   help="with --rotation_backend inplace: also rotate down_proj's input online (default, as the "
+                        "reference; only the fake format holds it); --no-allow_online_rotation folds only")
     g = p.add_argument_group("AutoScheme (mixed bits under an average-bits budget; replaces --scheme)")
     g.add_argument("--avg_bits", "--target_bits", dest="avg_bits", type=float, default=None,
                    help="average bits per weight to reach at most, e.g. 3.0 (scales and zero points counted)")
@@ -321,9 +327,13 @@ def run(args: argparse.Namespace) -> int:
             if values[name] == parser.get_default(name):
                 del values[name]
     rotation = (("hadamard_type", args.rotation_type), ("block_size", args.rotation_block_size),
-                ("seed", args.rotation_seed))
-    if any(v is not None for _, v in rotation):
+                ("seed", args.rotation_seed), ("backend", args.rotation_backend),
+                ("allow_online_rotation", args.allow_online_rotation))
+    if any(v is not None for _, v in rotation[:-1]):
         values["rotation_config"] = {k: v for k, v in rotation if v is not None}
+    elif args.allow_online_rotation is not None:
+        raise AutoRoundError("--allow_online_rotation / --no-allow_online_rotation go with a rotation: add "
+                             "--rotation_backend inplace (or --rotation_type)")
     if (args.avg_bits is None) != (args.options is None):
         raise AutoRoundError("AutoScheme needs both --avg_bits (or --target_bits) and --options")
     if args.avg_bits is not None:

@@ -368,10 +368,11 @@ class Pipeline:
             self._applied.append(t)
 
     # -- plan -----------------------------------------------------------------------------------------
-    def adapt_scheme(self, fmts: list) -> None:
+    def adapt_scheme(self, fmts: list, check_transforms: bool = True) -> None:
         """Formats that fix the scheme (gguf:q4_k_m needs GGUF:Q4_K_M) adapt it before any work; AutoScheme's
-        options must each be writable as they are."""
-        self.check_transforms(fmts)
+        options must each be writable as they are (and, with ``check_transforms``, the transforms' output)."""
+        if check_transforms:
+            self.check_transforms(fmts)
         if self.auto_scheme is not None:
             check_options(self.auto_scheme, fmts)
             return
@@ -547,13 +548,17 @@ class Pipeline:
             raise AutoRoundError("model_free=True writes the checkpoint straight from the model's files: call "
                                  "quantize_and_save(output_dir, format=...) instead of quantize()")
         fmts = parse_formats(formats or self.default_format())
-        self.adapt_scheme(fmts)
+        # with no format named, the default one only plans the schemes: what the transforms made of the model is
+        # checked against the format save_quantized() is given
+        writing = formats is not None or exporting
+        self.adapt_scheme(fmts, check_transforms=writing)
         if self.stream is None:
             self.__dict__.pop("streamed_to", None)  # a new run in memory
         if not self.loaded:
             self.load()
         self.transform()
-        self.check_transforms(fmts)
+        if writing:
+            self.check_transforms(fmts)
         if self.scheme.is_float and all(f.float_model_ok for f in fmts):
             # e.g. gguf:bf16: a float file, nothing to quantize
             self.plan = LayerPlan(keep_float=list(self.linears))
@@ -734,7 +739,8 @@ class Pipeline:
         for name, layer in self.layers.items():  # the exports write a rotated layer's rotation with it
             rot = rotation_of(self.model.get_submodule(name))
             if rot is not None:
-                layer.rotation = next(t.spec for t in self._applied if isinstance(t, HadamardRotation))
+                layer.rotation = next(t.spec for t in self._applied
+                                      if isinstance(t, (HadamardRotation, ResidualRotation)))
         rotations = {n: rotation_of(self.model.get_submodule(n)) for n in self.conv1d_names}
         model_io.linear_to_conv1d(self.model, self.conv1d_names)
         for name, rot in rotations.items():  # the restored Conv1D layers keep their input rotation and act quant

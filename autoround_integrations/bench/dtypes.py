@@ -3,6 +3,12 @@ memory (weights fake-quantized, activations quantized before every quantized lin
 same weights with float activations, quantization time and the llm_compressor export size.
 
     python -m autoround.bench.dtypes [--schemes MXFP4,NVFP4,MXFP8,FP8_STATIC,INT8_W8A8] [--methods rtn,opt_rtn,light]
+        [--rotations none,default,inplace,inplace_fold]
+
+``--rotations``: ``default`` rotates each quantized layer's input online (block-32 Hadamard); ``inplace`` the
+residual stream, folded, plus down_proj's input online (QuaRot; the reference's inplace default); ``inplace_fold``
+the fold alone.  Rows with an online rotation write ``fake`` (llm_compressor cannot carry one), so their size
+column is the fake checkpoint's.
 
 Calibration and evaluation text and settings are ``vs_reference``'s (32 x 512 calibration tokens of gensim's
 Wikipedia text, 40 x 512 held-out windows).  Each row runs in its own subprocess, one after the other.
@@ -20,6 +26,13 @@ from pathlib import Path
 
 from .vs_reference import METHODS, SETTINGS, _emit, _peak_rss_gib, _perplexity, _prepare, _torch
 
+ROTATIONS = {  # name -> (rotation_config, export format)
+    "none": (None, "llm_compressor"),
+    "default": ("default", "fake"),
+    "inplace": ({"backend": "inplace"}, "fake"),
+    "inplace_fold": ({"backend": "inplace", "allow_online_rotation": False}, "llm_compressor"),
+}
+
 
 def worker(a: argparse.Namespace) -> None:
     torch = _torch()
@@ -29,12 +42,13 @@ def worker(a: argparse.Namespace) -> None:
     iters, lr, plain, ext = METHODS[a.method]
     calib = torch.load(Path(a.workdir) / "calib.pt")
     windows = torch.load(Path(a.workdir) / "eval.pt")
+    rotation, fmt = ROTATIONS[a.rotation]
     t0 = time.time()
     ar = AutoRound(a.model, scheme=a.scheme, dataset=list(calib), iters=iters, lr=lr,
                    nsamples=SETTINGS["nsamples"], seqlen=SETTINGS["seqlen"], batch_size=SETTINGS["batch_size"],
                    seed=SETTINGS["seed"], disable_opt_rtn=plain, enable_alg_ext=ext, disable_model_free=True,
-                   low_cpu_mem_usage=False)
-    ar.quantize_and_save(a.out, format="llm_compressor")
+                   low_cpu_mem_usage=False, rotation_config=rotation)
+    ar.quantize_and_save(a.out, format=fmt)
     seconds = time.time() - t0
     model = ar.model.eval()
     ppl = _perplexity(model, windows)
@@ -58,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m autoround.bench.dtypes", description=__doc__.split("\n\n")[0])
     p.add_argument("--schemes", default="MXFP4,NVFP4,MXFP8,FP8_STATIC,INT8_W8A8")
     p.add_argument("--methods", default="rtn,opt_rtn,light")
+    p.add_argument("--rotations", default="none", help=f"comma-separated subset of {', '.join(ROTATIONS)}")
     p.add_argument("--workdir", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--rotation", default="none", help=argparse.SUPPRESS)
     p.add_argument("--scheme", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -71,25 +87,31 @@ def main(argv: list[str] | None = None) -> int:
     for m in a.methods.split(","):
         if m not in METHODS:
             p.error(f"unknown method {m!r}; valid: {', '.join(METHODS)}")
+    for r in a.rotations.split(","):
+        if r not in ROTATIONS:
+            p.error(f"unknown rotation {r!r}; valid: {', '.join(ROTATIONS)}")
     workdir = Path(a.workdir or tempfile.mkdtemp(prefix="ar-bench-dtypes-"))
     workdir.mkdir(parents=True, exist_ok=True)
     model = _prepare(workdir)
     print(f"float perplexity: {_float_ppl(model, str(workdir)):.3f}", flush=True)
-    print("| scheme | method | ppl (quantized activations) | ppl (float activations) | time s | peak RSS GiB | "
-          "llm_compressor MiB |\n|---|---|---|---|---|---|---|", flush=True)
+    print("| scheme | method | rotation | ppl (quantized activations) | ppl (float activations) | time s | "
+          "peak RSS GiB | checkpoint MiB |\n|---|---|---|---|---|---|---|---|", flush=True)
     for scheme in a.schemes.split(","):
         for method in a.methods.split(","):
-            out = workdir / f"{scheme}-{method}"
-            cmd = [sys.executable, "-m", "autoround.bench.dtypes", "--worker", "--scheme", scheme, "--method",
-                   method, "--model", model, "--out", str(out), "--workdir", str(workdir)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [ln[len("RESULT "):] for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                print(f"| {scheme} | {method} | failed: {proc.stderr.strip().splitlines()[-1:]} |", flush=True)
-                continue
-            r = json.loads(lines[-1])
-            print(f"| {scheme} | {method} | {r['ppl']:.3f} | {r['ppl_float_acts']:.3f} | {r['seconds']:.1f} | "
-                  f"{r['peak_rss_gib']:.2f} | {r['size_mib']:.1f} |", flush=True)
+            for rot in a.rotations.split(","):
+                out = workdir / f"{scheme}-{method}-{rot}"
+                cmd = [sys.executable, "-m", "autoround.bench.dtypes", "--worker", "--scheme", scheme, "--method",
+                       method, "--rotation", rot, "--model", model, "--out", str(out), "--workdir", str(workdir)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                lines = [ln[len("RESULT "):] for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                if proc.returncode or not lines:
+                    print(f"| {scheme} | {method} | {rot} | failed: {proc.stderr.strip().splitlines()[-1:]} |",
+                          flush=True)
+                    continue
+                r = json.loads(lines[-1])
+                print(f"| {scheme} | {method} | {rot} | {r['ppl']:.3f} | {r['ppl_float_acts']:.3f} | "
+                      f"{r['seconds']:.1f} | {r['peak_rss_gib']:.2f} | {r['size_mib']:.1f} ({ROTATIONS[rot][1]}) |",
+                      flush=True)
     return 0
 
 

@@ -47,10 +47,11 @@ SCHEMES = {  # name -> (bits, group_size), or ("auto", avg_bits) for AutoScheme 
     "FP8_STATIC": ("preset", ("FP8_STATIC", None)),
     "INT8_W8A8": ("preset", ("INT8_W8A8", None)),
     "MXFP4_ROT": ("preset", ("MXFP4", "default")),  # with rotation_config="default" (block-32 Hadamard)
-    # the residual stream rotated and folded into the weights (ours only: the reference does not export it)
-    "MXFP4_RES": ("preset", ("MXFP4", {"backend": "inplace"})),
+    # the residual stream rotated and folded into the weights, no online step (ours only: the reference's inplace
+    # backend exports fake only)
+    "MXFP4_RES": ("preset", ("MXFP4", {"backend": "inplace", "allow_online_rotation": False})),
     "W4G128_ROT": ("preset", ("W4A16", "default")),
-    "W4G128_RES": ("preset", ("W4A16", {"backend": "inplace"})),
+    "W4G128_RES": ("preset", ("W4A16", {"backend": "inplace", "allow_online_rotation": False})),
 }
 AUTO_OPTIONS = ("W2A16G64", "W4A16", "W8A16")
 METHODS = {  # name -> (iters, lr, disable_opt_rtn, enable_alg_ext)

@@ -77,6 +77,8 @@ class ExportFormat:
     float_model_ok: bool = False
     # True: the format records an online input rotation (``transforms.rotation``) for its loader to apply
     rotation: ClassVar[bool] = False
+    # True: each rotated layer is written with its rotation folded back into its own weight (any set of layers)
+    folds_rotation: ClassVar[bool] = False
     # how the format writes MoE experts that the load stage unfused (``moe.py``): "unfused" (one set of layers
     # per expert), "fused" (back into the model class's 3-D parameters), or None (it cannot)
     moe_experts: ClassVar[str | None] = None

@@ -27,6 +27,7 @@ class FakeFormat(ExportFormat):
     activations = True
     moe_experts = "fused"
     rotation = True  # each rotated layer's dequantized weight is written rotated back: W = W_rot T
+    folds_rotation = True
 
     def weights_error(self, scheme: QuantScheme) -> str | None:
         return None

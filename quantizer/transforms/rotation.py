@@ -49,6 +49,9 @@ class RotationSpec:
     # "online": each layer's input is rotated when it runs (the reference's transform layout); "residual": the
     # residual stream is rotated and every rotation folded into the weights (an ordinary checkpoint)
     mode: str = "online"
+    # residual mode: down_proj's input (after the gate's nonlinearity, which no fold crosses) is rotated online too,
+    # as the reference's ``inplace`` backend does with ``allow_online_rotation`` left True (QuaRot's online step)
+    online_down: bool = False
 
     def __post_init__(self) -> None:
         if self.hadamard_type not in HADAMARD_TYPES:
@@ -63,6 +66,9 @@ class RotationSpec:
             raise AutoRoundError(f"rotation_config seed={self.seed!r} must be an integer")
         if self.mode not in ("online", "residual"):
             raise AutoRoundError(f"rotation_config mode={self.mode!r}: choose 'online' or 'residual'")
+        if self.online_down and self.mode != "residual":
+            raise AutoRoundError("rotation_config: the online down_proj rotation goes with the residual-stream "
+                                 "rotation (backend 'inplace'); the per-layer online rotation already rotates it")
 
     @classmethod
     def parse(cls, value: Any) -> "RotationSpec | None":
@@ -82,7 +88,8 @@ class RotationSpec:
             raise AutoRoundError(
                 f"rotation_config={value!r} is not known; use 'default' (block-{DEFAULT_BLOCK_SIZE} Hadamard), "
                 "'random_hadamard', or a dict such as {'hadamard_type': 'random_hadamard', 'block_size': 32, "
-                "'seed': 0} (QuaRot/SpinQuant residual-stream rotations are not built)"
+                "'seed': 0}, or {'backend': 'inplace'} (QuaRot's residual-stream rotation; SpinQuant's learned "
+                "rotations are not built)"
             )
         if not isinstance(value, Mapping):
             raise AutoRoundError(f"rotation_config must be a string or a dict, got {type(value).__name__}")
@@ -121,6 +128,7 @@ class RotationSpec:
             block_size=DEFAULT_BLOCK_SIZE if block is None else block,
             seed=0 if seed is None else seed,
             mode=mode,
+            online_down=mode == "residual" and value.get("allow_online_rotation", True) is not False,
         )
 
     def record(self) -> dict[str, Any]:
@@ -321,18 +329,24 @@ class HadamardRotation(Transform):
 
     def settle(self, model: nn.Module, quantized: set[str]) -> None:
         """Undo the rotation of the layers that stay in float (their checkpoint weight is the plain one)."""
-        with torch.no_grad():
-            for name in self.rotated:
-                if name in quantized:
-                    continue
-                module = model.get_submodule(name)
-                rot = rotation_of(module)
-                if rot is None:
-                    continue
-                w = module.weight
-                w.copy_(rotate_rows(w.detach(), rot.r.to(w.device), inverse=True))
-                remove_input_rotation(module)
+        _unrotate_float(model, self.rotated, quantized)
         self.rotated = [n for n in self.rotated if n in quantized]
+
+
+@torch.no_grad()
+def _unrotate_float(model: nn.Module, rotated: list[str], quantized: set[str]) -> None:
+    """The online-rotated layers of ``rotated`` that are not ``quantized`` get their plain weight back and lose
+    their input rotation."""
+    for name in rotated:
+        if name in quantized:
+            continue
+        module = model.get_submodule(name)
+        rot = rotation_of(module)
+        if rot is None:
+            continue
+        w = module.weight
+        w.copy_(rotate_rows(w.detach(), rot.r.to(w.device), inverse=True))
+        remove_input_rotation(module)
 
 
 # -- residual-stream rotation, folded into the weights ------------------------------------------------------------
@@ -350,7 +364,11 @@ class ResidualRotation(Transform):
       write it (o_proj, down_proj) take W <- T W (and their bias b <- b Tᵀ).
     - V/O: v_proj's output rows and o_proj's input are rotated per head (block_size must divide head_dim), so
       o_proj's input is rotated too with no online step.
-    - down_proj's input (after the gate's nonlinearity) cannot be folded: it stays unrotated.
+    - down_proj's input (after the gate's nonlinearity) cannot be folded. With ``online_down`` (the reference's
+      ``allow_online_rotation``, on by default) it is rotated online, per block as the per-layer rotation does
+      (W <- W Tᵀ and an input hook), QuaRot's online step; that model is no longer an ordinary checkpoint, so only
+      ``fake`` (each down_proj written rotated back) holds it, as only fake holds the reference's.  Without it,
+      down_proj's input stays unrotated and every format holds the model.
     - A tied lm_head is untied (its copy takes the final norm's gain).
 
     Pre-norm RMSNorm decoders with the standard names (``RESIDUAL_MODEL_TYPES``); the float model's logits are
@@ -360,6 +378,7 @@ class ResidualRotation(Transform):
 
     def __init__(self, spec: RotationSpec) -> None:
         self.spec = spec
+        self.rotated: list[str] = []  # the down_proj layers rotated online
 
     def _structure_error(self, model: nn.Module, block_names: list[str]) -> str | None:
         mt = getattr(getattr(model, "config", None), "model_type", None)
@@ -380,6 +399,10 @@ class ResidualRotation(Transform):
         hidden = body.embed_tokens.weight.shape[1]
         if hidden % self.spec.block_size:
             return f"block_size {self.spec.block_size} does not divide the hidden size {hidden}"
+        inter = body.layers[0].mlp.down_proj.in_features if len(body.layers) else 0
+        if self.spec.online_down and inter % self.spec.block_size:
+            return (f"block_size {self.spec.block_size} does not divide down_proj's input features {inter} (the online "
+                    "down_proj rotation; allow_online_rotation=False leaves it out)")
         return None
 
     @torch.no_grad()
@@ -431,6 +454,12 @@ class ResidualRotation(Transform):
                 rot_in(lin, g)
             g.fill_(1.0)
             rot_out(mlp.down_proj)
+            if self.spec.online_down:
+                rot_in(mlp.down_proj)
+                install_input_rotation(mlp.down_proj, r)
+        if self.spec.online_down:
+            self.rotated = [n for n, m in linears.items() if isinstance(m, nn.Module) and n.endswith(".mlp.down_proj")
+                            and rotation_of(m) is not None]
         rot_in(head, body.norm.weight)
         body.norm.weight.fill_(1.0)
         after = model(input_ids=ids).logits.float()
@@ -444,7 +473,23 @@ class ResidualRotation(Transform):
         if not fold_vo:
             logger.info("residual rotation: head_dim %d is not a multiple of block_size %d; o_proj's input is not "
                         "rotated", head_dim, self.spec.block_size)
-        logger.info("residual rotation folded into the weights; no online rotation is added (the reference's inplace "
-                    "backend, where allow_online_rotation is left True, also rotates down_proj's input online: not "
-                    "built here, so its checkpoint stays an ordinary one)")
+        if self.spec.online_down:
+            logger.info("residual rotation folded into the weights; down_proj's input is rotated online (%d layers): "
+                        "only the fake format holds this model (allow_online_rotation=False gives an ordinary "
+                        "checkpoint without it)", len(self.rotated))
+        else:
+            logger.info("residual rotation folded into the weights; no online rotation (allow_online_rotation=False)")
         return linears
+
+    def format_error(self, fmt) -> str | None:
+        if not self.spec.online_down or getattr(fmt, "folds_rotation", False):
+            return None
+        return (f"format {fmt.name!r} cannot carry the online down_proj rotation of rotation_config backend 'inplace' "
+                "(allow_online_rotation, on by default as in the reference, whose inplace backend exports fake only); "
+                "write fake (each down_proj is written rotated back), or set allow_online_rotation=False for an "
+                "ordinary checkpoint that every format holds")
+
+    def settle(self, model: nn.Module, quantized: set[str]) -> None:
+        """Undo the online down_proj rotation of the layers that stay in float (the residual fold stays)."""
+        _unrotate_float(model, self.rotated, quantized)
+        self.rotated = [n for n in self.rotated if n in quantized]

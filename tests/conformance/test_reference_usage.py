@@ -495,6 +495,23 @@ def test_rotation_options(capsys, model_dir, tmp_path):
     assert rc != 0 and "does not divide the input features" in err and not (tmp_path / "E").exists()
 
 
+def test_rotation_backend_inplace_and_allow_online_rotation(capsys, model_dir, tmp_path):
+    """The reference's --rotation_backend inplace rotates down_proj's input online unless --no-allow_online_rotation:
+    auto_round cannot carry that (refused before work, nothing written), fake can, and the fold alone is an
+    ordinary auto_round checkpoint with no rotation_config."""
+    base = ["--model", model_dir, "--scheme", "W4A16", "--rotation_backend", "inplace", "--iters", "0", *TINY]
+    rc, _, err = cli(capsys, *base, "--output_dir", str(tmp_path / "A"))
+    assert rc != 0 and "allow_online_rotation=False" in err and not (tmp_path / "A").exists()
+    rc, _, err = cli(capsys, *base, "--format", "fake", "--output_dir", str(tmp_path / "F"))
+    assert rc == 0, err
+    rc, _, err = cli(capsys, *base, "--no-allow_online_rotation", "--output_dir", str(tmp_path / "B"))
+    assert rc == 0, err
+    assert "rotation_config" not in qconfig(tmp_path / "B")
+    rc, _, err = cli(capsys, "--model", model_dir, "--allow_online_rotation", "--iters", "0", *TINY,
+                     "--output_dir", str(tmp_path / "C"))
+    assert rc != 0 and "go with a rotation" in err
+
+
 @usage("--quant_nontext_module")
 def test_nontext_option(capsys, smollm2_folder, tmp_path):
     from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from autoround import AutoRound
-from autoround.quantizer.errors import AutoRoundError
+from autoround.quantizer.errors import AutoRoundError, FormatError
 from autoround.quantizer.transforms.rotation import RotationSpec, hadamard, hadamard_order_error, rotation_of
 
 from arhelpers import tiny_llama
@@ -67,8 +67,12 @@ def test_parse_spellings():
     # a checkpoint's record (the reference's keys) parses back to the same rotation
     spec = RotationSpec("random_hadamard", 64, 3)
     assert RotationSpec.parse(spec.record()) == spec
-    # the residual fold adds no online rotation, so refusing online ones is what it does already
-    assert RotationSpec.parse({"backend": "inplace", "allow_online_rotation": False}).mode == "residual"
+    # the residual fold rotates down_proj's input online unless allow_online_rotation=False (the reference's default)
+    folded = RotationSpec.parse({"backend": "inplace", "allow_online_rotation": False})
+    assert folded.mode == "residual" and not folded.online_down
+    assert RotationSpec.parse({"backend": "inplace"}).online_down
+    assert RotationSpec.parse({"hadamard_type": "inplace_hadamard"}).online_down
+    assert not RotationSpec.parse("default").online_down
     with pytest.raises(AutoRoundError, match="allow_online_rotation=False"):
         RotationSpec.parse({"allow_online_rotation": False})
     for bad, what in [("quarot", "not known"), ({"hadamard_type": "quarot_hadamard"}, "not built"),
@@ -236,11 +240,12 @@ def test_residual_rotation_folds_into_an_ordinary_checkpoint(tmp_path):
 
     m = tiny_llama(hidden=64, inter=128)
     ref = _logits(m)
-    ar = AutoRound(m, scheme="W4A16", group_size=32, iters=2, rotation_config={"backend": "inplace"}, **DATA)
+    ar = AutoRound(m, scheme="W4A16", group_size=32, iters=2,
+                   rotation_config={"backend": "inplace", "allow_online_rotation": False}, **DATA)
     ar.pipeline.transform()
     assert torch.allclose(_logits(ar.model), ref, atol=1e-4)
     assert torch.equal(ar.model.model.layers[0].input_layernorm.weight, torch.ones(64))
-    assert rotation_of(ar.model.model.layers[0].self_attn.q_proj) is None  # nothing online
+    assert all(rotation_of(m) is None for m in ar.model.modules())  # nothing online
     _, folders = ar.quantize_and_save(str(tmp_path / "out"), format="auto_round,auto_gptq")
     for folder in folders:
         cfg = json.load(open(os.path.join(folder, "config.json")))
@@ -270,3 +275,47 @@ def test_residual_rotation_refuses_other_layouts():
     ar = AutoRound(m, scheme="W4A16", group_size=32, iters=0, rotation_config={"backend": "inplace"}, **DATA)
     with pytest.raises(AutoRoundError, match="cannot fold into this model: model type 'gpt2'"):
         ar.quantize()
+
+
+def test_residual_rotation_rotates_down_proj_online_by_default_and_only_fake_holds_it(tmp_path):
+    """backend='inplace' with allow_online_rotation left True (the reference's default): down_proj's input is also
+    rotated online (QuaRot's step), the float model still computes what it did; formats that cannot carry it refuse
+    before work, quantize() in memory works, and fake writes each down_proj rotated back, an ordinary checkpoint."""
+    m = tiny_llama(hidden=64, inter=128)
+    ref = _logits(m)
+    cfg = {"backend": "inplace"}
+    ar = AutoRound(m, scheme="W4A16", group_size=32, iters=0, disable_opt_rtn=True, rotation_config=cfg, **DATA)
+    with pytest.raises(FormatError, match="cannot carry the online down_proj rotation.*allow_online_rotation=False"):
+        ar.quantize_and_save(str(tmp_path / "no"), format="auto_round")
+    assert not ar.layers and not os.path.exists(tmp_path / "no")
+    ar = AutoRound(tiny_llama(hidden=64, inter=128), scheme="W4A16", group_size=32, iters=2, rotation_config=cfg,
+                   **DATA)
+    ar.pipeline.transform()
+    assert torch.allclose(_logits(ar.model), ref, atol=1e-4)
+    rotated = [n for n, mod in ar.model.named_modules() if rotation_of(mod) is not None]
+    assert rotated == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    ar.quantize()  # in memory: the default format only plans
+    with pytest.raises(FormatError, match="cannot carry the online down_proj rotation"):
+        ar.save_quantized(str(tmp_path / "ar"), format="auto_round")
+    (out,) = ar.save_quantized(str(tmp_path / "fake"), format="fake")
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert all(rotation_of(mod) is None for mod in plain.modules())
+    assert torch.allclose(_logits(plain), _logits(ar.model), atol=1e-4, rtol=1e-4)
+    assert "rotation_config" not in json.load(open(os.path.join(out, "config.json"))).get("quantization_config", {})
+
+
+def test_online_down_proj_rotation_is_undone_on_a_down_proj_kept_float():
+    runs = {}
+    for online in (True, False):
+        ar = AutoRound(tiny_llama(hidden=64, inter=128), scheme="W4A16", group_size=32, iters=0, disable_opt_rtn=True,
+                       rotation_config={"backend": "inplace", "allow_online_rotation": online},
+                       layer_config={"model.layers.1.mlp.down_proj": {"bits": 16}}, **DATA)
+        ar.quantize("fake")
+        runs[online] = ar
+    ar = runs[True]
+    kept = ar.model.model.layers[1].mlp.down_proj
+    assert rotation_of(kept) is None and rotation_of(ar.model.model.layers[0].mlp.down_proj) is not None
+    assert "model.layers.1.mlp.down_proj" not in ar.layers
+    assert ar.layers["model.layers.0.mlp.down_proj"].rotation is not None
+    # the float layer holds the residual fold's weight alone, as without the online rotation
+    assert torch.allclose(kept.weight, runs[False].model.model.layers[1].mlp.down_proj.weight, atol=1e-6)
