@@ -24,17 +24,19 @@ def _exact(name: str) -> str:
     return "^" + re.escape(name) + "$"
 
 
-def wrapped_zero_points(job: ExportJob) -> int:
-    """How many asymmetric groups have zero point 0, which GPTQ v1 stores as -1 (all ones): read from the packed
-    ``qzeros`` of a layer streamed tuning staged already, else from the layer's zero points."""
-    staged = job.staged or {}
+def wrapped_zero_points(layer: QuantizedLayer, weight: Any) -> int:
+    """How many groups of ``layer``'s packed ``weight`` (a ``QuantizedWeight``) have zero point 0: none when
+    symmetric."""
+    return 0 if layer.scheme.sym else int((weight.zero == 0).sum())
+
+
+def staged_wrapped_zero_points(job: ExportJob) -> int:
+    """How many asymmetric groups of the layers streamed tuning staged already have zero point 0 (read from their
+    packed ``qzeros``, where GPTQ v1's ``zp - 1`` of 0 is all ones)."""
     count = 0
-    for name, layer in job.layers.items():
-        if layer.scheme.sym:
-            continue
-        packed = staged.get(name)
-        if packed is None:
-            count += int((layer.weight.zero == 0).sum())
+    for name, packed in (job.staged or {}).items():
+        layer = job.layers.get(name)
+        if layer is None or layer.scheme.sym:
             continue
         bits = layer.scheme.bits
         zeros = unpack_gptq_qzeros(packed["qzeros"].load(), bits, layer.out_features)
@@ -104,14 +106,22 @@ class AutoGPTQFormat(ExportFormat):
         return config
 
     def save(self, job: ExportJob, output_dir: str) -> str:
-        wrapped = wrapped_zero_points(job)
-        if wrapped:
+        wrapped = [staged_wrapped_zero_points(job)]
+
+        def tensors(layer: QuantizedLayer) -> dict[str, Any]:
+            # counted as each layer is packed: the model-free route rounds a layer's weight each time it is asked for
+            w = layer.weight
+            wrapped[0] += wrapped_zero_points(layer, w)
+            return gptq_layer_tensors(w, zero_offset=1, g_idx=True)
+
+        qconfig = self.quantization_config(job)
+        path = save_format(self, job, output_dir, tensors, qconfig, {"quantize_config.json": qconfig})
+        if wrapped[0]:
             logger.warning(
                 "auto_gptq: %d asymmetric groups have zero point 0, which the GPTQ v1 layout (zp - 1) stores as -1: "
                 "readers that convert v1 to v2 by adding 1 to each packed word carry into the next value, and "
                 "GPTQModel loads asymmetric v1 files only from its own quantizer; the auto_round format stores "
                 "asymmetric weights exactly",
-                wrapped,
+                wrapped[0],
             )
-        qconfig = self.quantization_config(job)
-        return save_format(self, job, output_dir, self.layer_tensors, qconfig, {"quantize_config.json": qconfig})
+        return path

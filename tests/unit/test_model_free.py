@@ -92,6 +92,34 @@ def test_same_checkpoint_as_in_memory(tmp_path, fmt, kw):
     assert_same_checkpoint(a, b)
 
 
+def test_model_free_auto_gptq_rounds_each_layer_once_and_counts_wrapped_zero_points(tmp_path, monkeypatch, caplog):
+    """Asymmetric auto_gptq on the model-free route: the zero-point-0 warning is counted as each layer is packed, so
+    every layer's weight is rounded once (it is rounded each time it is asked for), and the count is the in-memory
+    route's."""
+    import logging
+    import re
+
+    model = tiny_llama()
+    with torch.no_grad():  # rows of non-negative weights: their groups' zero point is 0
+        model.model.layers[0].mlp.down_proj.weight[:4].abs_()
+    folder = save(model, tmp_path / "src")
+    calls = []
+    real = model_free.rtn_quantize
+    monkeypatch.setattr(model_free, "rtn_quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    counts = []
+    for disable in (False, True):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="autoround"):
+            ar = AutoRound(folder, scheme="W2A16", group_size=32, sym=False, iters=0, disable_opt_rtn=True,
+                           disable_model_free=disable)
+            ar.quantize_and_save(str(tmp_path / f"out{disable}"), format="auto_gptq")
+        found = re.search(r"auto_gptq: (\d+) asymmetric groups have zero point 0", caplog.text)
+        counts.append(int(found.group(1)) if found else 0)
+        if not disable:
+            assert len(calls) == 14  # 2 blocks x 7 layers, each rounded once
+    assert counts[0] == counts[1] >= 4 * 160 // 32
+
+
 def test_mixed_layer_config_and_float_layer(tmp_path):
     folder = save(tiny_llama(), tmp_path / "src")
     layer_config = {"mlp.down_proj": {"bits": 8}, "model.layers.1.self_attn.o_proj": {"bits": 16},

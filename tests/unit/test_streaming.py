@@ -212,7 +212,7 @@ def test_auto_gptq_counts_wrapped_zero_points_of_staged_layers_as_of_held_ones(t
     """GPTQ v1 stores zero point 0 as -1: the warning's count is the same whether a layer's weight is held or
     streamed tuning staged its packed tensors (then read back from the staging file)."""
     from autoround.quantizer.formats import ExportJob, QuantizedLayer
-    from autoround.quantizer.formats.auto_gptq import wrapped_zero_points
+    from autoround.quantizer.formats.auto_gptq import staged_wrapped_zero_points, wrapped_zero_points
     from autoround.quantizer.formats.packing import gptq_layer_tensors
     from autoround.quantizer.formats.writer import FileSlice
     from autoround.quantizer.qmath import QuantizedWeight
@@ -225,7 +225,7 @@ def test_auto_gptq_counts_wrapped_zero_points_of_staged_layers_as_of_held_ones(t
         qw = QuantizedWeight(torch.zeros(64, 128, dtype=torch.uint8), torch.ones(64, 4), zero, bits, 32, False)
         held = QuantizedLayer("l", scheme, qw, None, 128, 64)
         expected = int((zero == 0).sum())
-        assert expected >= 3 and wrapped_zero_points(ExportJob(None, {"l": held}, scheme, [])) == expected
+        assert expected >= 3 and wrapped_zero_points(held, qw) == expected
         path = tmp_path / f"staged-{bits}.bin"
         entry = {}
         with open(path, "wb") as f:
@@ -235,7 +235,7 @@ def test_auto_gptq_counts_wrapped_zero_points_of_staged_layers_as_of_held_ones(t
                 entry[suffix] = FileSlice(path, offset, t.numel() * t.element_size(), t.dtype, tuple(t.shape))
         staged = QuantizedLayer("l", scheme, None, None, 128, 64)
         job = ExportJob(None, {"l": staged}, scheme, [], staged={"l": entry})
-        assert wrapped_zero_points(job) == expected, bits
+        assert staged_wrapped_zero_points(job) == expected, bits
 
 
 @pytest.mark.parametrize("fmt", ["mlx", "auto_round:mlx"])
