@@ -276,11 +276,15 @@ class AutoRoundConfigBase:
         self.planner.require_tensors(plan, prefix)
         return plan
 
-    def moe_plan(self, prefix: str, num_experts: int) -> ec.LayerPlan | None:
-        """The plan of a fused MoE layer with quantized experts, its tensors checked; None when float."""
+    def moe_plan(self, prefix: str, num_experts: int, on_cuda: bool, engine: str) -> ec.LayerPlan | None:
+        """The plan of a fused MoE layer with quantized experts; None when float.  Experts the engine's kernels
+        cannot run are refused (``moe_refusal``) before their tensors are looked for; the others' tensors are
+        checked."""
         plan = self.planner.plan_experts(prefix, num_experts)
         if not plan.quantized:
             return None
+        if not self.engine_moe_fits(plan, on_cuda):
+            raise self.moe_refusal(plan, engine)
         self.planner.require_tensors(plan, prefix, experts=True)
         return plan
 

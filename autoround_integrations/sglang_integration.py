@@ -173,14 +173,12 @@ class AutoRoundSglangConfig(AutoRoundConfigBase, QuantizationConfig):
             return None
 
     def _moe_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
-        plan = self.moe_plan(prefix, int(getattr(layer, "num_experts", 0) or 0))
+        plan = self.moe_plan(prefix, int(getattr(layer, "num_experts", 0) or 0), is_cuda(), "SGLang")
         if plan is None:
             return None  # SGLang's unquantized MoE method
-        if self.engine_moe_fits(plan, is_cuda()):
-            from sglang.srt.layers.quantization.gptq import GPTQMarlinMoEMethod
+        from sglang.srt.layers.quantization.gptq import GPTQMarlinMoEMethod
 
-            return GPTQMarlinMoEMethod(self._gptq_config(plan.scheme))
-        raise self.moe_refusal(plan, "SGLang")
+        return GPTQMarlinMoEMethod(self._gptq_config(plan.scheme))
 
 
 class AutoRoundLinearMethod(LinearMethodBase):

@@ -131,12 +131,10 @@ class AutoRoundVllmConfig(AutoRoundConfigBase, QuantizationConfig):
 
     def _moe_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         num_experts = int(getattr(layer, "global_num_experts", 0) or getattr(layer, "num_experts", 0))
-        plan = self.moe_plan(prefix, num_experts)
+        plan = self.moe_plan(prefix, num_experts, current_platform.is_cuda(), "vLLM")
         if plan is None:
             return None
-        if self.engine_moe_fits(plan, current_platform.is_cuda()):
-            return self._gptq_method(layer, prefix, plan.scheme)
-        raise self.moe_refusal(plan, "vLLM")
+        return self._gptq_method(layer, prefix, plan.scheme)
 
 
 @register_weight_loader_v2_supported_method

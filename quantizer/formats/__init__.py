@@ -79,6 +79,9 @@ class ExportFormat:
     rotation: ClassVar[bool] = False
     # True: each rotated layer is written with its rotation folded back into its own weight (any set of layers)
     folds_rotation: ClassVar[bool] = False
+    # True: a float checkpoint written under the tensor names ``save_pretrained`` writes (transformers' load-time
+    # renames and fusions reverted: MoE experts per expert, ...), so readers other than transformers 5 read it
+    original_names: ClassVar[bool] = False
     # how the format writes MoE experts that the load stage unfused (``moe.py``): "unfused" (one set of layers
     # per expert), "fused" (back into the model class's 3-D parameters), or None (it cannot)
     moe_experts: ClassVar[str | None] = None

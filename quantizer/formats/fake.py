@@ -28,6 +28,7 @@ class FakeFormat(ExportFormat):
     moe_experts = "fused"
     rotation = True  # each rotated layer's dequantized weight is written rotated back: W = W_rot T
     folds_rotation = True
+    original_names = True
 
     def weights_error(self, scheme: QuantScheme) -> str | None:
         return None

@@ -302,6 +302,8 @@ def save_format(
         from ..moe import fuse_back_tensors
 
         tensors = fuse_back_tensors(job.model, tensors)
+    if getattr(fmt, "original_names", False):
+        tensors = original_names(job.model, tensors)
     return str(
         write_checkpoint(
             output_dir,
@@ -314,6 +316,17 @@ def save_format(
             max_shard_bytes=job.max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
         )
     )
+
+
+def original_names(model: Any, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``tensors`` under the names ``save_pretrained`` writes: transformers 5 renames or fuses some checkpoints'
+    tensors when it loads them (Mixtral's ``block_sparse_moe.experts.N.w1`` into ``mlp.experts.gate_up_proj``, ...)
+    and reverts that when it saves; done here tensor by tensor (those conversions split one tensor into several on
+    the way back), so the stream never holds more than one layer's tensors."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    for name, tensor in tensors:
+        yield from revert_weight_conversion(model, {name: tensor}).items()
 
 
 def _is_output_layer(model: Any, name: str) -> bool:

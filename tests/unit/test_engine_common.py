@@ -426,9 +426,15 @@ def test_config_base_float_rule_routes_and_report():
     assert not cfg.engine_kernels_fit("Fake", plan, 4096, 4096, None)
     awq = _fake_config(packing_format="auto_round:auto_awq", sym=False, group_size=64)
     assert not awq.engine_kernels_fit("Fake", awq.linear_plan("model.layers.0.mlp.down_proj"), 4096, 4096, 90)
-    experts = _fake_config().moe_plan("model.layers.0.mlp.experts", 2)
+    experts = _fake_config().moe_plan("model.layers.0.mlp.experts", 2, True, "Fake")
     assert _fake_config().engine_moe_fits(experts, True) and not _fake_config().engine_moe_fits(experts, False)
-    assert "Fake's GPTQ-Marlin MoE kernels" in str(_fake_config().moe_refusal(experts, "Fake"))
+    # off CUDA the experts are refused for what they are, before their tensors are looked for
+    missing = _fake_config()
+    missing.planner.set_tensor_names({"model.layers.1.mlp.down_proj.qweight"})
+    with pytest.raises(SchemeError, match="Fake's GPTQ-Marlin MoE kernels"):
+        missing.moe_plan("model.layers.0.mlp.experts", 2, False, "Fake")
+    with pytest.raises(ModelLoadError, match="missing quantized expert tensors"):
+        missing.moe_plan("model.layers.0.mlp.experts", 2, True, "Fake")
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     for i, m in enumerate(model):
