@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from .errors import AutoRoundError, SchemeError
+from .moe import expert_layer_groups
 from .schemes import QuantScheme, resolve_scheme
 from ..log import logger
 
@@ -28,7 +29,6 @@ FUSED_SIBLINGS = (
     ("query", "key", "value"),
     ("wq", "wk", "wv"),
 )
-_EXPERTS = re.compile(r"^(.*\.experts)\.\d+\.")
 
 
 def fused_siblings(names: Iterable[str]) -> list[list[str]]:
@@ -188,10 +188,9 @@ def layer_groups(names: Sequence[str], block_names: Sequence[str], shared_layers
     for group in fused_siblings(names):
         for n in group[1:]:
             union(group[0], n)
-    for n in names:
-        m = _EXPERTS.match(n)
-        if m:
-            first = next(x for x in names if x.startswith(m.group(1) + "."))
+    for (moe, _), group in expert_layer_groups(names).items():  # every expert layer of one MoE module
+        first = next(x for x in names if x.startswith(moe + "."))
+        for n in group:
             union(first, n)
 
     def block_of(n: str) -> str | None:
