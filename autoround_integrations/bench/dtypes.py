@@ -39,14 +39,13 @@ def worker(a: argparse.Namespace) -> None:
     from autoround import AutoRound
     from autoround.quantizer import act_quant
 
-    iters, lr, plain, ext = METHODS[a.method]
     calib = torch.load(Path(a.workdir) / "calib.pt")
     windows = torch.load(Path(a.workdir) / "eval.pt")
     rotation, fmt = ROTATIONS[a.rotation]
     t0 = time.time()
-    ar = AutoRound(a.model, scheme=a.scheme, dataset=list(calib), iters=iters, lr=lr,
+    ar = AutoRound(a.model, scheme=a.scheme, dataset=list(calib), **METHODS[a.method].ours(),
                    nsamples=SETTINGS["nsamples"], seqlen=SETTINGS["seqlen"], batch_size=SETTINGS["batch_size"],
-                   seed=SETTINGS["seed"], disable_opt_rtn=plain, enable_alg_ext=ext, disable_model_free=True,
+                   seed=SETTINGS["seed"], disable_model_free=True,
                    low_cpu_mem_usage=False, rotation_config=rotation)
     ar.quantize_and_save(a.out, format=fmt)
     seconds = time.time() - t0

@@ -1,8 +1,9 @@
-"""Side by side with Intel's ``auto-round`` on SmolLM2-135M-Instruct: perplexity, quantization time, peak RSS.
+"""Side by side with Intel's ``auto-round`` on SmolLM2-135M-Instruct (or ``--real-model``): perplexity,
+quantization time, peak RSS, and the accuracy-per-minute front of both tools' named recipes.
 
     python -m autoround.bench.vs_reference --ref-python /path/to/venv-with-auto-round/bin/python \\
-        [--schemes W4G64,W4G128,W2G64,AUTO3,AUTO4.5,MXFP4,NVFP4,MXFP8,FP8_STATIC,INT8_W8A8,MXFP4_ROT] [--methods rtn,opt_rtn,light,light_ext,default]
-        [--ref-cache FILE]
+        [--schemes W4G64,W4G128,W2G64,AUTO3,AUTO4.5,MXFP4,NVFP4,MXFP8,FP8_STATIC,INT8_W8A8,MXFP4_ROT] [--methods rtn,opt_rtn,light,light_ext,default,recipe_light,recipe_default]
+        [--ref-cache FILE] [--real-model FOLDER_OR_GGUF] [--plot FILE.png]
 
 Installs nothing.  Both tools get identical calibration tokens (consecutive 512-token chunks of the first 60%
 of gensim's shortened English Wikipedia dump) and the same settings (nsamples 32, seqlen 512, batch_size 4,
@@ -12,6 +13,11 @@ are its own.  Our checkpoints are always loaded back from disk through transform
 checkpoints too (by default through our loader in float32: the reference's own loader forces float16 on a CPU,
 which is about 40x slower here; ``--ref-loader reference`` uses it anyway), while its group-128 rows come from its in-memory
 fake-quantized model because it cannot load its own group-128 SmolLM2 checkpoint (576 input features).
+
+Most methods give both tools the same arguments.  ``recipe_light`` and ``recipe_default`` give each tool its own
+named recipe instead (ours from ``autoround.quantizer.cli.RECIPES``, the reference's as it publishes them), and the
+run ends with the accuracy-per-minute front: for each reference row, our fastest row of that scheme at or below its
+perplexity and the time ratio.
 
 The reference's rows are deterministic for a seed, so ``--ref-cache`` keeps them in a JSON file keyed by its
 version and the settings; our rows are always computed fresh.  Time ratios are printed only for pairs measured in
@@ -32,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 SCHEMES = {  # name -> (bits, group_size), or ("auto", avg_bits) for AutoScheme over AUTO_OPTIONS
@@ -54,12 +61,36 @@ SCHEMES = {  # name -> (bits, group_size), or ("auto", avg_bits) for AutoScheme 
     "W4G128_RES": ("preset", ("W4A16", {"backend": "inplace", "allow_online_rotation": False})),
 }
 AUTO_OPTIONS = ("W2A16G64", "W4A16", "W8A16")
-METHODS = {  # name -> (iters, lr, disable_opt_rtn, enable_alg_ext)
-    "rtn": (0, None, True, False),
-    "opt_rtn": (0, None, False, False),
-    "light": (50, 5e-3, False, False),
-    "light_ext": (50, 5e-3, False, True),
-    "default": (200, None, False, False),
+
+
+@dataclass(frozen=True)
+class Method:
+    """A row's quantization settings: ``ref`` is what the reference is given; ours gets the same unless
+    ``recipe`` names one of our CLI recipes (``autoround.quantizer.cli.RECIPES``), whose options it then takes
+    (all but the protocol's ``SETTINGS``), while the reference runs its own recipe of that name."""
+
+    ref: dict
+    recipe: str | None = None
+
+    def ours(self) -> dict:
+        if self.recipe is None:
+            return dict(self.ref)
+        from autoround.quantizer.cli import RECIPES  # lazily: the reference's worker cannot import this project
+
+        return {k: v for k, v in RECIPES[self.recipe].items() if k not in SETTINGS}
+
+
+_REF_LIGHT = {"iters": 50, "lr": 5e-3}  # the reference's auto-round-light
+_REF_DEFAULT = {"iters": 200}  # its auto-round (lr 1/iters)
+METHODS = {
+    "rtn": Method({"iters": 0, "disable_opt_rtn": True}),
+    "opt_rtn": Method({"iters": 0}),
+    "light": Method(_REF_LIGHT),
+    "light_ext": Method({**_REF_LIGHT, "enable_alg_ext": True}),
+    "default": Method(_REF_DEFAULT),
+    # each tool's own named recipe: ours as our CLI defines it, the reference's as it publishes it
+    "recipe_light": Method(_REF_LIGHT, recipe="light"),
+    "recipe_default": Method(_REF_DEFAULT, recipe="default"),
 }
 
 
@@ -131,14 +162,12 @@ def worker_ours(a: argparse.Namespace) -> None:
     torch = _torch()
     from autoround import AutoRound, AutoScheme
 
-    iters, lr, plain, ext = METHODS[a.method]
     calib = torch.load(Path(a.workdir) / "calib.pt")
     t0 = time.time()
     ar = AutoRound(
-        a.model, **{"dataset": list(calib), **_scheme_kwargs(a.scheme, AutoScheme, a.workdir)}, iters=iters, lr=lr,
+        a.model, **{"dataset": list(calib), **_scheme_kwargs(a.scheme, AutoScheme, a.workdir)},
         nsamples=SETTINGS["nsamples"], seqlen=SETTINGS["seqlen"], batch_size=SETTINGS["batch_size"],
-        seed=a.seed, disable_opt_rtn=plain, enable_alg_ext=ext,
-        **({"amp": False} if a.disable_amp else {}),
+        seed=a.seed, **METHODS[a.method].ours(), **({"amp": False} if a.disable_amp else {}),
     )
     ar.quantize_and_save(a.out, format=_format(a.scheme))
     _emit({"seconds": time.time() - t0, "peak_rss_gib": _peak_rss_gib(), "size_mib": _size_mib(a.out)})
@@ -161,21 +190,14 @@ def worker_ref(a: argparse.Namespace) -> None:
     from auto_round import AutoRound, AutoScheme
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    iters, lr, plain, ext = METHODS[a.method]
     calib = torch.load(Path(a.workdir) / "calib.pt")
     in_memory = a.in_memory_eval
     t0 = time.time()
     kwargs = dict(
         **{"dataset": [row.unsqueeze(0) for row in calib], **_scheme_kwargs(a.scheme, AutoScheme, a.workdir)},
-        iters=iters, nsamples=SETTINGS["nsamples"], seqlen=SETTINGS["seqlen"], batch_size=SETTINGS["batch_size"],
-        seed=a.seed, device_map="cpu",
+        nsamples=SETTINGS["nsamples"], seqlen=SETTINGS["seqlen"], batch_size=SETTINGS["batch_size"],
+        seed=a.seed, device_map="cpu", **METHODS[a.method].ref,
     )
-    if ext:
-        kwargs["enable_alg_ext"] = True
-    if lr is not None:
-        kwargs["lr"] = lr
-    if plain:
-        kwargs["disable_opt_rtn"] = True
     if a.disable_amp:
         kwargs["amp"] = False
     if "rotation_config" in kwargs:
@@ -236,14 +258,40 @@ def _run(cmd: list[str], log: Path) -> dict:
     return json.loads(results[-1])
 
 
-def _prepare(workdir: Path) -> str:
+def _model_folder(model: str | None, workdir: Path) -> str:
+    """The float folder both tools read: the bundled SmolLM2 by default; a ``.gguf`` file is converted once to a
+    float32 folder in the workdir (the reference reads folders, and both tools must start from the same
+    weights)."""
+    from autoround.quantizer.assets import smollm2_folder
+
+    if model is None:
+        return str(smollm2_folder())
+    if not model.endswith(".gguf"):
+        return model
+    torch = _torch()
+    from autoround.quantizer.formats.writer import atomic_output_dir
+    from autoround.quantizer.model_io import load_model
+
+    folder = workdir / ("model-f32-" + Path(model).stem)
+    if not (folder / "config.json").exists():
+        loaded, tokenizer = load_model(model, dtype=torch.float32)
+        with atomic_output_dir(folder) as tmp:
+            loaded.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+    return str(folder)
+
+
+def _prepare(workdir: Path, model: str | None = None) -> str:
     torch = _torch()
     from transformers import AutoTokenizer
 
-    from autoround.quantizer.assets import smollm2_folder
     from autoround.quantizer.data import wikipedia_text
 
-    folder = str(smollm2_folder())
+    folder = _model_folder(model, workdir)
+    stamp = workdir / "model.txt"  # the tokens below are this model's: a workdir serves one model
+    if stamp.exists() and stamp.read_text() != folder:
+        raise RuntimeError(f"{workdir} holds the tokens of {stamp.read_text()}, not {folder}: use another --workdir")
+    stamp.write_text(folder)
     if not (workdir / "calib.pt").exists():
         tok = AutoTokenizer.from_pretrained(folder)
         text = wikipedia_text()
@@ -300,6 +348,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=SETTINGS["seed"],
                    help="both tools' seed (it draws SignRound's batches); another one than 42 shows how much a row "
                         "moves with the random stream alone")
+    p.add_argument("--real-model", default=None,
+                   help="another real model than the bundled SmolLM2-135M-Instruct: a local float folder or a .gguf "
+                        "file (converted once to a float32 folder in the workdir); a workdir holds one model's tokens")
+    p.add_argument("--plot", default=None,
+                   help="write a PNG of perplexity against minutes, both tools, one panel per scheme")
+    p.add_argument("--from-results", default=None, metavar="FILE[,FILE...]",
+                   help="run nothing: print the table and front of earlier runs' results.json files together (and "
+                        "--plot them); the time ratios of rows from different invocations mean less")
     p.add_argument("--worker", choices=["ours", "ours-eval", "ref", "ref-eval"], help=argparse.SUPPRESS)
     p.add_argument("--scheme", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
@@ -313,6 +369,13 @@ def main(argv: list[str] | None = None) -> int:
         ](a)
         return 0
 
+    if a.from_results:
+        loaded = [json.loads(Path(f).read_text()) for f in a.from_results.split(",")]
+        rows, ref_version = [r for d in loaded for r in d["rows"]], loaded[0]["reference"]
+        print(_table(rows, ref_version) + "\n\n" + _front(rows))
+        if a.plot:
+            _plot(rows, Path(a.plot), ref_version)
+        return 0
     schemes = [s for s in a.schemes.split(",") if s]
     methods = [m for m in a.methods.split(",") if m]
     bad = [s for s in schemes if s not in SCHEMES] + [m for m in methods if m not in METHODS]
@@ -321,13 +384,14 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(a.workdir or tempfile.mkdtemp(prefix="vs_reference_"))
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "log.txt"
-    model = _prepare(workdir)
+    model = _prepare(workdir, a.real_model)
     here = os.path.abspath(__file__)
     ref_version = _ref_version(a.ref_python) if a.ref_python else None
     cache_path = Path(a.ref_cache) if a.ref_cache else None
     cache = json.loads(cache_path.read_text()) if cache_path and cache_path.exists() else {}
     worker_flags = (["--disable-amp"] if a.disable_amp else []) + ["--seed", str(a.seed)]
-    rows = []
+    rows: list[dict] = []
+    fresh: dict = {}  # the reference's rows measured in this invocation
     for scheme in schemes:
         for method in methods:
             row = {"scheme": scheme, "method": method}
@@ -339,8 +403,11 @@ def main(argv: list[str] | None = None) -> int:
                 row["ours"] = {**q, **e}
             if ref_version:
                 settings = {**SETTINGS, "seed": a.seed, **({"amp": False} if a.disable_amp else {})}
-                key = json.dumps([ref_version, scheme, method, settings], sort_keys=True)
-                if key in cache:
+                # keyed by what the reference is given, so light and recipe_light share one reference run
+                key = json.dumps([ref_version, Path(model).name, scheme, METHODS[method].ref, settings], sort_keys=True)
+                if key in fresh:
+                    row["ref"] = {**fresh[key], "cached": False}
+                elif key in cache:
                     row["ref"] = {**cache[key], "cached": True}
                 else:
                     out = workdir / f"ref-{scheme}-{method}"
@@ -359,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
                             ev["loaded_from"] = "disk (our loader, float32)"
                         r.update(ev)
                     row["ref"] = {**r, "cached": False}
-                    cache[key] = {k: v for k, v in r.items() if k != "cached"}
+                    fresh[key] = cache[key] = {k: v for k, v in r.items() if k != "cached"}
                     if cache_path:
                         cache_path.parent.mkdir(parents=True, exist_ok=True)
                         cache_path.write_text(json.dumps(cache, indent=1, sort_keys=True))
@@ -367,7 +434,14 @@ def main(argv: list[str] | None = None) -> int:
             _print_row(row)
     print()
     print(_table(rows, ref_version))
-    print(f"\nworkdir: {workdir} (log: {log})")
+    front = _front(rows)
+    if front:
+        print()
+        print(front)
+    (workdir / "results.json").write_text(json.dumps({"reference": ref_version, "rows": rows}, indent=1))
+    if a.plot:
+        _plot(rows, Path(a.plot), ref_version)
+    print(f"\nworkdir: {workdir} (log: {log}; rows: {workdir / 'results.json'})")
     return 0
 
 
@@ -395,6 +469,65 @@ def _table(rows: list[dict], ref_version: str | None) -> str:
             f"| {_fmt(o, 'size_mib', '.1f')} | {_fmt(f, 'size_mib', '.1f')} |"
         )
     return "\n".join(lines)
+
+
+def _front(rows: list[dict]) -> str:
+    """For each reference row measured in this invocation: our fastest row of the same scheme (any method) whose
+    perplexity is at or below it, and its time as a fraction of the reference's (the accuracy-per-minute front)."""
+    refs: dict = {}
+    for r in rows:
+        f = r.get("ref")
+        if f and not f.get("cached") and "ppl" in f:
+            label = r["method"].replace("recipe_", "")
+            refs.setdefault((r["scheme"], label, round(f["seconds"], 3)), f)
+    if not refs:
+        return ""
+    lines = ["accuracy-per-minute front: our fastest row at or below each reference row's perplexity",
+             "| scheme | reference row | ppl ref | time ref (s) | our fastest at <= ppl | ppl ours | time ours (s) "
+             "| time ratio |", "|" + "---|" * 8]
+    for (scheme, label, _), f in refs.items():
+        ours = [(r["ours"]["seconds"], r["method"], r["ours"]["ppl"]) for r in rows
+                if r["scheme"] == scheme and r.get("ours") and r["ours"]["ppl"] <= f["ppl"]]
+        if ours:
+            sec, method, ppl = min(ours)
+            lines.append(f"| {scheme} | {label} | {f['ppl']:.3f} | {f['seconds']:.1f} | {method} | {ppl:.3f} "
+                         f"| {sec:.1f} | {sec / f['seconds']:.2f} |")
+        else:
+            lines.append(f"| {scheme} | {label} | {f['ppl']:.3f} | {f['seconds']:.1f} | none | - | - | - |")
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], path: Path, ref_version: str | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    schemes = list(dict.fromkeys(r["scheme"] for r in rows))
+    fig, axes = plt.subplots(1, len(schemes), figsize=(4.2 * len(schemes), 3.6), squeeze=False)
+    for ax, scheme in zip(axes[0], schemes):
+        for side, style, name in (("ref", "s--", f"auto-round {(ref_version or '').split()[0]}"),
+                                  ("ours", "o-", "autoround (ours)")):
+            pts = {}
+            for r in rows:
+                v = r.get(side)
+                if r["scheme"] == scheme and v and "ppl" in v and "seconds" in v:
+                    label = r["method"].replace("recipe_", "")
+                    pts[label] = (v["seconds"] / 60, v["ppl"])
+            if not pts:
+                continue
+            xs, ys = zip(*sorted(pts.values()))
+            ax.plot(xs, ys, style, label=name)
+            for label, (x, y) in pts.items():
+                ax.annotate(label, (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        ax.set_title(scheme)
+        ax.set_xlabel("quantization wall time (min)")
+        ax.set_ylabel("perplexity (40 x 512 held-out tokens)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":
