@@ -140,11 +140,14 @@ def test_the_auto_round_command_spelling_is_installed():
 
 
 @usage('auto-round-best --model M --scheme "W4A16" --low_gpu_mem_usage')
-@pytest.mark.parametrize("recipe,iters,nsamples,lr", [("best", 1000, 512, None), ("light", 50, 128, 5e-3)])
-def test_best_and_light_recipes(capsys, model_dir, tmp_path, recipe, iters, nsamples, lr):
+@pytest.mark.parametrize("recipe,iters,nsamples,lr,start", [("best", 1000, 512, None, "auto"),
+                                                             ("light", 12, 128, 2e-2, "search")])
+def test_best_and_light_recipes(capsys, model_dir, tmp_path, recipe, iters, nsamples, lr, start):
+    # light differs from the reference's inside (12 iterations, not 50, from the searched range)
     plan, calib, tuning, runtime = options_of("--model", model_dir, "--scheme", "W4A16", "--low_gpu_mem_usage",
                                               recipe=recipe)
     assert (tuning.iters, calib.nsamples, tuning.lr, runtime.low_gpu_mem_usage) == (iters, nsamples, lr, True)
+    assert tuning.init_range == start
     # the recipe's run, with its iterations cut to 2 (an explicit --iters still means what it says)
     rc, _, err = cli(capsys, "--model", model_dir, "--scheme", "W4A16", "--low_gpu_mem_usage", "--iters", "2", *TINY,
                      "--output_dir", str(tmp_path / "D"), prog=f"auto-round-{recipe}", recipe=recipe)

@@ -30,7 +30,7 @@ def test_autoround_alias_and_recipes():
     assert "--model" in run("-h", exe="autoround").stdout
     assert "(recipe: best)" in run("-h", exe="auto-round-best").stdout
     light = run("-h", exe="auto-round-light").stdout
-    assert "(recipe: light)" in light and "default 50" in light
+    assert "(recipe: light)" in light and "default 12" in light
 
 
 def test_list_format_and_scheme():

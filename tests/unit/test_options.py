@@ -26,7 +26,11 @@ def test_cli_defaults_are_the_option_defaults():
 
 def test_recipes_change_only_their_defaults():
     light = opts.cli_values(build_parser(recipe="light").parse_args([]))
-    assert (light["iters"], light["lr"], light["nsamples"]) == (50, 5e-3, 128)
+    assert (light["iters"], light["lr"], light["nsamples"], light["init_range"]) == (12, 2e-2, 128, "search")
+    # an explicit value still means what it says
+    light = opts.cli_values(build_parser(recipe="light").parse_args(["--iters", "50", "--init_range", "minmax"]))
+    assert (light["iters"], light["init_range"]) == (50, "minmax")
+    assert opts.cli_values(build_parser().parse_args([]))["init_range"] == "auto"
     best = opts.cli_values(build_parser(recipe="best").parse_args(["--iters", "7"]))
     assert (best["iters"], best["nsamples"]) == (7, 512)
 
