@@ -24,7 +24,7 @@ from torch import nn
 
 from .dtypes import family_of
 from .errors import AutoRoundError
-from .moe import INPUT_PROJECTIONS, expert_layer_groups
+from .moe import expert_layer_groups, is_input_projection
 from .schemes import QuantScheme
 from .. import envs
 from ..log import logger
@@ -65,7 +65,7 @@ def static_amax(schemes: Mapping[str, QuantScheme], seen: Mapping[str, torch.Ten
         if not got:
             continue
         top = max(float(t.float().max()) for t in got)
-        unify = envs.AR_ENABLE_UNIFY_MOE_INPUT_SCALE and layer.rsplit(".", 1)[-1] in INPUT_PROJECTIONS
+        unify = envs.AR_ENABLE_UNIFY_MOE_INPUT_SCALE and is_input_projection(layer)
         for n in group:
             if n not in raw:
                 filled += 1
@@ -112,7 +112,7 @@ def check_env(plan: Mapping[str, QuantScheme], iters: int = 0, minmax: bool = Tr
     schemes = list(plan.values())
     if envs.AR_ENABLE_UNIFY_MOE_INPUT_SCALE:
         inputs = [n for (_, layer), group in expert_layer_groups(n for n, s in plan.items() if needs_amax(s)).items()
-                  if layer.rsplit(".", 1)[-1] in INPUT_PROJECTIONS for n in group]
+                  if is_input_projection(layer) for n in group]
         if not inputs:
             raise AutoRoundError(
                 "AR_ENABLE_UNIFY_MOE_INPUT_SCALE is set, but no MoE expert input projection (gate_proj / up_proj) "

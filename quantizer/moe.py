@@ -31,6 +31,12 @@ _EXPERT_LAYER = re.compile(r"^(?P<moe>(?:.*\.)?experts)\.\d+\.(?P<layer>.+)$")
 INPUT_PROJECTIONS = ("gate_proj", "up_proj")
 
 
+def is_input_projection(layer: str) -> bool:
+    """Whether an expert layer (a name relative to its expert, e.g. ``mlp.gate_proj`` or ``gate_proj``) takes the
+    MoE module's input."""
+    return layer.rsplit(".", 1)[-1] in INPUT_PROJECTIONS
+
+
 def expert_layer_groups(names: Iterable[str]) -> dict[tuple[str, str], list[str]]:
     """The same layer of every expert of one MoE module, keyed by (experts module, layer): e.g.
     ``("mlp.experts", "up_proj") -> ["mlp.experts.0.up_proj", "mlp.experts.1.up_proj", ...]``."""
