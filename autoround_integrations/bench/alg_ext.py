@@ -21,14 +21,12 @@ after the other.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .vs_reference import SCHEMES, SETTINGS, _emit, _peak_rss_gib, _perplexity, _prepare, _torch
+from .vs_reference import SCHEMES, SETTINGS, _emit, _peak_rss_gib, _perplexity, _prepare, _torch, run_worker
 
 VARIANTS = {  # name -> (AutoRound arguments, parts switched off inside enable_alg_ext)
     "minmax": ({"init_range": "minmax"}, ()),
@@ -99,12 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         for variant in variants:
             cmd = [sys.executable, "-m", "autoround.bench.alg_ext", "--worker", "--scheme", scheme, "--variant",
                    variant, "--model", model, "--workdir", str(workdir), "--iters", str(a.iters), "--lr", str(a.lr)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [ln[len("RESULT "):] for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                print(f"| {scheme} | {variant} | failed: {proc.stderr.strip().splitlines()[-1:]} |", flush=True)
+            r = run_worker(cmd)
+            if isinstance(r, str):
+                print(f"| {scheme} | {variant} | {r} |", flush=True)
                 continue
-            r = json.loads(lines[-1])
             print(f"| {scheme} | {variant} | {r['ppl']:.3f} | {r['seconds']:.1f} | {r['peak_rss_gib']:.2f} |",
                   flush=True)
     return 0

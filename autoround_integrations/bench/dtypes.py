@@ -17,14 +17,12 @@ Wikipedia text, 40 x 512 held-out windows).  Each row runs in its own subprocess
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .vs_reference import METHODS, SETTINGS, _emit, _peak_rss_gib, _perplexity, _prepare, _torch
+from .vs_reference import METHODS, SETTINGS, _emit, _peak_rss_gib, _perplexity, _prepare, _torch, run_worker
 
 ROTATIONS = {  # name -> (rotation_config, export format)
     "none": (None, "llm_compressor"),
@@ -101,13 +99,10 @@ def main(argv: list[str] | None = None) -> int:
                 out = workdir / f"{scheme}-{method}-{rot}"
                 cmd = [sys.executable, "-m", "autoround.bench.dtypes", "--worker", "--scheme", scheme, "--method",
                        method, "--rotation", rot, "--model", model, "--out", str(out), "--workdir", str(workdir)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                lines = [ln[len("RESULT "):] for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                if proc.returncode or not lines:
-                    print(f"| {scheme} | {method} | {rot} | failed: {proc.stderr.strip().splitlines()[-1:]} |",
-                          flush=True)
+                r = run_worker(cmd)
+                if isinstance(r, str):
+                    print(f"| {scheme} | {method} | {rot} | {r} |", flush=True)
                     continue
-                r = json.loads(lines[-1])
                 print(f"| {scheme} | {method} | {rot} | {r['ppl']:.3f} | {r['ppl_float_acts']:.3f} | "
                       f"{r['seconds']:.1f} | {r['peak_rss_gib']:.2f} | {r['size_mib']:.1f} ({ROTATIONS[rot][1]}) |",
                       flush=True)

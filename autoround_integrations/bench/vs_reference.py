@@ -252,10 +252,26 @@ def _run(cmd: list[str], log: Path) -> dict:
         f.flush()
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True, cwd=log.parent)
         f.write(proc.stdout)
-    results = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not results:
+    result = _result_of(proc.stdout)
+    if proc.returncode != 0 or result is None:
         raise RuntimeError(f"{' '.join(cmd[:6])} ... failed (exit {proc.returncode}); see {log}")
-    return json.loads(results[-1])
+    return result
+
+
+def _result_of(stdout: str) -> dict | None:
+    """A worker's last ``RESULT`` line (``_emit``), or None when it printed none."""
+    results = [line[len("RESULT "):] for line in stdout.splitlines() if line.startswith("RESULT ")]
+    return json.loads(results[-1]) if results else None
+
+
+def run_worker(cmd: list[str]) -> dict | str:
+    """Run a worker command of a benchmark that keeps going past a failed row: its result, or the last line of its
+    stderr when it failed."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    result = _result_of(proc.stdout)
+    if proc.returncode or result is None:
+        return f"failed: {proc.stderr.strip().splitlines()[-1:]}"
+    return result
 
 
 def _model_folder(model: str | None, workdir: Path) -> str:
